@@ -1,0 +1,449 @@
+"""The study file: YAML in, a validated, typed :class:`StudyConfig` out.
+
+Validation happens here, once, at the edge.  Everything inside raycf takes the
+typed objects defined below.  Each field's default and meaning is written next
+to it (``description=``); ``raycf study --help`` points to this module and the
+README's study file reference is generated from the same descriptions.
+
+Overrides:
+  * ``--set KEY=VALUE``: a dotted path into the study (``base.epochs=3``); the
+    value is parsed as YAML, so ``3`` is an int, ``1e-3`` a float, ``[1, 2]`` a
+    list and ``none``/``null`` null.
+  * ``--smoke``: applies the study file's own ``smoke:`` block (same dotted or
+    nested form) before ``--set``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from raycf.errors import UserError
+
+ARCHITECTURES = ("vgg16", "resnet18", "resnet50", "vgg_tiny")
+DATASET_KINDS = ("digits", "cub200", "imagefolder")
+
+# Short names for the parameters the paper's method is searched over; any other
+# searched parameter is named by its dotted path in the study (``debug.lr``).
+PARAMETER_ALIASES = {
+    "lambda1": "debug.lambda1",
+    "lambda2": "debug.lambda2",
+    "tau": "analysis.tau",
+    "freq_threshold": "analysis.freq_threshold",
+}
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: unknown fields are errors, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AugmentConfig(StrictModel):
+    """Training-time augmentation (METHOD §1: shift 0.2, rotation 15°, shear 0.2, zoom 0.2)."""
+
+    rotation: float = Field(15.0, ge=0, le=180, description="max rotation in degrees")
+    shift: float = Field(0.2, ge=0, lt=1, description="max shift as a fraction of the image size")
+    shear: float = Field(0.2, ge=0, le=45, description="max shear angle in degrees (Keras semantics: the reference's 0.2 is a tiny shear)")
+    zoom: float = Field(0.2, ge=0, lt=1, description="max zoom in or out, as a fraction")
+    hflip: bool = Field(False, description="random horizontal flips")
+
+
+class DataConfig(StrictModel):
+    """Where the images come from and how they are split and transformed."""
+
+    kind: Literal["digits", "cub200", "imagefolder"] = Field(
+        "digits", description="digits (embedded, scikit-learn), cub200 (official CUB_200_2011 folder) or imagefolder"
+    )
+    root: str | None = Field(None, description="dataset folder; required for cub200 and imagefolder")
+    image_size: int = Field(0, ge=0, description="side of the square input in pixels; 0 picks 32 for digits, 224 otherwise")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of the training split held out for validation, by seed")
+    test_fraction: float = Field(
+        0.6, gt=0, lt=1, description="digits only: share of the 1,797 images held out as the test split (stratified)"
+    )
+    bbox_crop: bool = Field(False, description="cub200 only: crop each image to its bounding_boxes.txt box")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="training augmentation")
+    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker")
+
+    @model_validator(mode="after")
+    def _root_and_size(self) -> "DataConfig":
+        if self.kind != "digits" and not self.root:
+            raise ValueError(f"data.root is required for data.kind={self.kind} (expected the dataset folder)")
+        if self.image_size == 0:
+            object.__setattr__(self, "image_size", 32 if self.kind == "digits" else 224)
+        if self.image_size < 8:
+            raise ValueError(f"data.image_size must be at least 8 pixels (got {self.image_size})")
+        return self
+
+
+class ModelConfig(StrictModel):
+    """The classifier (METHOD §1 contract)."""
+
+    arch: Literal["vgg16", "resnet18", "resnet50", "vgg_tiny"] = Field(
+        "vgg_tiny", description="vgg16, resnet18, resnet50, or vgg_tiny (small VGG-style net for CPUs)"
+    )
+    weights: str = Field(
+        "none", description="none (random init), imagenet (torchvision weights from the local cache), or a raycf checkpoint path"
+    )
+    dropout: float = Field(0.5, ge=0, lt=1, description="dropout before the linear head (training only)")
+
+
+class BaseConfig(StrictModel):
+    """Base training of the classifier (Ray Train, data-parallel)."""
+
+    train: bool = Field(True, description="false: use model.weights as the base model as is (no training)")
+    epochs: int = Field(20, gt=0, description="epochs of training all layers")
+    lr: float = Field(0.01, gt=0, description="SGD learning rate for all layers")
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="learning rate over each phase: constant (the reference) or cosine decay")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay")
+    batch_size: int = Field(64, gt=0, description="global batch size (split across workers)")
+    head_epochs: int = Field(0, ge=0, description="epochs of head-only training before all layers (the CUB recipe: 50)")
+    head_lr: float = Field(1e-3, gt=0, description="SGD learning rate of the head-only phase")
+    workers: int = Field(2, ge=1, description="Ray Train data-parallel workers")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint before giving up")
+
+
+class FeaturesConfig(StrictModel):
+    """Pooled vectors and logits for every image (Ray Data actor pool)."""
+
+    batch_size: int = Field(256, gt=0, description="images per inference batch")
+    actors: int = Field(2, gt=0, description="actors in the pool, each holding the classifier")
+    use_gpu: bool = Field(False, description="one GPU per actor")
+
+
+class CfeConfig(StrictModel):
+    """The counterfactual filter generators (METHOD §2), one per class, trained as a bank."""
+
+    sparsity: float = Field(2.0, ge=0, description="λ of the MC sparsity term, μ1 = 0.001·λ·ref_batch_size")
+    logits_weight: float = Field(0.001, ge=0, description="per-reference-batch weight of the logits term, μ2 = logits_weight·ref_batch_size")
+    ref_batch_size: int = Field(32, gt=0, description="the reference's batch size that turns its batch sums into per-sample weights")
+    mi_sparsity: float = Field(2.0, ge=0, description="λ of the MI sparsity term")
+    train_mi: bool = Field(True, description="also train the MI (additive) generators used by explanations")
+    epochs: int = Field(10, gt=0, description="epochs over the cached training vectors")
+    lr: float = Field(1e-3, gt=0, description="SGD learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    batch_size: int = Field(32, gt=0, description="vectors per step")
+    views: int = Field(4, ge=1, description="views per training image: view 0 plain, the rest augmented")
+    workers: int = Field(1, ge=1, description="Ray Train workers")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+
+
+class MasksConfig(StrictModel):
+    """Per-image MC masks (Ray Data over the cached vectors)."""
+
+    batch_size: int = Field(256, gt=0, description="vectors per batch")
+    actors: int = Field(2, gt=0, description="actors in the pool, each holding the generator bank")
+    topk: int = Field(5, gt=0, description="classes whose masks are computed per image")
+    use_gpu: bool = Field(False, description="one GPU per actor")
+
+
+DetectionMetric = Literal["recall", "precision", "f1", "magnitude", "head_weight"]
+
+
+class DetectionSetting(StrictModel):
+    """One row of the detection table (paper Table 1)."""
+
+    metric: DetectionMetric = Field(description="agreement score between the image's MC set and its class's global set")
+    threshold: Union[Literal["avg"], float] = Field(
+        "avg", description="avg: the mean score of the class's accepted training images; or an absolute value"
+    )
+    skip_threshold: float = Field(0.9, ge=0, le=1, description="predictions more confident than this are never flagged (0: none skipped)")
+    freq_threshold: float = Field(0.15, ge=0, le=1, description="f of the global set used by this row")
+
+
+PAPER_DETECTION_SETTINGS = (
+    DetectionSetting(metric="recall", threshold="avg", skip_threshold=0.9, freq_threshold=0.15),
+    DetectionSetting(metric="f1", threshold="avg", skip_threshold=0.9, freq_threshold=0.15),
+    DetectionSetting(metric="recall", threshold=0.3, skip_threshold=0.0, freq_threshold=0.0),
+)
+
+
+class AnalysisConfig(StrictModel):
+    """Global MC filters and misclassification detection (METHOD §3–4)."""
+
+    tau: float = Field(0.9, ge=0, le=1, description="confidence gate τ for accumulating training images")
+    freq_threshold: float = Field(0.15, ge=0, le=1, description="f: a filter is in G_c if seen in more than f·max of the class's images")
+    skip_threshold: float = Field(0.9, ge=0, le=1, description="skip threshold of the study's own detection score")
+    settings: tuple[DetectionSetting, ...] = Field(PAPER_DETECTION_SETTINGS, description="rows of the detection table")
+
+
+class DebugConfig(StrictModel):
+    """Debug retraining with L_d and its λ = 0 control (METHOD §5)."""
+
+    lambda1: float = Field(1.6e-2, ge=0, description="per-sample weight rewarding global-MC activity (reference: 1e-3 per batch of 16)")
+    lambda2: float = Field(3.2e-4, ge=0, description="per-sample weight penalising non-MC activity (reference: 2e-5 per batch of 16)")
+    indicator: Literal["paper", "centred"] = Field("paper", description="paper: thresholded sigmoid of a; centred: standardised per filter first")
+    trainable: Literal["last_conv_and_head", "head", "all"] = Field("last_conv_and_head", description="layers retrained")
+    epochs: int = Field(20, gt=0, description="epochs")
+    lr: float = Field(1e-4, gt=0, description="SGD learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    batch_size: int = Field(16, gt=0, description="global batch size")
+    workers: int = Field(1, ge=1, description="Ray Train data-parallel workers")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
+
+
+class Distribution(StrictModel):
+    """One searched parameter's distribution: exactly one of the keys."""
+
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    int: tuple[int, int] | None = None
+    choice: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Distribution":
+        given = [name for name in ("uniform", "loguniform", "int", "choice") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of uniform, loguniform, int, choice")
+        bounds = getattr(self, given[0])
+        if given[0] != "choice" and not bounds[0] < bounds[1]:
+            raise ValueError(f"{given[0]} bounds must be increasing (got {list(bounds)})")
+        if given[0] == "loguniform" and bounds[0] <= 0:
+            raise ValueError(f"loguniform bounds must be positive (got {list(bounds)})")
+        if given[0] == "choice" and not bounds:
+            raise ValueError("choice needs at least one value")
+        return self
+
+
+class AshaConfig(StrictModel):
+    grace_period: int = Field(2, gt=0, description="epochs before a trial can be stopped")
+    reduction_factor: float = Field(3.0, gt=1, description="ASHA's halving rate")
+
+
+class SchedulerConfig(StrictModel):
+    asha: AshaConfig | None = Field(default_factory=AshaConfig, description="ASHA early stopping on the per-epoch metric; null: none")
+
+
+class SearchConfig(StrictModel):
+    """Ray Tune + Optuna over the debugging parameters."""
+
+    num_samples: int = Field(16, gt=0, description="trials, the control included")
+    max_concurrent: int = Field(2, gt=0, description="trials running at once")
+    metric: str = Field("val_acc", description="objective reported per epoch")
+    mode: Literal["max", "min"] = Field("max", description="direction of the objective")
+    space: dict[str, Distribution] = Field(default_factory=dict, description="searched parameters: lambda1, lambda2, tau, freq_threshold or a dotted path")
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="early stopping")
+    storage: str | None = Field(None, description="Optuna storage URL (SQLAlchemy); default: sqlite optuna.db in the results folder")
+    include_control: bool = Field(True, description="evaluate λ1 = λ2 = 0 as the first, fixed point")
+    pareto: tuple[str, str] = Field(("val_acc", "det_auroc"), description="the two metrics of `raycf leaderboard --pareto` (both maximised)")
+    driver_resources: dict[str, float] = Field(
+        default_factory=dict, description="extra Ray resources each trial's driver asks for (pins drivers to the head on a cluster)"
+    )
+
+    @field_validator("space")
+    @classmethod
+    def _known_parameters(cls, space: dict[str, Distribution]) -> dict[str, Distribution]:
+        for name in space:
+            path = PARAMETER_ALIASES.get(name, name)
+            if not _is_field_path(StudyConfig, path.split(".")):
+                raise ValueError(
+                    f"unknown searched parameter {name!r} (expected one of {', '.join(PARAMETER_ALIASES)} or a dotted study field)"
+                )
+        return space
+
+
+class StudyConfig(StrictModel):
+    """A whole study: data, model, and every stage's settings."""
+
+    name: str = Field(description="study name; results go to <storage_path>/<name>/")
+    storage_path: str = Field("results", description="local folder or pyarrow filesystem URI (s3://...) holding results")
+    seed: int = Field(0, ge=0, description="seed of splits, initialisation, data order and the search")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    base: BaseConfig = Field(default_factory=BaseConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    cfe: CfeConfig = Field(default_factory=CfeConfig)
+    masks: MasksConfig = Field(default_factory=MasksConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+    debug: DebugConfig = Field(default_factory=DebugConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    smoke: dict[str, Any] = Field(default_factory=dict, description="overrides applied by --smoke (tiny epochs and trial counts)")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise ValueError(f"name must be letters, digits, '_', '.', '-' (got {name!r})")
+        return name
+
+    @property
+    def results_uri(self) -> str:
+        """``<storage_path>/<name>``: a local path (absolute) or a URI."""
+        from raycf.storage import join_uri, normalise_root
+
+        return join_uri(normalise_root(self.storage_path), self.name)
+
+    def config_hash(self) -> str:
+        """Short hash of everything that defines the study's results (smoke block excluded)."""
+        return hash_object(self.model_dump(mode="json", exclude={"smoke"}))
+
+    def section_hash(self, *sections: str) -> str:
+        """Short hash of some sections (plus the seed), used to cache stages."""
+        dumped = self.model_dump(mode="json")
+        return hash_object({"seed": self.seed, **{name: dumped[name] for name in sections}})
+
+
+def hash_object(value: Any) -> str:
+    """sha256 of the canonical JSON form of ``value``, first 16 hex digits."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _is_field_path(model: type[BaseModel], parts: list[str]) -> bool:
+    field = model.model_fields.get(parts[0])
+    if field is None:
+        return False
+    if len(parts) == 1:
+        return True
+    annotation = field.annotation
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel) and _is_field_path(annotation, parts[1:])
+
+
+# --------------------------------------------------------------------- loading
+
+
+def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = (), smoke: bool = False) -> StudyConfig:
+    """Read, override and validate a study file.
+
+    Raises :class:`UserError` (one line naming the file and field) for a
+    missing file, a YAML syntax error, an unknown field, a wrong type or a bad
+    value, in the file itself, in its ``smoke:`` block or in ``--set``.
+    """
+    path = Path(path)
+    raw = read_yaml_mapping(path)
+    return study_from_mapping(raw, overrides=overrides, smoke=smoke, source=str(path))
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """Parse a YAML file that must hold a mapping."""
+    if not path.is_file():
+        raise UserError(f"{path}: study file not found (expected a YAML file, e.g. studies/digits.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise UserError(f"{path}: YAML syntax error{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of study fields at the top level (got {type(raw).__name__})")
+    return raw
+
+
+def study_from_mapping(
+    raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), smoke: bool = False, source: str = "study"
+) -> StudyConfig:
+    """Validate a study given as a mapping (see :func:`load_study`)."""
+    raw = copy.deepcopy(raw)
+    smoke_block = raw.get("smoke") or {}
+    if not isinstance(smoke_block, dict):
+        raise UserError(f"{source}: smoke: expected a mapping of overrides (got {type(smoke_block).__name__})")
+    study = _validate(raw, source)
+    # The smoke variant is validated even when not applied, so a broken smoke
+    # block is found before CI runs it.
+    smoke_raw = apply_overrides(copy.deepcopy(raw), _flatten(smoke_block), source=f"{source}: smoke")
+    smoke_study = _validate(smoke_raw, f"{source} (with its smoke block)")
+    if smoke:
+        raw, study = smoke_raw, smoke_study
+    if not overrides:
+        return study
+    raw = apply_overrides(raw, [_split_assignment(item) for item in overrides], source="--set")
+    return _validate(raw, "--set")
+
+
+def _validate(raw: dict[str, Any], source: str) -> StudyConfig:
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as error:
+        raise UserError(f"{source}: {describe_validation_error(error)}") from None
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line for the first problem pydantic found: ``field: what was expected (got value)``."""
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"] if not str(part).startswith(("function-after", "literal")))
+    location = re.sub(r"\.(tagged-union|union)\[[^\]]*\]", "", location)
+    kind = first["type"]
+    message = first["msg"].removeprefix("Value error, ")
+    if kind == "extra_forbidden":
+        parent, _, field = location.rpartition(".")
+        known = _known_fields(parent)
+        return f"{location}: unknown field {field!r}" + (f" (expected one of: {', '.join(known)})" if known else "")
+    if kind == "missing":
+        return f"{location}: required field is missing"
+    got = first.get("input")
+    shown = "" if isinstance(got, dict) or kind.startswith("value_error") else f" (got {got!r})"
+    prefix = f"{location}: " if location else ""
+    return f"{prefix}{message}{shown}"
+
+
+def _known_fields(dotted: str) -> list[str]:
+    model: type[BaseModel] = StudyConfig
+    for part in filter(None, dotted.split(".")):
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _split_assignment(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. --set base.epochs=3")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def _flatten(block: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """``{base: {epochs: 2}}`` → ``[("base.epochs", 2)]``; leaves under ``search.space`` stay whole."""
+    items: list[tuple[str, Any]] = []
+    for key, value in block.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and path not in ("search.space", "search.driver_resources"):
+            items.extend(_flatten(value, f"{path}."))
+        else:
+            items.append((path, value))
+    return items
+
+
+def apply_overrides(raw: dict[str, Any], assignments: list[tuple[str, Any]], source: str) -> dict[str, Any]:
+    """Set dotted keys in a raw study mapping; intermediate mappings are created."""
+    for key, value in assignments:
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"{source}: {key}: {part!r} is not a section (got {child!r})")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def with_values(config: StudyConfig, values: dict[str, Any]) -> StudyConfig:
+    """A copy of ``config`` with dotted fields (or search aliases) replaced, re-validated."""
+    raw = config.model_dump(mode="json")
+    assignments = [(PARAMETER_ALIASES.get(key, key), value) for key, value in values.items()]
+    return _validate(apply_overrides(raw, assignments, source="values"), "values")
+
+
+def dump_yaml(config: StudyConfig) -> str:
+    """The resolved study as YAML (what ``config.yaml`` in the results folder holds)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

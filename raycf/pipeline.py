@@ -1,0 +1,298 @@
+"""Stages, their cache, and the results folder.
+
+A stage's identity is a hash of the study sections it reads plus the hashes
+of the stages it builds on.  When a stage finishes, its folder
+``<results>/<stage>/`` gets a ``_stage.json`` marker holding that hash; a
+stage whose marker matches is *cached* and not run again (``--force STAGE``
+reruns it).  A stage writes into a staging folder that is moved into place
+only when complete, so a crash never leaves a folder a later stage trusts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from raycf import storage
+from raycf.config import StudyConfig, dump_yaml
+from raycf.errors import UserError
+
+MARKER_FILE = "_stage.json"
+
+
+def log(message: str) -> None:
+    """One progress line on stderr."""
+    print(f"[raycf] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class StageRun:
+    """What a stage's ``run`` function gets: the study, where to write, where upstream lives."""
+
+    study: StudyConfig
+    results: str
+    output: str
+    stage_hash: str
+
+    def path(self, *parts: str) -> str:
+        """A location inside the stage's (staging) output folder."""
+        return storage.join_uri(self.output, *parts)
+
+    def upstream(self, stage: str, *parts: str) -> str:
+        """A location inside a finished upstream stage's folder."""
+        return storage.join_uri(self.results, stage, *parts)
+
+    def ray_storage(self) -> str:
+        """Where Ray Train / Tune keep their run state for this study."""
+        return storage.join_uri(self.results, "_ray")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A step of the study: what it reads, what it builds on, and how to run it."""
+
+    name: str
+    sections: tuple[str, ...]
+    upstream: tuple[str, ...]
+    run: Callable[[StageRun], dict]
+    describe: Callable[[str], str] | None = None
+    extra_hash: Callable[[StudyConfig], object] | None = field(default=None)
+
+
+_STAGES: dict[str, Stage] = {}
+
+
+def register(stage: Stage) -> Stage:
+    """Add a stage to the study's graph (stages register themselves on import)."""
+    _STAGES[stage.name] = stage
+    return stage
+
+
+def stages() -> dict[str, Stage]:
+    """All known stages, in dependency order."""
+    _import_stage_modules()
+    return dict(_STAGES)
+
+
+def _import_stage_modules() -> None:
+    import importlib
+
+    for module in ("raycf.training",):
+        importlib.import_module(module)
+    for module in ("raycf.features", "raycf.cfe", "raycf.masks", "raycf.analysis", "raycf.debug", "raycf.study", "raycf.report"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name != module:
+                raise
+
+
+def stage_hash(study: StudyConfig, name: str) -> str:
+    """Hash of a stage's sections and, recursively, of its upstream stages."""
+    from raycf.config import hash_object
+
+    stage = stages()[name]
+    extra = stage.extra_hash(study) if stage.extra_hash else None
+    return hash_object(
+        {
+            "stage": name,
+            "sections": study.section_hash(*stage.sections),
+            "extra": extra,
+            "upstream": [stage_hash(study, up) for up in stage.upstream],
+        }
+    )
+
+
+def read_marker(results: str, name: str) -> dict | None:
+    """A finished stage's marker, or None."""
+    location = storage.join_uri(results, name, MARKER_FILE)
+    if not storage.exists(location):
+        return None
+    return json.loads(storage.read_text(location))
+
+
+def is_fresh(study: StudyConfig, results: str, name: str) -> bool:
+    marker = read_marker(results, name)
+    return marker is not None and marker.get("hash") == stage_hash(study, name)
+
+
+def plan(study: StudyConfig, targets: list[str], force: set[str]) -> list[tuple[str, str]]:
+    """Stages to visit in order, each with why it runs, or ``"cached"``."""
+    graph = stages()
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        for up in graph[name].upstream:
+            visit(up)
+        if name not in order:
+            order.append(name)
+
+    for target in targets:
+        visit(target)
+    results = study.results_uri
+    decisions: list[tuple[str, str]] = []
+    rerun: set[str] = set()
+    for name in order:
+        marker = read_marker(results, name)
+        if name in force:
+            reason = "forced"
+        elif any(up in rerun for up in graph[name].upstream):
+            reason = "an upstream stage reran"
+        elif marker is None:
+            reason = "no finished result yet"
+        elif marker.get("hash") != stage_hash(study, name):
+            reason = "its inputs changed"
+        else:
+            decisions.append((name, "cached"))
+            continue
+        decisions.append((name, reason))
+        rerun.add(name)
+    return decisions
+
+
+def run_stages(study: StudyConfig, targets: list[str], force: set[str] | None = None, command: str = "") -> dict[str, dict]:
+    """Run ``targets`` and whatever they depend on that is missing or stale."""
+    force = force or set()
+    unknown = force - set(stages())
+    if unknown:
+        raise UserError(f"--force {sorted(unknown)[0]}: unknown stage (expected one of {', '.join(stages())})")
+    results = study.results_uri
+    write_study_files(study, command)
+    summaries: dict[str, dict] = {}
+    for name, decision in plan(study, targets, force):
+        if decision == "cached":
+            marker = read_marker(results, name) or {}
+            log(f"{name}: skipped, cached (inputs unchanged since {marker.get('finished_at', '?')}; --force {name} reruns it)")
+            summaries[name] = marker.get("summary", {})
+            continue
+        log(f"{name}: runs ({decision})")
+        summaries[name] = run_stage(study, name)
+    finish_manifest(study)
+    return summaries
+
+
+def run_stage(study: StudyConfig, name: str) -> dict:
+    """Run one stage into a staging folder, publish it, write its marker."""
+    stage = stages()[name]
+    results = study.results_uri
+    digest = stage_hash(study, name)
+    staging = storage.join_uri(results, ".staging", f"{name}-{uuid.uuid4().hex[:8]}")
+    if not storage.is_uri(staging):
+        Path(staging).mkdir(parents=True, exist_ok=True)
+    log(f"{name}: start")
+    started = time.time()
+    try:
+        summary = stage.run(StageRun(study=study, results=results, output=staging, stage_hash=digest))
+    except BaseException:
+        storage.remove(staging)
+        raise
+    storage.publish_folder(staging, storage.join_uri(results, name))
+    _remove_if_empty(storage.join_uri(results, ".staging"))
+    duration = time.time() - started
+    marker = {
+        "stage": name,
+        "hash": digest,
+        "config_hash": study.config_hash(),
+        "started_at": _iso(started),
+        "finished_at": _iso(time.time()),
+        "duration_s": round(duration, 2),
+        "summary": summary,
+    }
+    storage.write_text(storage.join_uri(results, name, MARKER_FILE), json.dumps(marker, indent=2, default=str))
+    log(f"{name}: done in {duration:.1f} s")
+    return summary
+
+
+def _remove_if_empty(location: str) -> None:
+    if not storage.is_uri(location):
+        try:
+            Path(location).rmdir()
+        except OSError:
+            pass
+
+
+# ------------------------------------------------------------ study files
+
+
+def versions() -> dict[str, str]:
+    """Versions of raycf and the libraries its numbers depend on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in ("raycf", "torch", "torchvision", "ray", "optuna", "pandas", "pyarrow", "numpy", "scikit-learn"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def git_commit() -> str | None:
+    """The commit of the raycf source tree, when it is a git checkout."""
+    source = Path(__file__).resolve().parent.parent
+    try:
+        completed = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return completed.stdout.strip() or None if completed.returncode == 0 else None
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def manifest(study: StudyConfig, command: str, started_at: float) -> dict:
+    """The ``manifest.json`` content: versions, hashes, commit, times."""
+    return {
+        "study": study.name,
+        "config_hash": study.config_hash(),
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "command": command,
+        "host": socket.gethostname(),
+        "started_at": _iso(started_at),
+        "finished_at": None,
+    }
+
+
+def write_study_files(study: StudyConfig, command: str) -> None:
+    """``config.yaml`` (the resolved study) and ``manifest.json`` in the results folder."""
+    results = study.results_uri
+    storage.write_text(storage.join_uri(results, "config.yaml"), dump_yaml(study))
+    storage.write_text(storage.join_uri(results, "manifest.json"), json.dumps(manifest(study, command, time.time()), indent=2))
+
+
+def finish_manifest(study: StudyConfig) -> None:
+    """Record the end time and the stages' hashes in ``manifest.json``."""
+    location = storage.join_uri(study.results_uri, "manifest.json")
+    content = json.loads(storage.read_text(location))
+    content["finished_at"] = _iso(time.time())
+    content["stages"] = {
+        name: {"hash": marker["hash"], "finished_at": marker["finished_at"]}
+        for name in stages()
+        if (marker := read_marker(study.results_uri, name)) is not None
+    }
+    storage.write_text(location, json.dumps(content, indent=2))
+
+
+# ------------------------------------------------------------------ Ray
+
+
+def ensure_ray() -> None:
+    """Connect to the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it), else start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    ray.init(log_to_driver=True, configure_logging=True, logging_level="WARNING")

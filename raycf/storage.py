@@ -1,0 +1,144 @@
+"""Reading and writing results on a local disk or any pyarrow filesystem (``s3://``).
+
+A results location is a string: an absolute local path or a URI.  Every write
+lands atomically: a file is written beside its target and renamed over it (on
+object stores a single PUT is already atomic), and a stage's folder is built
+elsewhere and moved into place by :func:`publish_folder`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+def is_uri(location: str) -> bool:
+    """True for ``scheme://...`` locations (s3, gs, ...), false for local paths."""
+    return "://" in location and not location.startswith("file://")
+
+
+def normalise_root(location: str) -> str:
+    """A local path made absolute (Ray needs absolute paths); URIs unchanged."""
+    if is_uri(location):
+        return location.rstrip("/")
+    return str(Path(location.removeprefix("file://")).expanduser().resolve())
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or a URI."""
+    if is_uri(base):
+        return "/".join([base.rstrip("/"), *(part.strip("/") for part in parts)])
+    return str(Path(base, *parts))
+
+
+def resolve(location: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and the path within it."""
+    if is_uri(location):
+        return pafs.FileSystem.from_uri(location)
+    return pafs.LocalFileSystem(), normalise_root(location)
+
+
+def exists(location: str) -> bool:
+    """Whether a file or folder exists at ``location``."""
+    filesystem, path = resolve(location)
+    return filesystem.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(location: str) -> bytes:
+    """The whole content of a file."""
+    filesystem, path = resolve(location)
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    """Write a file atomically (temporary sibling + rename locally)."""
+    filesystem, path = resolve(location)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+        temporary.write_bytes(data)
+        os.replace(temporary, target)
+        return
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(data)
+
+
+def read_text(location: str) -> str:
+    return read_bytes(location).decode()
+
+
+def write_text(location: str, text: str) -> None:
+    write_bytes(location, text.encode())
+
+
+def write_table(table: pa.Table, location: str) -> None:
+    """Write one Parquet file atomically."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    write_bytes(location, buffer.getvalue())
+
+
+def read_table(location: str, columns: list[str] | None = None) -> pa.Table:
+    """Read a Parquet file or a folder of Parquet files (sorted by file name)."""
+    filesystem, path = resolve(location)
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(location)
+    if info.type == pafs.FileType.File:
+        return pq.read_table(path, filesystem=filesystem, columns=columns)
+    files = sorted(
+        entry.path
+        for entry in filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+        if entry.type == pafs.FileType.File and entry.path.endswith(".parquet")
+    )
+    tables = [pq.read_table(file, filesystem=filesystem, columns=columns) for file in files]
+    if not tables:
+        raise FileNotFoundError(f"{location}: no Parquet files")
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def publish_folder(staging: str, target: str) -> None:
+    """Move a fully written folder into place, replacing an older one.
+
+    Locally the old folder is renamed away first and deleted after the new one
+    is in place, so a reader never sees a half-written folder.  On an object
+    store the files are copied and the stage's completion marker (written last
+    by the caller) is what makes the folder trusted.
+    """
+    filesystem, target_path = resolve(target)
+    _, staging_path = resolve(staging)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        Path(target_path).parent.mkdir(parents=True, exist_ok=True)
+        retired = None
+        if Path(target_path).exists():
+            retired = Path(target_path).with_name(f".{Path(target_path).name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(target_path, retired)
+        os.replace(staging_path, target_path)
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
+        return
+    if filesystem.get_file_info(target_path).type != pafs.FileType.NotFound:
+        filesystem.delete_dir(target_path)
+    source_filesystem, source_path = resolve(staging)
+    pafs.copy_files(source_path, target_path, source_filesystem=source_filesystem, destination_filesystem=filesystem)
+    source_filesystem.delete_dir(source_path)
+
+
+def remove(location: str) -> None:
+    """Delete a file or folder if it exists."""
+    filesystem, path = resolve(location)
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        filesystem.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        filesystem.delete_file(path)

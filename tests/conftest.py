@@ -1,0 +1,92 @@
+"""Shared fixtures: one Ray session for the whole run, tiny studies and datasets on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Tests run on CPU with few cores: keep torch to one thread per process.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray cluster shared by every test that needs Ray (ray.init costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def write_study(folder: Path, **sections) -> Path:
+    """A study file in ``folder`` whose results go under ``folder/results``."""
+    study = {"name": "t", "storage_path": str(folder / "results"), "seed": 0}
+    study.update(sections)
+    path = folder / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def digits_study(tmp_path: Path) -> Path:
+    """A tiny digits study: 16-pixel images, one epoch, results under tmp_path."""
+    return write_study(
+        tmp_path,
+        data={"kind": "digits", "image_size": 16, "test_fraction": 0.5, "val_fraction": 0.2},
+        model={"arch": "vgg_tiny"},
+        base={"epochs": 1, "batch_size": 64, "workers": 1, "lr": 0.05},
+    )
+
+
+def _image(path: Path, color: tuple[int, int, int], size: int = 20) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.zeros((size, size + 4, 3), dtype=np.uint8)
+    pixels[...] = color
+    pixels[size // 4 : size // 2, size // 4 : size // 2] = 255 - np.array(color, dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+@pytest.fixture
+def cub_root(tmp_path: Path) -> Path:
+    """A tiny folder in the official CUB_200_2011 layout: 3 classes, 6 images each (4 train, 2 test)."""
+    root = tmp_path / "CUB_200_2011"
+    classes = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
+    images, labels, split, boxes = [], [], [], []
+    image_id = 0
+    for class_number, class_name in enumerate(classes, start=1):
+        for k in range(6):
+            image_id += 1
+            relative = f"{class_name}/{class_name.split('.')[1]}_{k:04d}.jpg"
+            _image(root / "images" / relative, (40 * class_number, 20 * k, 100))
+            images.append(f"{image_id} {relative}")
+            labels.append(f"{image_id} {class_number}")
+            split.append(f"{image_id} {1 if k < 4 else 0}")
+            boxes.append(f"{image_id} 2.0 3.0 10.0 8.0")
+    (root / "images.txt").write_text("\n".join(images) + "\n")
+    (root / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
+    (root / "train_test_split.txt").write_text("\n".join(split) + "\n")
+    (root / "bounding_boxes.txt").write_text("\n".join(boxes) + "\n")
+    (root / "classes.txt").write_text("\n".join(f"{i} {name}" for i, name in enumerate(classes, start=1)) + "\n")
+    return root
+
+
+@pytest.fixture
+def imagefolder_root(tmp_path: Path) -> Path:
+    """``train/`` (2 classes × 5 images) and ``test/`` (2 × 2); no ``val/``."""
+    root = tmp_path / "folder"
+    for class_index, name in enumerate(["cat", "dog"]):
+        for k in range(5):
+            _image(root / "train" / name / f"{k}.png", (100 * class_index, 30 * k, 50))
+        for k in range(2):
+            _image(root / "test" / name / f"{k}.jpg", (100 * class_index, 30 * k + 10, 50))
+    return root

@@ -1,0 +1,124 @@
+"""Study file loading: defaults, overrides, smoke, the resolved copy, and every bad-input message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raycf.config import (
+    PAPER_DETECTION_SETTINGS,
+    StudyConfig,
+    dump_yaml,
+    load_study,
+    study_from_mapping,
+    with_values,
+)
+from raycf.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_studies_load_with_and_without_smoke():
+    for path in sorted((REPO / "studies").glob("*.yaml")):
+        full = load_study(path)
+        smoke = load_study(path, smoke=True)
+        assert full.name == path.stem
+        assert smoke.config_hash() != full.config_hash()
+
+
+def test_defaults_are_the_papers_values():
+    study = study_from_mapping({"name": "x"})
+    assert study.data.kind == "digits" and study.data.image_size == 32
+    assert study.cfe.sparsity == 2.0 and study.cfe.ref_batch_size == 32
+    assert study.analysis.tau == 0.9
+    assert study.analysis.settings == PAPER_DETECTION_SETTINGS
+    assert (study.debug.lambda1, study.debug.lambda2) == (1.6e-2, 3.2e-4)  # 1e-3 and 2e-5 per batch of 16
+    assert study.debug.trainable == "last_conv_and_head" and study.debug.lr == 1e-4
+
+
+def test_image_size_default_depends_on_the_dataset(tmp_path):
+    assert study_from_mapping({"name": "x", "data": {"kind": "cub200", "root": str(tmp_path)}}).data.image_size == 224
+
+
+def test_set_overrides_are_typed_and_dotted():
+    study = study_from_mapping(
+        {"name": "x"},
+        overrides=["base.epochs=3", "debug.lambda1=1e-3", "base.use_gpu=true", "search.space.tau={uniform: [0.5, 0.9]}"],
+    )
+    assert study.base.epochs == 3 and isinstance(study.base.epochs, int)
+    assert study.debug.lambda1 == pytest.approx(1e-3)
+    assert study.base.use_gpu is True
+    assert study.search.space["tau"].uniform == (0.5, 0.9)
+
+
+def test_smoke_block_applies_only_with_smoke_and_set_wins():
+    raw = {"name": "x", "base": {"epochs": 20}, "smoke": {"base": {"epochs": 2}, "search.num_samples": 2}}
+    assert study_from_mapping(raw).base.epochs == 20
+    smoke = study_from_mapping(raw, smoke=True)
+    assert smoke.base.epochs == 2 and smoke.search.num_samples == 2
+    assert study_from_mapping(raw, smoke=True, overrides=["base.epochs=5"]).base.epochs == 5
+
+
+def test_resolved_yaml_round_trips_to_the_same_hash():
+    study = study_from_mapping({"name": "x", "base": {"epochs": 7}})
+    again = StudyConfig.model_validate(yaml.safe_load(dump_yaml(study)))
+    assert again == study and again.config_hash() == study.config_hash()
+
+
+def test_with_values_maps_search_aliases_to_fields():
+    study = with_values(study_from_mapping({"name": "x"}), {"lambda1": 0.5, "tau": 0.8, "debug.lr": 0.01})
+    assert (study.debug.lambda1, study.analysis.tau, study.debug.lr) == (0.5, 0.8, 0.01)
+
+
+def test_results_uri_is_absolute_for_local_and_kept_for_s3(tmp_path):
+    assert study_from_mapping({"name": "x", "storage_path": "rel"}).results_uri == str(Path("rel").resolve() / "x")
+    assert study_from_mapping({"name": "x", "storage_path": "s3://bucket/runs/"}).results_uri == "s3://bucket/runs/x"
+
+
+def _message(raw_text: str, tmp_path: Path, **kwargs) -> str:
+    path = tmp_path / "bad.yaml"
+    path.write_text(raw_text)
+    with pytest.raises(UserError) as caught:
+        load_study(path, **kwargs)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("name: x\nbase:\n  epochs: 3\n   lr: 1\n", "YAML syntax error at line 4"),
+        ("name: x\nbase: {epoch: 3}\n", "base.epoch: unknown field 'epoch' (expected one of: train, epochs"),
+        ("name: x\nbase: {epochs: three}\n", "base.epochs: Input should be a valid integer"),
+        ("name: x\nbase: {epochs: 0}\n", "base.epochs: Input should be greater than 0 (got 0)"),
+        ("name: x\nbase: {lr: -0.1}\n", "base.lr: Input should be greater than 0 (got -0.1)"),
+        ("name: x\ndebug: {lambda1: -1}\n", "debug.lambda1: Input should be greater than or equal to 0 (got -1)"),
+        ("name: x\nmodel: {arch: vgg19}\n", "model.arch: Input should be 'vgg16', 'resnet18', 'resnet50' or 'vgg_tiny' (got 'vgg19')"),
+        ("name: x\ndata: {kind: mnist}\n", "data.kind: Input should be 'digits', 'cub200' or 'imagefolder' (got 'mnist')"),
+        ("name: x\ndata: {kind: cub200}\n", "data.root is required for data.kind=cub200"),
+        ("base: {epochs: 3}\n", "name: required field is missing"),
+        ("- a\n- b\n", "expected a mapping of study fields"),
+        ("name: x\nsearch: {space: {lambda3: {uniform: [0, 1]}}}\n", "unknown searched parameter 'lambda3'"),
+        ("name: x\nsearch: {space: {lambda1: {loguniform: [0, 1]}}}\n", "loguniform bounds must be positive"),
+        ("name: x\nsmoke: {base: {epochs: -1}}\n", "(with its smoke block): base.epochs: Input should be greater than 0"),
+    ],
+)
+def test_bad_study_files_get_one_line_naming_the_field(tmp_path, text, expected):
+    message = _message(text, tmp_path)
+    assert message.startswith(str(tmp_path / "bad.yaml"))
+    assert expected in message
+
+
+def test_missing_study_file(tmp_path):
+    with pytest.raises(UserError, match="nope.yaml: study file not found"):
+        load_study(tmp_path / "nope.yaml")
+
+
+def test_bad_set_override_names_the_flag():
+    with pytest.raises(UserError, match="--set: base.epochs: Input should be greater than 0"):
+        study_from_mapping({"name": "x"}, overrides=["base.epochs=0"])
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
+        study_from_mapping({"name": "x"}, overrides=["base.epochs"])
