@@ -296,11 +296,12 @@ def cross_entropy_loss(logits: torch.Tensor, _activations: torch.Tensor, labels:
     return loss, {"loss": float(loss.detach())}
 
 
-def base_train_loop(loop_config: dict[str, Any]) -> None:
+def base_train_loop(loop_config: dict[str, Any]) -> list[dict[str, float]]:
     """Ray Train function: train the classifier of ``loop_config["study"]``.
 
     Reports per epoch: epoch, phase, lr, train_loss, train_acc, val_loss,
-    val_acc; checkpoints every epoch (rank 0).
+    val_acc; checkpoints every epoch (rank 0).  Returns every epoch's metrics
+    (``Result.return_value``), including those restored after a restart.
     """
     study: StudyConfig = loop_config["study"]
     quiet_worker_logs()
@@ -336,6 +337,7 @@ def base_train_loop(loop_config: dict[str, Any]) -> None:
         state = TrainState(next_epoch=epoch + 1, optimizer={}, history=[*state.history, metrics], phase=phase.name)
         report_epoch(metrics, wrapped, optimizer, state, info)
         print_epoch("base", metrics, total_epochs)
+    return state.history
 
 
 # ------------------------------------------------------------ the trainer
@@ -400,8 +402,10 @@ def best_checkpoint(result: ray.train.Result, metric: str = "val_acc") -> ray.tr
 
 
 def history_of(result: ray.train.Result) -> list[dict[str, float]]:
-    """Every epoch's metrics, read from the latest checkpoint's train state."""
-    with result.checkpoint.as_directory() as folder:
+    """Every epoch's metrics: what the training function returned (rank 0)."""
+    if result.return_value is not None:
+        return list(result.return_value)
+    with result.checkpoint.as_directory() as folder:  # a resumed run that had nothing left to do
         return read_train_state(folder).history
 
 
