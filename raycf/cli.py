@@ -53,6 +53,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    study = commands.add_parser(
+        "study",
+        help="run the whole study: base → features → cfe → masks → analyze → search → final",
+        description="Run every stage of the study in order, skipping those whose cached results are up to date.",
+    )
+    _add_study_options(study)
+    study.add_argument("--resume", action="store_true", help="continue an interrupted search, retrying its errored trials too")
+    study.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    study.set_defaults(handler=_run_study_command)
+
+    board = commands.add_parser(
+        "leaderboard",
+        help="print a study's leaderboard (local folder or s3:// URI; no Ray cluster needed)",
+        description="Print the trials of a study's search, best first by its objective.",
+    )
+    board.add_argument("results", metavar="RESULTS", help="the study's results folder or URI, e.g. results/digits or s3://bucket/runs/cub_vgg16")
+    board.add_argument("--top", type=int, metavar="N", default=None, help="only the N best trials")
+    board.add_argument("--pareto", action="store_true", help="only the Pareto front of validation accuracy vs detection AUROC (search.pareto)")
+    board.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format (default: table)")
+    board.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    board.set_defaults(handler=_run_leaderboard_command)
+
+    rerun = commands.add_parser(
+        "rerun",
+        help="rerun one trial locally, without a cluster, and compare with its recorded metrics",
+        description="Rerun a trial's exact configuration (same seed, same G) in this process and print its metrics next to the recorded ones.",
+    )
+    rerun.add_argument("results", metavar="RESULTS", help="the study's results folder or URI")
+    which = rerun.add_mutually_exclusive_group(required=True)
+    which.add_argument("--best", action="store_true", help="the best trial by the study's objective")
+    which.add_argument("--trial", metavar="ID", help="a trial id from the leaderboard")
+    rerun.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    rerun.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    rerun.set_defaults(handler=_run_rerun_command)
+
     for command, (stage, summary) in STAGE_COMMANDS.items():
         sub = commands.add_parser(
             command,
@@ -83,6 +118,58 @@ def _run_stage_command(args: argparse.Namespace) -> int:
     study = _load_checked_study(args)
     run_stages(study, [args.stage], force=set(args.force), command=_command_line())
     return 0
+
+
+def _run_study_command(args: argparse.Namespace) -> int:
+    from raycf.pipeline import run_stages, stages
+
+    study = _load_checked_study(args)
+    targets = [name for name in ("final", "report") if name in stages()]
+    run_stages(study, targets, force=set(args.force), command=_command_line(), resume=args.resume)
+    return 0
+
+
+def _run_leaderboard_command(args: argparse.Namespace) -> int:
+    from raycf.leaderboard import objective_of, pareto_front, read_leaderboard, render, sort_by_objective
+
+    if args.top is not None and args.top <= 0:
+        raise UserError(f"--top {args.top}: expected a positive number of trials")
+    board = read_leaderboard(args.results)
+    metric, mode = objective_of(args.results)
+    ordered = sort_by_objective(board, metric, mode)
+    if args.pareto:
+        x, y = _pareto_axes(args.results)
+        ordered = pareto_front(ordered, x, y)
+    if args.top is not None:
+        ordered = ordered.head(args.top)
+    ordered.attrs = board.attrs
+    print(render(ordered, args.format))
+    return 0
+
+
+def _pareto_axes(results: str) -> tuple[str, str]:
+    import yaml
+
+    from raycf import storage
+
+    location = storage.join_uri(storage.normalise_root(results), "config.yaml")
+    search = (yaml.safe_load(storage.read_text(location)) or {}).get("search", {}) if storage.exists(location) else {}
+    x, y = search.get("pareto", ["val_acc", "det_auroc"])
+    return x, y
+
+
+def _run_rerun_command(args: argparse.Namespace) -> int:
+    import os
+
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA
+    from raycf.study import rerun_trial
+
+    report = rerun_trial(args.results, None if args.best else args.trial, args.device)
+    print(f"trial {report.trial_id} rerun on {args.device} (tolerance: one validation image = {report.tolerance:.4f} in accuracy)")
+    print(report.comparison.to_string(index=False, float_format="{:.6g}".format))
+    print("matches the recorded run" if report.matches else "DOES NOT match the recorded run within tolerance")
+    return 0 if report.matches else 1
 
 
 def _command_line() -> str:

@@ -216,11 +216,15 @@ class Distribution(StrictModel):
 
 
 class AshaConfig(StrictModel):
+    """Asynchronous successive halving on the per-epoch objective."""
+
     grace_period: int = Field(2, gt=0, description="epochs before a trial can be stopped")
     reduction_factor: float = Field(3.0, gt=1, description="ASHA's halving rate")
 
 
 class SchedulerConfig(StrictModel):
+    """Early stopping of weak trials."""
+
     asha: AshaConfig | None = Field(default_factory=AshaConfig, description="ASHA early stopping on the per-epoch metric; null: none")
 
 
@@ -236,6 +240,7 @@ class SearchConfig(StrictModel):
     storage: str | None = Field(None, description="Optuna storage URL (SQLAlchemy); default: sqlite optuna.db in the results folder")
     include_control: bool = Field(True, description="evaluate λ1 = λ2 = 0 as the first, fixed point")
     pareto: tuple[str, str] = Field(("val_acc", "det_auroc"), description="the two metrics of `raycf leaderboard --pareto` (both maximised)")
+    driver_cpus: float = Field(0.1, gt=0, description="CPUs reserved by each trial's driver (it only waits on its TorchTrainer)")
     driver_resources: dict[str, float] = Field(
         default_factory=dict, description="extra Ray resources each trial's driver asks for (pins drivers to the head on a cluster)"
     )
@@ -447,3 +452,37 @@ def with_values(config: StudyConfig, values: dict[str, Any]) -> StudyConfig:
 def dump_yaml(config: StudyConfig) -> str:
     """The resolved study as YAML (what ``config.yaml`` in the results folder holds)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+# ------------------------------------------------------------------ reference
+
+
+def study_reference_markdown() -> str:
+    """The README's study file reference: every field, its default and meaning, from the models above."""
+    lines = ["| field | default | meaning |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel) and name != "smoke":
+                lines.append(f"| `{prefix}{name}` | | {((annotation.__doc__ or '').strip().splitlines() or [''])[0]} |")
+                walk(annotation, f"{prefix}{name}.")
+                continue
+            default = "required" if field.is_required() else _shown_default(field)
+            lines.append(f"| `{prefix}{name}` | {default} | {field.description or ''} |")
+            item = getattr(annotation, "__args__", (None,))[0]
+            if isinstance(item, type) and issubclass(item, BaseModel):
+                walk(item, f"{prefix}{name}[].")
+
+    walk(StudyConfig, "")
+    return "\n".join(lines) + "\n"
+
+
+def _shown_default(field: Any) -> str:
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    if isinstance(value, tuple) and value and isinstance(value[0], BaseModel):
+        return f"{len(value)} rows (the paper's)"
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return f"`{text}`" if text not in ("", "{}") else f"`{text or chr(34) * 2}`"

@@ -43,6 +43,7 @@ class StageRun:
     results: str
     output: str
     stage_hash: str
+    resume: bool = False
 
     def path(self, *parts: str) -> str:
         """A location inside the stage's (staging) output folder."""
@@ -160,8 +161,13 @@ def plan(study: StudyConfig, targets: list[str], force: set[str]) -> list[tuple[
     return decisions
 
 
-def run_stages(study: StudyConfig, targets: list[str], force: set[str] | None = None, command: str = "") -> dict[str, dict]:
-    """Run ``targets`` and whatever they depend on that is missing or stale."""
+def run_stages(
+    study: StudyConfig, targets: list[str], force: set[str] | None = None, command: str = "", resume: bool = False
+) -> dict[str, dict]:
+    """Run ``targets`` and whatever they depend on that is missing or stale.
+
+    ``resume`` also retries the errored trials of an interrupted search.
+    """
     force = force or set()
     unknown = force - set(stages())
     if unknown:
@@ -176,12 +182,12 @@ def run_stages(study: StudyConfig, targets: list[str], force: set[str] | None = 
             summaries[name] = marker.get("summary", {})
             continue
         log(f"{name}: runs ({decision})")
-        summaries[name] = run_stage(study, name)
+        summaries[name] = run_stage(study, name, resume=resume)
     finish_manifest(study)
     return summaries
 
 
-def run_stage(study: StudyConfig, name: str) -> dict:
+def run_stage(study: StudyConfig, name: str, resume: bool = False) -> dict:
     """Run one stage into a staging folder, publish it, write its marker."""
     stage = stages()[name]
     results = study.results_uri
@@ -192,9 +198,10 @@ def run_stage(study: StudyConfig, name: str) -> dict:
     log(f"{name}: start")
     started = time.time()
     try:
-        summary = stage.run(StageRun(study=study, results=results, output=staging, stage_hash=digest))
+        summary = stage.run(StageRun(study=study, results=results, output=staging, stage_hash=digest, resume=resume))
     except BaseException:
         storage.remove(staging)
+        _remove_if_empty(storage.join_uri(results, ".staging"))
         raise
     storage.publish_folder(staging, storage.join_uri(results, name))
     _remove_if_empty(storage.join_uri(results, ".staging"))

@@ -386,11 +386,14 @@ def quiet_ray_train() -> None:
 
     Ray Train propagates these variables from the driver to its controller and
     workers: plain ``print`` (not re-logged through Train's logger, which
-    doubles every line) and no preemption watcher (a cloud-spot feature whose
-    start-up logs an error line on every run).
+    doubles every line), no preemption watcher (a cloud-spot feature whose
+    start-up logs an error line on every run), and a patient worker start.
     """
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Worker start-up imports torch; on a loaded laptop or CI box it can take
+    # longer than Ray's 60 s default, which Ray would count as a failure.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 
 
 def best_checkpoint(result: ray.train.Result, metric: str = "val_acc") -> ray.train.Checkpoint:

@@ -1,0 +1,213 @@
+"""The search's leaderboard: one flat Parquet row per trial, and how to read it.
+
+This module never imports Ray: ``raycf leaderboard`` (and pandas or DuckDB)
+read a results folder, local or ``s3://``, without a cluster.
+
+Columns of ``leaderboard.parquet`` (one row per trial, stopped and errored
+trials included):
+
+=====================  ===========================================================
+column                 meaning
+=====================  ===========================================================
+``trial_id``           Ray Tune trial id
+``status``             ``completed``, ``stopped`` (early, by ASHA), ``error``, ``running``
+``is_control``         true for the λ1 = λ2 = 0 fixed first point (plain fine-tuning)
+(each parameter)       one column per searched parameter under its own name
+                       (``lambda1``, ``lambda2``, ``tau``, ``freq_threshold``, ...)
+``val_acc``            best validation accuracy over the trial's epochs (the objective
+                       unless ``search.metric`` names another)
+``val_acc_last``       validation accuracy of the last epoch run
+``best_epoch``         epoch of ``val_acc``; ``epochs``: epochs run
+``train_acc``          training accuracy at the best epoch; ``train_loss`` likewise
+``det_auroc``          AUROC of the trial's MC-agreement score for "is an error" on val,
+                       with the trial's τ and f; ``det_aupr``; ``maxsoftmax_auroc``
+                       (the max-softmax baseline on the same images)
+``g_size``             mean size of the global MC sets G_c for the trial's τ and f
+``control_val_acc``    the control's ``val_acc``; ``val_acc_gain`` = val_acc − that
+``time_total_s``       wall time of the trial; ``started_at``, ``finished_at`` (UTC)
+``checkpoint_path``    folder of the best epoch's checkpoint (``model.pt`` inside)
+``seed``               the study seed; ``config_hash``: hash of the trial's resolved study
+``raycf_version``,     versions that produced the row
+``ray_version``,
+``torch_version``
+``error``              first line of the error of a failed trial
+=====================  ===========================================================
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from raycf import storage
+from raycf.errors import UserError
+
+LEADERBOARD_FILE = "leaderboard.parquet"
+FIXED_COLUMNS = ("trial_id", "status", "is_control")
+METRIC_COLUMNS = (
+    "val_acc",
+    "val_acc_last",
+    "best_epoch",
+    "epochs",
+    "train_acc",
+    "train_loss",
+    "det_auroc",
+    "det_aupr",
+    "maxsoftmax_auroc",
+    "g_size",
+    "control_val_acc",
+    "val_acc_gain",
+    "time_total_s",
+    "started_at",
+    "finished_at",
+    "checkpoint_path",
+    "seed",
+    "config_hash",
+    "raycf_version",
+    "ray_version",
+    "torch_version",
+    "error",
+)
+DETECTION_KEYS = ("det_auroc", "det_aupr", "maxsoftmax_auroc", "g_size")
+
+
+@dataclass
+class TrialRecord:
+    """What the search knows about one trial (filled from Tune's callbacks)."""
+
+    trial_id: str
+    params: dict[str, float]
+    status: str = "running"
+    history: list[dict[str, Any]] = field(default_factory=list)
+    error: str = ""
+    started_at: str = ""
+    finished_at: str = ""
+    time_total_s: float = 0.0
+    config_hash: str = ""
+
+    @property
+    def is_control(self) -> bool:
+        return self.params.get("lambda1") == 0 and self.params.get("lambda2") == 0
+
+
+def best_epoch(history: list[dict[str, Any]], metric: str = "val_acc", mode: str = "max") -> dict[str, Any]:
+    """The epoch with the best ``metric`` (the earliest on ties); {} without epochs."""
+    rows = [row for row in history if row.get(metric) is not None]
+    if not rows:
+        return {}
+    sign = 1 if mode == "max" else -1
+    return max(rows, key=lambda row: (sign * row[metric], -row.get("epoch", 0)))
+
+
+def trial_row(record: TrialRecord, parameter_names: list[str], metric: str, mode: str, seed: int, versions: dict[str, str]) -> dict[str, Any]:
+    """One flat leaderboard row."""
+    best = best_epoch(record.history, metric, mode)
+    last = record.history[-1] if record.history else {}
+    row: dict[str, Any] = {"trial_id": record.trial_id, "status": record.status, "is_control": record.is_control}
+    row.update({name: _float(record.params.get(name)) for name in parameter_names})
+    row.update(
+        {
+            "val_acc": _float(best.get("val_acc")),
+            "val_acc_last": _float(last.get("val_acc")),
+            "best_epoch": int(best.get("epoch", 0)),
+            "epochs": int(last.get("epoch", 0)),
+            "train_acc": _float(best.get("train_acc")),
+            "train_loss": _float(best.get("train_loss")),
+            **{key: _float(last.get(key, best.get(key))) for key in DETECTION_KEYS},
+            "time_total_s": float(record.time_total_s),
+            "started_at": record.started_at,
+            "finished_at": record.finished_at,
+            "checkpoint_path": str(best.get("checkpoint_path") or ""),
+            "seed": int(seed),
+            "config_hash": record.config_hash,
+            "raycf_version": versions.get("raycf", ""),
+            "ray_version": versions.get("ray", ""),
+            "torch_version": versions.get("torch", ""),
+            "error": record.error,
+        }
+    )
+    if metric not in row:
+        row[metric] = _float(best.get(metric))
+    return row
+
+
+def leaderboard_frame(rows: list[dict[str, Any]], parameter_names: list[str]) -> pd.DataFrame:
+    """Rows → a DataFrame with the documented column order and the control's reference values."""
+    columns = [*FIXED_COLUMNS, *parameter_names, *METRIC_COLUMNS]
+    frame = pd.DataFrame(rows, columns=list(dict.fromkeys(columns + [c for r in rows for c in r])))
+    control = frame.loc[frame["is_control"] & frame["val_acc"].notna(), "val_acc"]
+    frame["control_val_acc"] = float(control.iloc[0]) if len(control) else np.nan
+    frame["val_acc_gain"] = frame["val_acc"] - frame["control_val_acc"]
+    return frame.astype({"is_control": bool, "best_epoch": "int64", "epochs": "int64", "seed": "int64"})
+
+
+def write_leaderboard(frame: pd.DataFrame, results: str, parameter_names: list[str]) -> None:
+    """Write ``leaderboard.parquet`` atomically; the searched names go in its schema metadata."""
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    metadata = {**(table.schema.metadata or {}), b"raycf.parameters": json.dumps(parameter_names).encode()}
+    storage.write_table(table.replace_schema_metadata(metadata), storage.join_uri(results, LEADERBOARD_FILE))
+
+
+def read_leaderboard(results: str) -> pd.DataFrame:
+    """Read a results folder's leaderboard (local path or URI); ``frame.attrs["parameters"]`` names the searched columns."""
+    location = storage.join_uri(storage.normalise_root(results), LEADERBOARD_FILE)
+    if not storage.exists(location):
+        raise UserError(f"{results}: no {LEADERBOARD_FILE} (expected the results folder of a study that ran its search)")
+    table = storage.read_table(location)
+    frame = table.to_pandas()
+    frame.attrs["parameters"] = json.loads((table.schema.metadata or {}).get(b"raycf.parameters", b"[]"))
+    return frame
+
+
+def objective_of(results: str) -> tuple[str, str]:
+    """(metric, mode) of the search, from the results folder's ``config.yaml``."""
+    import yaml
+
+    location = storage.join_uri(storage.normalise_root(results), "config.yaml")
+    if not storage.exists(location):
+        return "val_acc", "max"
+    search = (yaml.safe_load(storage.read_text(location)) or {}).get("search", {})
+    return search.get("metric", "val_acc"), search.get("mode", "max")
+
+
+def sort_by_objective(frame: pd.DataFrame, metric: str = "val_acc", mode: str = "max") -> pd.DataFrame:
+    """Best first; trials without a value last; ties keep trial order."""
+    return frame.sort_values(metric, ascending=(mode == "min"), na_position="last", kind="stable").reset_index(drop=True)
+
+
+def pareto_front(frame: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """Rows not dominated in (x, y), both maximised; sorted by x descending."""
+    valid = frame.dropna(subset=[x, y])
+    values = valid[[x, y]].to_numpy(dtype=float)
+    keep = []
+    for i, (xi, yi) in enumerate(values):
+        dominated = np.any((values[:, 0] >= xi) & (values[:, 1] >= yi) & ((values[:, 0] > xi) | (values[:, 1] > yi)))
+        keep.append(not dominated)
+    return valid[np.array(keep, dtype=bool)].sort_values(x, ascending=False, kind="stable").reset_index(drop=True)
+
+
+SUMMARY_COLUMNS = ("trial_id", "status", "val_acc", "val_acc_gain", "det_auroc", "best_epoch", "epochs")
+
+
+def render(frame: pd.DataFrame, fmt: str, parameter_names: list[str] | None = None) -> str:
+    """The leaderboard as a text table, CSV or JSON (records)."""
+    if fmt == "csv":
+        return frame.to_csv(index=False)
+    if fmt == "json":
+        return json.dumps(json.loads(frame.to_json(orient="records")), indent=2)
+    names = parameter_names if parameter_names is not None else frame.attrs.get("parameters", [])
+    shown = [c for c in (*SUMMARY_COLUMNS[:2], *names, *SUMMARY_COLUMNS[2:]) if c in frame.columns]
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
+        return frame[shown].to_string(index=False)
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")

@@ -1,0 +1,472 @@
+"""The study: Ray Tune + Optuna over λ1, λ2, τ and f, the final test evaluation, and local reruns.
+
+Stage ``search``: a Ray Tune ``Tuner`` over a function trainable; each trial
+recomputes the global MC filters G from the masks Parquet with its own τ and
+f, then builds and fits a TorchTrainer running the debug retraining
+(``debug.workers`` DDP workers), reporting every epoch to Tune.  Optuna's
+TPE sampler (seeded) proposes the points and keeps its history in an RDB
+storage (``optuna.db``, SQLite, in the results folder unless
+``search.storage`` names another SQLAlchemy URL); ASHA stops weak trials on
+the per-epoch objective.  The control (λ1 = λ2 = 0, plain fine-tuning) runs
+first, as a fixed point outside Optuna's space (λ = 0 is outside a log
+range).  ``leaderboard.parquet`` is rewritten atomically as trials finish.
+
+Stage ``final``: the best trial (by the objective on validation) and the
+control are evaluated on the test split, once, beside the base model
+(paper Tables 2 and 3: ``final.parquet``, ``class_recall.parquet``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import yaml
+
+from raycf import storage
+from raycf.config import PARAMETER_ALIASES, Distribution, StudyConfig, with_values
+from raycf.errors import UserError
+from raycf.leaderboard import (
+    TrialRecord,
+    leaderboard_frame,
+    read_leaderboard,
+    sort_by_objective,
+    trial_row,
+    write_leaderboard,
+)
+from raycf.pipeline import Stage, StageRun, ensure_ray, log, register, versions
+
+CONTROL_LAMBDAS = {"lambda1": 0.0, "lambda2": 0.0}
+TRIAL_EXTRA_KEYS = ("det_auroc", "det_aupr", "maxsoftmax_auroc", "g_size")
+
+
+# ------------------------------------------------------------------ space
+
+
+def optuna_distributions(space: dict[str, Distribution]) -> dict[str, Any]:
+    """The study file's ``search.space`` as Optuna distributions."""
+    import optuna.distributions as od
+
+    distributions = {}
+    for name, spec in space.items():
+        if spec.uniform is not None:
+            distributions[name] = od.FloatDistribution(*spec.uniform)
+        elif spec.loguniform is not None:
+            distributions[name] = od.FloatDistribution(*spec.loguniform, log=True)
+        elif spec.int is not None:
+            distributions[name] = od.IntDistribution(*spec.int)
+        else:
+            distributions[name] = od.CategoricalDistribution(spec.choice)
+    return distributions
+
+
+def field_value(study: StudyConfig, name: str) -> Any:
+    """The study's current value of a searched parameter (alias or dotted path)."""
+    value: Any = study
+    for part in PARAMETER_ALIASES.get(name, name).split("."):
+        value = getattr(value, part)
+    return value
+
+
+def control_point(study: StudyConfig) -> dict[str, Any]:
+    """λ1 = λ2 = 0; every other searched parameter at the study's own value."""
+    return {name: CONTROL_LAMBDAS.get(name, field_value(study, name)) for name in parameter_names(study)}
+
+
+def parameter_names(study: StudyConfig) -> list[str]:
+    """Searched parameters, always including λ1 and λ2 (the control sets them to 0)."""
+    return list(dict.fromkeys(["lambda1", "lambda2", *study.search.space]))
+
+
+# --------------------------------------------------------------- searcher
+
+
+def control_first_searcher(study: StudyConfig, storage_url: str, study_name: str):
+    """OptunaSearch (TPE, seeded, RDB storage) behind the fixed control point and a concurrency limit."""
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter, Searcher
+    from ray.tune.search.optuna import OptunaSearch
+
+    class ControlFirst(Searcher):
+        """Suggests the control first, then delegates to the wrapped searcher.
+
+        The control's result is not told to Optuna: λ = 0 lies outside the
+        log-uniform space, and Optuna's study holds exactly the trials it
+        proposed.
+        """
+
+        def __init__(self, searcher: Searcher, control: dict[str, Any] | None):
+            self.searcher = searcher
+            self.control = control
+            self.control_trial_id: str | None = None
+            super().__init__(metric=searcher.metric, mode=searcher.mode)
+
+        def set_search_properties(self, metric, mode, config, **spec) -> bool:
+            return self.searcher.set_search_properties(metric, mode, config, **spec)
+
+        def set_max_concurrency(self, max_concurrent: int) -> bool:
+            return self.searcher.set_max_concurrency(max_concurrent)
+
+        def suggest(self, trial_id: str):
+            if self.control is not None and self.control_trial_id is None:
+                self.control_trial_id = trial_id
+                return dict(self.control)
+            return self.searcher.suggest(trial_id)
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if trial_id != self.control_trial_id:
+                self.searcher.on_trial_result(trial_id, result)
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if trial_id != self.control_trial_id:
+                self.searcher.on_trial_complete(trial_id, result=result, error=error)
+
+        def save(self, checkpoint_path: str) -> None:
+            inner = Path(checkpoint_path).with_name(Path(checkpoint_path).name + ".inner")
+            self.searcher.save(str(inner))
+            state = {"control": self.control, "control_trial_id": self.control_trial_id, "inner": inner.read_bytes()}
+            inner.unlink()
+            Path(checkpoint_path).write_bytes(pickle.dumps(state))
+
+        def restore(self, checkpoint_path: str) -> None:
+            state = pickle.loads(Path(checkpoint_path).read_bytes())
+            self.control, self.control_trial_id = state["control"], state["control_trial_id"]
+            with tempfile.TemporaryDirectory() as folder:
+                inner = Path(folder, "inner.pkl")
+                inner.write_bytes(state["inner"])
+                self.searcher.restore(str(inner))
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    searcher = OptunaSearch(
+        space=optuna_distributions(study.search.space),
+        metric=study.search.metric,
+        mode=study.search.mode,
+        sampler=optuna.samplers.TPESampler(seed=study.seed),
+        study_name=study_name,
+        storage=optuna.storages.RDBStorage(storage_url),
+    )
+    control = control_point(study) if study.search.include_control else None
+    return ConcurrencyLimiter(ControlFirst(searcher, control), max_concurrent=study.search.max_concurrent)
+
+
+# ------------------------------------------------------------------ trials
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """What every trial needs, shipped once through the object store."""
+
+    study: StudyConfig
+    results: str
+    base_model: bytes
+    train_storage: str
+
+
+def trial_study(study: StudyConfig, params: dict[str, Any]) -> StudyConfig:
+    """The study with one trial's parameter values."""
+    return with_values(study, params)
+
+
+def run_trial(config: dict[str, Any], context: SearchContext) -> None:
+    """Tune function trainable: debug retraining for one point, reported per epoch."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raycf.analysis import detection_summary, global_mc_sets
+    from raycf.debug import run_debug_training
+
+    study = trial_study(context.study, config)
+    tau, freq = study.analysis.tau, study.analysis.freq_threshold
+    global_filters = global_mc_sets(context.results, tau, freq)
+    detection = {key: float(value) for key, value in detection_summary(context.results, tau, freq, split="val").items()}
+    detection["g_size"] = float(global_filters.sum(axis=1).mean())
+    trial_id = ray.tune.get_context().get_trial_id()
+    run_debug_training(
+        study,
+        global_filters,
+        context.base_model,
+        lambda1=study.debug.lambda1,
+        lambda2=study.debug.lambda2,
+        name=f"trial-{trial_id}",
+        storage_path=context.train_storage,
+        callbacks=[TuneReportCallback()],
+        extra_metrics=detection,
+    )
+
+
+# --------------------------------------------------------------- leaderboard
+
+
+def _now() -> str:
+    return datetime.now(tz=timezone.utc).isoformat(timespec="seconds")
+
+
+class LeaderboardWriter:
+    """Keeps one :class:`TrialRecord` per trial and rewrites ``leaderboard.parquet``."""
+
+    def __init__(self, study: StudyConfig, results: str):
+        self.study = study
+        self.results = results
+        self.names = parameter_names(study)
+        self.versions = versions()
+        self.records: dict[str, TrialRecord] = {}
+
+    def record(self, trial_id: str, params: dict[str, Any]) -> TrialRecord:
+        if trial_id not in self.records:
+            self.records[trial_id] = TrialRecord(
+                trial_id=trial_id,
+                params={name: params.get(name) for name in self.names},
+                started_at=_now(),
+                config_hash=trial_study(self.study, {n: params[n] for n in self.names if n in params}).config_hash(),
+            )
+        return self.records[trial_id]
+
+    def finish(self, record: TrialRecord, status: str, error: str = "") -> None:
+        record.status = status
+        record.error = error
+        record.finished_at = _now()
+        self.write()
+
+    def status_of_finished(self, record: TrialRecord) -> str:
+        """``completed`` if the trial ran every epoch, else ``stopped`` (ASHA)."""
+        epochs = record.history[-1].get("epoch", 0) if record.history else 0
+        return "completed" if epochs >= self.study.debug.epochs else "stopped"
+
+    def write(self) -> None:
+        rows = [
+            trial_row(record, self.names, self.study.search.metric, self.study.search.mode, self.study.seed, self.versions)
+            for record in self.records.values()
+        ]
+        write_leaderboard(leaderboard_frame(rows, self.names), self.results, self.names)
+
+
+def tune_callback(writer: LeaderboardWriter):
+    """A Tune callback that feeds the leaderboard as results arrive and trials end."""
+    from ray.tune import Callback
+
+    class LeaderboardCallback(Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            writer.record(trial.trial_id, trial.config)
+            writer.write()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            record = writer.record(trial.trial_id, trial.config)
+            epoch = {key: value for key, value in result.items() if isinstance(value, (int, float, str)) and key != "config"}
+            record.history = [row for row in record.history if row.get("epoch") != epoch.get("epoch")] + [epoch]
+            record.time_total_s = float(result.get("time_total_s", record.time_total_s))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            record = writer.record(trial.trial_id, trial.config)
+            writer.finish(record, writer.status_of_finished(record))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            record = writer.record(trial.trial_id, trial.config)
+            message = str(getattr(trial, "error_msg", "") or "trial failed").strip().splitlines()
+            writer.finish(record, "error", message[-1][:300] if message else "trial failed")
+
+    return LeaderboardCallback()
+
+
+def rebuild_from_results(writer: LeaderboardWriter, result_grid) -> None:
+    """Rebuild every row from Tune's stored results (exact after a resume)."""
+    for result in result_grid:
+        config = {name: result.config.get(name) for name in writer.names if name in result.config}
+        record = writer.record(str(result.metrics.get("trial_id") or Path(result.path).name), config)
+        frame = result.metrics_dataframe
+        if frame is not None and len(frame):
+            keep = [c for c in frame.columns if c not in ("config",) and not c.startswith("config/")]
+            record.history = [
+                {key: value for key, value in row.items() if not (isinstance(value, float) and np.isnan(value))}
+                for row in frame[keep].to_dict("records")
+            ]
+            record.time_total_s = float(frame["time_total_s"].iloc[-1]) if "time_total_s" in frame else record.time_total_s
+        if result.error is not None:
+            lines = str(result.error).strip().splitlines()
+            record.status, record.error = "error", (lines[-1][:300] if lines else "trial failed")
+        else:
+            record.status = writer.status_of_finished(record)
+        record.finished_at = record.finished_at or _now()
+    writer.write()
+
+
+# ------------------------------------------------------------------ search
+
+
+def optuna_storage_url(study: StudyConfig, results: str) -> tuple[str, str | None]:
+    """(SQLAlchemy URL, local SQLite file to upload to the results folder afterwards, if any)."""
+    if study.search.storage:
+        return study.search.storage, None
+    if storage.is_uri(results):
+        local = Path(tempfile.gettempdir(), f"raycf-{study.name}-optuna.db")
+        return f"sqlite:///{local}", str(local)
+    Path(results).mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{Path(results, 'optuna.db')}", None
+
+
+def run_search_stage(run: StageRun) -> dict:
+    """Run (or resume) the Tune search; write ``leaderboard.parquet`` and ``optuna.db``."""
+    import ray.tune as tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    study = run.study
+    if not study.search.space:
+        raise UserError("search.space: no searched parameters (expected e.g. lambda1: {loguniform: [1.0e-4, 1.0]})")
+    ensure_ray()
+    results = run.results
+    base_model = storage.read_bytes(run.upstream("base", "model.pt"))
+    experiment = f"search-{run.stage_hash}"
+    tune_storage = run.ray_storage()
+    context = SearchContext(study=study, results=results, base_model=base_model, train_storage=storage.join_uri(tune_storage, experiment + "-train"))
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, context=context),
+        {"cpu": study.search.driver_cpus, **study.search.driver_resources},
+    )
+    writer = LeaderboardWriter(study, results)
+    url, upload = optuna_storage_url(study, results)
+    experiment_path = storage.join_uri(tune_storage, experiment)
+    if tune.Tuner.can_restore(experiment_path):
+        log(f"search: resuming the interrupted search at {experiment_path} (finished trials are kept)")
+        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=run.resume, restart_errored=False)
+    else:
+        scheduler = None
+        if study.search.scheduler.asha is not None:
+            asha = study.search.scheduler.asha
+            scheduler = ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=study.debug.epochs,
+                grace_period=min(asha.grace_period, study.debug.epochs),
+                reduction_factor=asha.reduction_factor,
+            )
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                metric=study.search.metric,
+                mode=study.search.mode,
+                search_alg=control_first_searcher(study, url, study_name=f"{study.name}-{run.stage_hash}"),
+                scheduler=scheduler,
+                num_samples=study.search.num_samples,
+            ),
+            run_config=tune.RunConfig(
+                name=experiment,
+                storage_path=tune_storage,
+                callbacks=[tune_callback(writer)],
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
+        )
+    result_grid = tuner.fit()
+    rebuild_from_results(writer, result_grid)
+    if upload:
+        storage.write_bytes(storage.join_uri(results, "optuna.db"), Path(upload).read_bytes())
+    board = sort_by_objective(read_leaderboard(results), study.search.metric, study.search.mode)
+    finished = board[board["status"] != "error"]
+    summary = {
+        "trials": int(len(board)),
+        "errored": int((board["status"] == "error").sum()),
+        "stopped": int((board["status"] == "stopped").sum()),
+        "best_trial": str(finished["trial_id"].iloc[0]) if len(finished) else "",
+        f"best_{study.search.metric}": float(finished[study.search.metric].iloc[0]) if len(finished) else float("nan"),
+        "control_val_acc": float(board["control_val_acc"].iloc[0]) if len(board) else float("nan"),
+    }
+    log(f"search: {summary['trials']} trials ({summary['stopped']} stopped early, {summary['errored']} failed); best {summary['best_trial']}")
+    return summary
+
+
+def _register_search() -> None:
+    register(
+        Stage(
+            name="search",
+            sections=("search", "debug"),
+            upstream=("masks",),
+            run=run_search_stage,
+            extra_hash=lambda study: (study.analysis.tau, study.analysis.freq_threshold),
+        )
+    )
+
+
+_register_search()
+
+
+# ------------------------------------------------------------------- rerun
+
+
+def load_results_study(results: str) -> StudyConfig:
+    """The resolved study saved in a results folder (``config.yaml``)."""
+    location = storage.join_uri(storage.normalise_root(results), "config.yaml")
+    if not storage.exists(location):
+        raise UserError(f"{results}: no config.yaml (expected the results folder of a study, e.g. results/digits)")
+    return StudyConfig.model_validate(yaml.safe_load(storage.read_text(location)))
+
+
+def pick_trial(board: pd.DataFrame, trial_id: str | None, metric: str, mode: str) -> pd.Series:
+    """The leaderboard row of ``trial_id``, or of the best finished trial when None."""
+    if trial_id is None:
+        finished = sort_by_objective(board[board["status"] != "error"], metric, mode)
+        if finished.empty:
+            raise UserError("leaderboard has no finished trial to rerun")
+        return finished.iloc[0]
+    chosen = board[board["trial_id"] == trial_id]
+    if chosen.empty:
+        raise UserError(f"--trial {trial_id}: no such trial (expected one of {', '.join(board['trial_id'].astype(str))})")
+    return chosen.iloc[0]
+
+
+@dataclass
+class RerunReport:
+    """A trial rerun beside its recorded metrics."""
+
+    trial_id: str
+    comparison: pd.DataFrame
+    tolerance: float
+
+    @property
+    def matches(self) -> bool:
+        return bool((self.comparison["difference"].abs() <= self.comparison["tolerance"]).all())
+
+
+def rerun_trial(results: str, trial_id: str | None = None, device: str = "cpu") -> RerunReport:
+    """Rerun one trial's exact configuration in this process (Ray Train local mode, no cluster).
+
+    Same seed, same parameters, same number of epochs as recorded (a trial
+    stopped early by ASHA reruns the epochs it ran), same G recomputed from
+    the masks.  The stated tolerance for accuracies is one validation image.
+    """
+    import torch
+
+    from raycf.analysis import global_mc_sets
+    from raycf.data import load_splits
+    from raycf.debug import run_debug_training
+    from raycf.leaderboard import best_epoch
+
+    results = storage.normalise_root(results)
+    study = load_results_study(results)
+    board = read_leaderboard(results)
+    row = pick_trial(board, trial_id, study.search.metric, study.search.mode)
+    if row["status"] == "error" or int(row["epochs"]) == 0:
+        raise UserError(f"trial {row['trial_id']} has no finished epoch to compare with (status {row['status']})")
+    params = {name: row[name] for name in board.attrs["parameters"]}
+    trial = with_values(study, {**params, "debug.epochs": int(row["epochs"]), "debug.use_gpu": device == "cuda"})
+    global_filters = global_mc_sets(results, trial.analysis.tau, trial.analysis.freq_threshold)
+    base_model = storage.read_bytes(storage.join_uri(results, "base", "model.pt"))
+    torch.set_num_threads(1)  # as in a one-CPU Ray worker: same reduction order, same numbers
+    with tempfile.TemporaryDirectory() as folder:
+        rerun = run_debug_training(
+            trial, global_filters, base_model, lambda1=trial.debug.lambda1, lambda2=trial.debug.lambda2, name="rerun", storage_path=folder, workers=0
+        )
+    best = best_epoch(rerun.history, study.search.metric, study.search.mode)
+    one_image = 1.0 / max(len(load_splits(study.data, study.seed).val), 1)
+    rows = []
+    for metric, tolerance in (("val_acc", one_image), ("train_acc", one_image), ("best_epoch", 0), ("train_loss", 1e-3)):
+        recorded, again = float(row[metric]), float(best.get(metric if metric != "best_epoch" else "epoch", np.nan))
+        rows.append({"metric": metric, "recorded": recorded, "rerun": again, "difference": again - recorded, "tolerance": tolerance})
+    return RerunReport(trial_id=str(row["trial_id"]), comparison=pd.DataFrame(rows), tolerance=one_image)
