@@ -486,3 +486,7 @@ def _shown_default(field: Any) -> str:
         return f"{len(value)} rows (the paper's)"
     text = json.dumps(value, default=str) if not isinstance(value, str) else value
     return f"`{text}`" if text not in ("", "{}") else f"`{text or chr(34) * 2}`"
+
+
+if __name__ == "__main__":  # python -m raycf.config  prints the README's study file reference
+    print(study_reference_markdown(), end="")

@@ -314,6 +314,19 @@ def optuna_storage_url(study: StudyConfig, results: str) -> tuple[str, str | Non
     return f"sqlite:///{Path(results, 'optuna.db')}", None
 
 
+def check_driver_resources(study: StudyConfig) -> None:
+    """Refuse resources no node offers: the trials would wait for them forever."""
+    import ray
+
+    offered = ray.cluster_resources()
+    for name in study.search.driver_resources:
+        if offered.get(name, 0) <= 0:
+            raise UserError(
+                f"search.driver_resources: no node of this Ray cluster offers {name!r} "
+                "(expected the head node to advertise it, as cluster.yaml does; on one machine use --set search.driver_resources={})"
+            )
+
+
 def run_search_stage(run: StageRun) -> dict:
     """Run (or resume) the Tune search; write ``leaderboard.parquet`` and ``optuna.db``."""
     import ray.tune as tune
@@ -323,6 +336,7 @@ def run_search_stage(run: StageRun) -> dict:
     if not study.search.space:
         raise UserError("search.space: no searched parameters (expected e.g. lambda1: {loguniform: [1.0e-4, 1.0]})")
     ensure_ray()
+    check_driver_resources(study)
     results = run.results
     base_model = storage.read_bytes(run.upstream("base", "model.pt"))
     experiment = f"search-{run.stage_hash}"
