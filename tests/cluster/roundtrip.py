@@ -107,11 +107,13 @@ def main() -> int:
     args = parser.parse_args()
 
     venv_bin = str(Path(sys.executable).parent)
-    client_home = args.sandbox / "client_home"
+    client_home, client_tmp = args.sandbox / "client_home", args.sandbox / "client_tmp"
     client_home.mkdir(exist_ok=True)
-    # The user's machine: this Python environment, its own home, no Ray settings inherited.
+    client_tmp.mkdir(exist_ok=True)
+    # The user's machine: this Python environment, its own home and temporary
+    # folder (the launcher caches configs there), no Ray settings inherited.
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
-    env.update(HOME=str(client_home), PATH=f"{venv_bin}:{os.environ['PATH']}")
+    env.update(HOME=str(client_home), TMPDIR=str(client_tmp), PATH=f"{venv_bin}:{os.environ['PATH']}")
     token_env = dict(env, RAY_AUTH_MODE="token")
     ray = str(Path(venv_bin, "ray"))
 

@@ -12,7 +12,8 @@
 # default ports are free (the network namespace has only its own loopback) and
 # everything still running when COMMAND exits is killed with the namespace.
 #
-# What the "machine" gets: loopback up; root's home moved to SANDBOX_DIR/node_home
+# What the "machine" gets: loopback up; private /tmp/ray and SSH control sockets;
+# root's home moved to SANDBOX_DIR/node_home
 # (so ~/.ray/auth_token and ~/ray_bootstrap_config.yaml never touch the real
 # one); an sshd on 127.0.0.1:22 that accepts only a throwaway key,
 # SANDBOX_DIR/client_key, for root.
@@ -24,6 +25,11 @@ ip link set lo up
 
 mkdir -p /tmp/ray "$sandbox/ray_tmp"
 mount --bind "$sandbox/ray_tmp" /tmp/ray
+# The cluster launcher's SSH control sockets (/tmp/ray_ssh_<user hash>/): private
+# too, or a concurrent run in another sandbox could reuse this one's connection.
+ssh_control=/tmp/ray_ssh_$(printf %s "$(id -un)" | sha256sum | cut -c1-10)
+mkdir -p "$ssh_control" "$sandbox/ray_ssh"
+mount --bind "$sandbox/ray_ssh" "$ssh_control"
 
 node_home=$sandbox/node_home
 mkdir -p -m 700 "$node_home"
