@@ -323,15 +323,15 @@ def check_storage_for_cluster(study: StudyConfig) -> None:
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
     growable = launcher_worker_types()
     if nodes > 1:
-        where = f"this Ray cluster has {nodes} nodes"
+        where = f"it has {nodes} nodes"
     elif growable:
-        where = f"this Ray cluster can add nodes ({', '.join(growable)} in {LAUNCHER_CONFIG})"
+        where = f"ray up may add {', '.join(growable)} nodes, per {LAUNCHER_CONFIG}"
     else:
         return
     raise UserError(
-        f"storage_path={study.storage_path}: a local folder, but {where} and work there could not write to it "
-        f"(expected an s3:// or other shared filesystem URI, e.g. --set storage_path=s3://BUCKET/raycf, "
-        f"or file:///PATH for a folder every node mounts)"
+        f"storage_path={study.storage_path}: a local folder, which work on other nodes of this Ray cluster "
+        f"could not reach ({where}); expected an s3:// or other shared filesystem URI, e.g. "
+        f"--set storage_path=s3://BUCKET/raycf, or file:///PATH for a folder every node mounts"
     )
 
 

@@ -55,7 +55,8 @@ def test_data_actors_run_on_gpu_nodes(placement):
 
 def test_a_multi_node_cluster_refuses_a_local_storage_path(placement):
     storage = placement["storage"]
-    assert storage["results"].startswith("refused: storage_path=results: a local folder, but this Ray cluster has 3 nodes")
+    assert storage["results"].startswith("refused: storage_path=results: a local folder, which work on other nodes")
+    assert "(it has 3 nodes)" in storage["results"]
     assert "s3://" in storage["results"]
     assert storage["s3://raycf-bucket/studies"] == "accepted"
     assert storage["file:///mnt/shared/raycf"] == "accepted"

@@ -52,7 +52,7 @@ def test_the_launcher_config_names_the_worker_types_it_may_add(home):
 
 def test_a_head_that_can_add_gpu_nodes_refuses_a_local_folder(home, ray_session, tmp_path):
     write_launcher_config(home, REPO / "cluster.yaml")
-    with pytest.raises(UserError, match=r"storage_path=/\S+: a local folder, but this Ray cluster can add nodes \(gpu_1x, gpu_4x"):
+    with pytest.raises(UserError, match=r"storage_path=/\S+: a local folder, .* \(ray up may add gpu_1x, gpu_4x nodes"):
         check_storage_for_cluster(study_with(str(tmp_path / "results")))
 
 
