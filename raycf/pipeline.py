@@ -173,6 +173,7 @@ def run_stages(
     if unknown:
         raise UserError(f"--force {sorted(unknown)[0]}: unknown stage (expected one of {', '.join(stages())})")
     results = study.results_uri
+    check_storage_for_cluster(study)
     write_study_files(study, command)
     summaries: dict[str, dict] = {}
     for name, decision in plan(study, targets, force):
@@ -303,3 +304,55 @@ def ensure_ray() -> None:
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     ray.init(log_to_driver=True, configure_logging=True, logging_level="WARNING")
+
+
+# Written on the head by `ray up` (the cluster launcher): the node types it may add.
+LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
+def check_storage_for_cluster(study: StudyConfig) -> None:
+    """Refuse a local ``storage_path`` when the study's work can run on other machines.
+
+    Trial drivers and training workers write results and checkpoints to
+    ``storage_path`` from whichever node they run on, so on a Ray cluster of
+    several nodes, or one the cluster launcher can grow (cluster.yaml's GPU
+    workers start from zero), a local folder would scatter them over machines.
+    A ``file://`` URI declares a folder that every node mounts (NFS, EFS).
+    Starts nothing: the check connects only to a cluster raycf would join.
+    """
+    if storage.is_uri(study.storage_path) or study.storage_path.startswith("file://"):
+        return
+    import ray
+
+    if not (ray.is_initialized() or os.environ.get("RAY_ADDRESS") or Path(LAUNCHER_CONFIG).expanduser().is_file()):
+        return  # raycf will start a one-node local cluster
+    ensure_ray()
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    growable = launcher_worker_types()
+    if nodes > 1:
+        where = f"it has {nodes} nodes"
+    elif growable:
+        where = f"ray up may add {', '.join(growable)} nodes, per {LAUNCHER_CONFIG}"
+    else:
+        return
+    raise UserError(
+        f"storage_path={study.storage_path}: a local folder, which work on other nodes of this Ray cluster "
+        f"could not reach ({where}); expected an s3:// or other shared filesystem URI, e.g. "
+        f"--set storage_path=s3://BUCKET/raycf, or file:///PATH for a folder every node mounts"
+    )
+
+
+def launcher_worker_types(location: str = LAUNCHER_CONFIG) -> list[str]:
+    """Names of the worker node types the cluster launcher may start, from its config on the head."""
+    path = Path(location).expanduser()
+    if not path.is_file():
+        return []
+    import yaml
+
+    config = yaml.safe_load(path.read_text()) or {}
+    head = config.get("head_node_type")
+    return sorted(
+        name
+        for name, spec in (config.get("available_node_types") or {}).items()
+        if name != head and spec.get("max_workers", config.get("max_workers", 0)) > 0
+    )
