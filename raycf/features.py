@@ -62,6 +62,8 @@ def column_array(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
         shape.append(array.type.list_size)
         array = array.flatten()
     values = array.to_numpy(zero_copy_only=False)
+    if not values.flags.writeable:  # zero-copy views are read-only; torch warns on those
+        values = values.copy()
     return values.reshape(shape) if len(shape) > 1 else values
 
 

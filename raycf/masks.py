@@ -133,7 +133,7 @@ def run_masks_stage(run: "StageRun") -> dict:
     data_context()
     sources = [run.upstream("features", split) for split in SPLITS]
     counts = {split: storage.read_table(source, columns=["label"]).num_rows for split, source in zip(SPLITS, sources)}
-    dataset = ray.data.read_parquet(sources, columns=INPUT_COLUMNS).map_batches(
+    dataset = ray.data.read_parquet(sources).select_columns(INPUT_COLUMNS).map_batches(
         MaskComputer,
         fn_constructor_kwargs={"bank_location": run.upstream("cfe", BANK_FILE), "topk": settings.topk, "use_gpu": settings.use_gpu},
         compute=ray.data.ActorPoolStrategy(size=settings.actors),
