@@ -1,7 +1,7 @@
 """Stage ``masks``: every image's MC masks, on Ray Data over the cached vectors.
 
-A Ray Data pipeline reads ``features/{train,val,test}/`` (the plain view of
-every image), and an actor pool whose actors each hold the CFE bank computes,
+A Ray Data pipeline over ``features/{train,val,test}/`` (the plain view of
+every image): an actor pool whose actors each hold the CFE bank computes,
 per image, the binary MC mask of the inferred class and of each of the top-k
 classes, and the predictions with those masks applied.  Output:
 ``<results>/masks/<split>/*.parquet``, one row per image, readable by
@@ -131,9 +131,12 @@ def run_masks_stage(run: "StageRun") -> dict:
     settings = study.masks
     ensure_ray()
     data_context()
-    sources = [run.upstream("features", split) for split in SPLITS]
-    counts = {split: storage.read_table(source, columns=["label"]).num_rows for split, source in zip(SPLITS, sources)}
-    dataset = ray.data.read_parquet(sources).select_columns(INPUT_COLUMNS).map_batches(
+    # The vectors are small (K + C floats per image): read them here and hand
+    # them to Ray Data.  With read_parquet, read tasks need CPUs too, and a
+    # fixed actor pool holding every CPU of the cluster waits for them forever.
+    tables = {split: storage.read_table(run.upstream("features", split), columns=INPUT_COLUMNS) for split in SPLITS}
+    counts = {split: table.num_rows for split, table in tables.items()}
+    dataset = ray.data.from_arrow(list(tables.values())).map_batches(
         MaskComputer,
         fn_constructor_kwargs={"bank_location": run.upstream("cfe", BANK_FILE), "topk": settings.topk, "use_gpu": settings.use_gpu},
         compute=ray.data.ActorPoolStrategy(size=settings.actors),
