@@ -202,12 +202,12 @@ def feature_records(sizes: dict[str, int], views: int) -> list[dict[str, Any]]:
     return records
 
 
-def write_folders(dataset: "ray.data.Dataset", counts: dict[str, int], output: str, column: str = "folder") -> None:
+def write_folders(dataset: "ray.data.Dataset", counts: dict[str, int], output: str, column: str = "folder", keep_column: bool = False) -> None:
     """Run ``dataset`` once, then write the rows of each ``column`` value to ``output/<value>/``.
 
     ``counts`` holds the expected rows per value (known from the input
-    records); ``column`` is dropped from the files.  A folder with no rows
-    gets an ``_empty`` marker instead of Parquet files.
+    records); ``column`` is dropped from the files unless ``keep_column``.  A
+    folder with no rows gets an ``_empty`` marker instead of Parquet files.
     """
     from ray.data.expressions import col
 
@@ -217,7 +217,8 @@ def write_folders(dataset: "ray.data.Dataset", counts: dict[str, int], output: s
         if count == 0:
             storage.write_text(storage.join_uri(location, EMPTY_MARKER), "")
             continue
-        materialised.filter(expr=col(column) == folder).drop_columns([column]).write_parquet(location)
+        part = materialised.filter(expr=col(column) == folder)
+        (part if keep_column else part.drop_columns([column])).write_parquet(location)
 
 
 def run_features_stage(run: "StageRun") -> dict:

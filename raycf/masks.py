@@ -144,7 +144,7 @@ def run_masks_stage(run: "StageRun") -> dict:
         batch_format="pyarrow",
         num_gpus=1 if settings.use_gpu else 0,
     )
-    write_folders(dataset, counts, run.output, column="split")
+    write_folders(dataset, counts, run.output, column="split", keep_column=True)
     summary = {}
     for split in SPLITS:
         arrays = table_arrays(storage.read_table(run.path(split), columns=["label", "pred", "mc_size", "masked_pred"]))

@@ -21,7 +21,6 @@ from raycf.cfe import (
     epoch_order,
     load_bank,
     mc_loss,
-    mc_soft_masks,
     mi_loss,
     parse_bank,
     report_epochs,

@@ -63,7 +63,7 @@ def test_digits_smoke_study_features_to_analyze(ray_session, tmp_path: Path, cap
     assert read["ray_imported"] is False
     test_features = load_features(results, "test")
     assert read["masks_rows"] == len(test_features) and read["mask_width"] == 64 and read["mask_dtype"] == "bool"
-    assert {"image_id", "label", "pred", "confidence", "mc_mask", "topk_mc_masks", "masked_pred", "empty_pred"} <= set(read["masks_columns"])
+    assert {"image_id", "split", "label", "pred", "confidence", "mc_mask", "topk_mc_masks", "masked_pred", "empty_pred"} <= set(read["masks_columns"])
     rows = read["detection"]
     assert {row["split"] for row in rows} == {"test", "val"} and len(rows) == 2 * (len(study.analysis.settings) + 1)
     for row in rows:
