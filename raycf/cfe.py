@@ -540,7 +540,7 @@ def run_cfe_stage(run: "StageRun") -> dict:
         f"training images (worst class {100 * summary['mc_agreement_min']:.1f} %) at {summary['mc_size']:.1f} of "
         f"{classifier.num_filters} filters on average"
     )
-    return {"epochs": len(outcome["history"]), **summary}
+    return {"epochs": study.cfe.epochs, **summary}
 
 
 def _log_classes(classes, log) -> None:
