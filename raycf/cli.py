@@ -18,6 +18,10 @@ from raycf.errors import UserError, find_user_error
 # Command → the stage it produces (its upstream stages run first when stale).
 STAGE_COMMANDS = {
     "train": ("base", "train (or adopt) the base classifier on Ray Train"),
+    "features": ("features", "pooled filter vectors and logits of every image (Ray Data actor pool)"),
+    "cfe": ("cfe", "train the MC and MI generator bank of all classes on the cached vectors (Ray Train)"),
+    "masks": ("masks", "per-image MC masks of the inferred and top-k classes (Ray Data)"),
+    "analyze": ("analyze", "global MC filters, misclassification detection (paper Table 1) and AUROC vs max-softmax"),
 }
 
 STUDY_HELP = "the study file (YAML); see the README's study file reference"
@@ -113,10 +117,13 @@ def _load_checked_study(args: argparse.Namespace):
 
 
 def _run_stage_command(args: argparse.Namespace) -> int:
-    from raycf.pipeline import run_stages
+    from raycf.pipeline import run_stages, stages
 
     study = _load_checked_study(args)
     run_stages(study, [args.stage], force=set(args.force), command=_command_line())
+    describe = stages()[args.stage].describe
+    if describe is not None:  # the stage's result as a table (also when it was cached)
+        print(describe(study.results_uri), flush=True)
     return 0
 
 

@@ -133,8 +133,9 @@ class CfeConfig(StrictModel):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     batch_size: int = Field(32, gt=0, description="vectors per step")
     views: int = Field(4, ge=1, description="views per training image: view 0 plain, the rest augmented")
-    workers: int = Field(1, ge=1, description="Ray Train workers")
+    workers: int = Field(1, ge=0, description="Ray Train workers; 0: Ray Train's local mode (in the calling process, no worker start-up)")
     use_gpu: bool = Field(False, description="one GPU per worker")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint before giving up")
 
 
 class MasksConfig(StrictModel):

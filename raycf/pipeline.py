@@ -51,7 +51,7 @@ class StageRun:
 
     def upstream(self, stage: str, *parts: str) -> str:
         """A location inside a finished upstream stage's folder."""
-        return storage.join_uri(self.results, stage, *parts)
+        return storage.join_uri(self.results, stage_folder(stage), *parts)
 
     def ray_storage(self) -> str:
         """Where Ray Train / Tune keep their run state for this study."""
@@ -68,6 +68,7 @@ class Stage:
     run: Callable[[StageRun], dict]
     describe: Callable[[str], str] | None = None
     extra_hash: Callable[[StudyConfig], object] | None = field(default=None)
+    folder: str | None = None  # the results sub-folder, when it is not the stage's name (analyze → analysis)
 
 
 _STAGES: dict[str, Stage] = {}
@@ -98,6 +99,12 @@ def _import_stage_modules() -> None:
                 raise
 
 
+def stage_folder(name: str) -> str:
+    """The sub-folder of the results folder a stage writes (its name unless it says otherwise)."""
+    stage = stages().get(name)
+    return (stage.folder if stage is not None else None) or name
+
+
 def stage_hash(study: StudyConfig, name: str) -> str:
     """Hash of a stage's sections and, recursively, of its upstream stages."""
     from raycf.config import hash_object
@@ -116,7 +123,7 @@ def stage_hash(study: StudyConfig, name: str) -> str:
 
 def read_marker(results: str, name: str) -> dict | None:
     """A finished stage's marker, or None."""
-    location = storage.join_uri(results, name, MARKER_FILE)
+    location = storage.join_uri(results, stage_folder(name), MARKER_FILE)
     if not storage.exists(location):
         return None
     return json.loads(storage.read_text(location))
@@ -204,7 +211,7 @@ def run_stage(study: StudyConfig, name: str, resume: bool = False) -> dict:
         storage.remove(staging)
         _remove_if_empty(storage.join_uri(results, ".staging"))
         raise
-    storage.publish_folder(staging, storage.join_uri(results, name))
+    storage.publish_folder(staging, storage.join_uri(results, stage_folder(name)))
     _remove_if_empty(storage.join_uri(results, ".staging"))
     duration = time.time() - started
     marker = {
@@ -216,7 +223,7 @@ def run_stage(study: StudyConfig, name: str, resume: bool = False) -> dict:
         "duration_s": round(duration, 2),
         "summary": summary,
     }
-    storage.write_text(storage.join_uri(results, name, MARKER_FILE), json.dumps(marker, indent=2, default=str))
+    storage.write_text(storage.join_uri(results, stage_folder(name), MARKER_FILE), json.dumps(marker, indent=2, default=str))
     log(f"{name}: done in {duration:.1f} s")
     return summary
 

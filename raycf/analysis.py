@@ -1,0 +1,528 @@
+"""Stage ``analyze``: global MC filters, misclassification detection (paper Table 1), error scores.
+
+Everything here is pandas/numpy over the ``masks/<split>/`` Parquet (no Ray).
+
+**Global MC filters** (METHOD §3).  A training image of class c is
+*accepted* when it passes three gates: the base prediction is correct, its
+confidence is at least τ, and the prediction with its binary MC mask applied
+is still c.  Over accepted images, ``count[c, k]`` counts how often filter k
+is in the MC set and ``magnitude[c, k]`` sums ``a_k`` over those images.
+The global set at frequency threshold f is
+``G_c = {k : count[c, k] > f · max_k count[c, k]}`` (f = 0: seen once).
+The normalised magnitude is ``magnitude / max_k count``.
+
+**Agreement scores** of an image with inferred class ĉ, local MC set L (its
+``mc_mask``) and G = G_ĉ:
+
+* ``recall`` = |L∩G| / |G|, ``precision`` = |L∩G| / |L|, ``f1`` = 2|L∩G| / (|L| + |G|);
+* ``magnitude`` (a distance; lower agrees more) = Σ_k |a_k·L_k − ḡ_k·G_k| with ḡ
+  the class's normalised magnitude (the reference's "magnitude similarity");
+* ``head_weight`` = Σ_{k∈L} W_ĉk a_k / Σ_{k∈G} W_ĉk ḡ_k: the share of the
+  class's typical global-MC logit that this image's MC filters produce
+  (the reference divides by the filter counts instead of ḡ; we keep units).
+
+A score whose denominator is empty (|G| = 0, |L| = 0, or a non-positive
+head-weight denominator) is 0: no agreement shown.  Nothing divides by zero.
+
+**Detection** (paper Table 1, METHOD §4).  A setting has a metric, a
+threshold (``avg``: the mean score of the class's accepted training images;
+or an absolute value), a skip threshold and a frequency threshold f.  An
+image is *flagged* as a possible misclassification when its score is on the
+disagreeing side of the threshold (below it; above it for ``magnitude``) —
+unless it is *skipped*: with skip s > 0, a prediction with confidence > s is
+accepted and never flagged; s = 0 skips nothing.  A class without accepted
+training images has no ``avg`` threshold: its images are not flagged by
+``avg`` rows.  Counted: total errors (prediction ≠ label), errors detected
+(flagged and wrong) and new errors (flagged but right).  A flagged image is
+also re-ranked: each of its top-k classes is scored with its own MC mask
+against its own global set, and the best-agreeing class (ties: the more
+probable one) replaces the prediction ("altered accuracy"; the reference's
+version always kept the top-1 class).
+
+**Error scores**: each agreement score and the max-softmax baseline as a
+threshold-free detector of "is an error" (AUROC, AUPR with errors as
+positives), every score oriented so that higher means more suspicious, plus
+``max_softmax_x_f1`` = 1 − confidence · f1.
+
+Outputs under ``<results>/analysis/``: ``global_mc.parquet``,
+``detection.parquet`` and ``error_scores.parquet`` (columns in the README).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from raycf import storage
+from raycf.config import DetectionSetting, StudyConfig
+
+if TYPE_CHECKING:
+    from raycf.pipeline import StageRun
+
+METRICS = ("recall", "precision", "f1", "magnitude", "head_weight")
+LOWER_AGREES = frozenset({"magnitude"})  # distances: a lower value means more agreement
+METRIC_NAMES = {"recall": "Recall", "precision": "Precision", "f1": "F1", "magnitude": "Magnitude distance", "head_weight": "Head weight"}
+EVALUATED_SPLITS = ("test", "val")
+TRAIN_COLUMNS = ["label", "pred", "confidence", "masked_pred", "mc_mask", "a"]
+SPLIT_COLUMNS = ["label", "pred", "confidence", "mc_mask", "a", "topk_classes", "topk_mc_masks"]
+
+
+# ------------------------------------------------------------ global MC
+
+
+@dataclass
+class GlobalMC:
+    """Accumulated MC statistics of every class over its accepted training images."""
+
+    counts: np.ndarray  # C×K: images whose MC set holds filter k
+    magnitude: np.ndarray  # C×K: Σ a_k over those images
+    images: np.ndarray  # C: accepted images
+
+    def normalised_magnitude(self) -> np.ndarray:
+        """``magnitude / max_k count`` per class (0 for a class without accepted images)."""
+        peak = self.counts.max(axis=1, keepdims=True).astype(np.float64)
+        return np.divide(self.magnitude, peak, out=np.zeros_like(self.magnitude, dtype=np.float64), where=peak > 0)
+
+
+def accepted_images(labels: np.ndarray, preds: np.ndarray, confidences: np.ndarray, masked_preds: np.ndarray, tau: float) -> np.ndarray:
+    """The three gates: correct, confidence ≥ τ, and the MC-masked prediction still the class."""
+    return (preds == labels) & (confidences >= tau) & (masked_preds == labels)
+
+
+def accumulate_global_mc(
+    labels: np.ndarray,
+    preds: np.ndarray,
+    confidences: np.ndarray,
+    masked_preds: np.ndarray,
+    masks: np.ndarray,
+    activations: np.ndarray,
+    num_classes: int,
+    tau: float,
+) -> GlobalMC:
+    """Count MC filters and their magnitudes per class over the accepted training images.
+
+    ``masks`` N×K booleans (each image's MC mask of its inferred class),
+    ``activations`` N×K.  Pure function.
+    """
+    accepted = accepted_images(labels, preds, confidences, masked_preds, tau)
+    one_hot = np.zeros((num_classes, len(labels)), dtype=np.float64)
+    one_hot[labels[accepted], np.flatnonzero(accepted)] = 1.0
+    binary = np.asarray(masks, dtype=np.float64)
+    return GlobalMC(
+        counts=np.rint(one_hot @ binary).astype(np.int64),
+        magnitude=one_hot @ (binary * activations),
+        images=one_hot.sum(axis=1).astype(np.int64),
+    )
+
+
+def global_sets(hist: np.ndarray, freq_threshold: float) -> np.ndarray:
+    """``G_c = {k : hist[c, k] > f · max_k hist[c, k]}`` as a C×K boolean array (a class never seen: empty)."""
+    hist = np.asarray(hist)
+    return hist > freq_threshold * hist.max(axis=1, keepdims=True)
+
+
+def load_split(results: str, split: str, columns: list[str]) -> dict[str, np.ndarray]:
+    """Columns of ``masks/<split>/`` as arrays sorted by image index (pyarrow only)."""
+    from raycf.masks import load_masks
+
+    return load_masks(results, split, columns)
+
+
+def global_mc_of(train: dict[str, np.ndarray], num_classes: int, tau: float) -> GlobalMC:
+    return accumulate_global_mc(
+        train["label"], train["pred"], train["confidence"], train["masked_pred"], train["mc_mask"], train["a"], num_classes, tau
+    )
+
+
+def global_mc_sets(results: str, tau: float, freq_threshold: float) -> np.ndarray:
+    """G (C×K booleans) from ``<results>/masks/train`` for any τ and f."""
+    train = load_split(results, "train", TRAIN_COLUMNS)
+    return global_sets(global_mc_of(train, len(class_names_of(results)), tau).counts, freq_threshold)
+
+
+def class_names_of(results: str) -> list[str]:
+    """The class names, in class order (from ``cfe/classes.parquet``)."""
+    table = storage.read_table(storage.join_uri(results, "cfe", "classes.parquet"), columns=["class", "class_name"])
+    frame = table.to_pandas().sort_values("class")
+    return [str(name) for name in frame["class_name"]]
+
+
+# ------------------------------------------------------------ agreement
+
+
+@dataclass
+class Reference:
+    """What images are compared with: the global sets and magnitudes, and the head's weights."""
+
+    sets: np.ndarray  # C×K bool
+    magnitude: np.ndarray  # C×K normalised magnitude
+    head_weight: np.ndarray | None = None  # C×K (W); needed for the head_weight metric only
+
+
+def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    numerator = np.asarray(numerator, dtype=np.float64)
+    denominator = np.asarray(denominator, dtype=np.float64)
+    return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
+
+
+def agreement_scores(masks: np.ndarray, activations: np.ndarray, classes: np.ndarray, reference: Reference, metrics=METRICS) -> dict[str, np.ndarray]:
+    """Scores of local MC sets against the global sets of ``classes``.
+
+    ``masks`` …×K booleans with ``classes`` of the leading shape (N, or N×k
+    for top-k candidates); ``activations`` N×K (broadcast over candidates).
+    Returns one array of the leading shape per metric.
+    """
+    local = np.asarray(masks, dtype=bool)
+    classes = np.asarray(classes)
+    expanded = activations if local.ndim == 2 else activations[:, None, :]
+    globals_ = reference.sets[classes]
+    intersection = (local & globals_).sum(axis=-1)
+    local_size, global_size = local.sum(axis=-1), globals_.sum(axis=-1)
+    scores: dict[str, np.ndarray] = {}
+    if "recall" in metrics:
+        scores["recall"] = _safe_divide(intersection, global_size)
+    if "precision" in metrics:
+        scores["precision"] = _safe_divide(intersection, local_size)
+    if "f1" in metrics:
+        scores["f1"] = _safe_divide(2 * intersection, local_size + global_size)
+    typical = reference.magnitude[classes] * globals_
+    if "magnitude" in metrics:
+        scores["magnitude"] = np.abs(expanded * local - typical).sum(axis=-1)
+    if "head_weight" in metrics:
+        if reference.head_weight is None:
+            raise ValueError("the head_weight metric needs the classifier's head weights")
+        weights = reference.head_weight[classes]
+        scores["head_weight"] = _safe_divide((weights * expanded * local).sum(axis=-1), (weights * typical).sum(axis=-1))
+    return scores
+
+
+def suspicion(metric: str, scores: np.ndarray) -> np.ndarray:
+    """Scores turned so that higher means "more likely a misclassification"."""
+    return np.asarray(scores, dtype=np.float64) if metric in LOWER_AGREES else -np.asarray(scores, dtype=np.float64)
+
+
+def class_means(scores: np.ndarray, classes: np.ndarray, num_classes: int) -> np.ndarray:
+    """Mean score per class (NaN for a class with no images)."""
+    totals = np.bincount(classes, weights=scores, minlength=num_classes)
+    counts = np.bincount(classes, minlength=num_classes)
+    return np.divide(totals, counts, out=np.full(num_classes, np.nan), where=counts > 0)
+
+
+# ------------------------------------------------------------ detection
+
+
+def flag_images(
+    metric: str, scores: np.ndarray, thresholds: np.ndarray, confidences: np.ndarray, skip_threshold: float
+) -> np.ndarray:
+    """Possible misclassifications: the score disagrees beyond its threshold and the image is not skipped.
+
+    Skip: with ``skip_threshold`` s > 0, confidence > s means accepted, never
+    flagged; s = 0 skips nothing.  A NaN threshold flags nothing.
+    """
+    considered = np.ones(len(scores), dtype=bool) if skip_threshold == 0 else confidences <= skip_threshold
+    with np.errstate(invalid="ignore"):
+        disagrees = scores > thresholds if metric in LOWER_AGREES else scores < thresholds
+    return considered & disagrees
+
+
+def table1_counts(flags: np.ndarray, errors: np.ndarray) -> dict[str, int | float]:
+    """Paper Table 1's counts: total errors, errors detected (flagged ∧ wrong, n and %), new errors (flagged ∧ right)."""
+    total = int(errors.sum())
+    detected = int((flags & errors).sum())
+    return {
+        "total_errors": total,
+        "flagged": int(flags.sum()),
+        "errors_detected": detected,
+        "errors_detected_pct": 100.0 * detected / total if total else 0.0,
+        "new_errors": int((flags & ~errors).sum()),
+    }
+
+
+def rerank(flags: np.ndarray, candidates: np.ndarray, candidate_scores: np.ndarray, metric: str) -> np.ndarray:
+    """New predictions: for flagged images the best-agreeing top-k class (ties: the more probable), else top-1."""
+    best = np.argmax(-suspicion(metric, candidate_scores), axis=1)  # argmax keeps the first of ties
+    chosen = np.take_along_axis(candidates, best[:, None], axis=1)[:, 0]
+    return np.where(flags, chosen, candidates[:, 0])
+
+
+def setting_label(setting: DetectionSetting) -> str:
+    """The paper's name of a detection row: ``Avg. Recall``, ``Recall < 0.3``."""
+    name = METRIC_NAMES[setting.metric]
+    if setting.threshold == "avg":
+        return f"Avg. {name}"
+    return f"{name} {'>' if setting.metric in LOWER_AGREES else '<'} {setting.threshold:g}"
+
+
+@dataclass
+class StudyData:
+    """The arrays an analysis needs: masks of the training split and of the evaluated splits."""
+
+    train: dict[str, np.ndarray]
+    splits: dict[str, dict[str, np.ndarray]]
+    class_names: list[str]
+    head_weight: np.ndarray | None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @classmethod
+    def load(cls, results: str, splits=EVALUATED_SPLITS, with_head: bool = True) -> "StudyData":
+        """Read the masks (and, ``with_head``, the head's weights from the CFE bank)."""
+        head = None
+        if with_head:
+            from raycf.cfe import load_bank
+
+            head = load_bank(results).head_weight.double().numpy()
+        return cls(
+            train=load_split(results, "train", TRAIN_COLUMNS),
+            splits={split: load_split(results, split, SPLIT_COLUMNS) for split in splits},
+            class_names=class_names_of(results),
+            head_weight=head,
+        )
+
+
+def reference_for(data: StudyData, tau: float, freq_threshold: float) -> tuple[Reference, GlobalMC]:
+    global_mc = global_mc_of(data.train, data.num_classes, tau)
+    return Reference(global_sets(global_mc.counts, freq_threshold), global_mc.normalised_magnitude(), data.head_weight), global_mc
+
+
+def detection_row(data: StudyData, split: str, setting: DetectionSetting, tau: float, label: str | None = None) -> dict:
+    """One row of Table 1 for ``split``: the setting, its counts and the altered accuracy."""
+    reference, _ = reference_for(data, tau, setting.freq_threshold)
+    images = data.splits[split]
+    metric = setting.metric
+    scores = agreement_scores(images["mc_mask"], images["a"], images["pred"], reference, (metric,))[metric]
+    if setting.threshold == "avg":
+        train = data.train
+        accepted = accepted_images(train["label"], train["pred"], train["confidence"], train["masked_pred"], tau)
+        train_scores = agreement_scores(train["mc_mask"][accepted], train["a"][accepted], train["label"][accepted], reference, (metric,))[metric]
+        thresholds = class_means(train_scores, train["label"][accepted], data.num_classes)[images["pred"]]
+    else:
+        thresholds = np.full(len(scores), float(setting.threshold))
+    errors = images["pred"] != images["label"]
+    flags = flag_images(metric, scores, thresholds, images["confidence"], setting.skip_threshold)
+    candidate_scores = agreement_scores(images["topk_mc_masks"], images["a"], images["topk_classes"], reference, (metric,))[metric]
+    altered = rerank(flags, images["topk_classes"], candidate_scores, metric)
+    skipped = int((images["confidence"] > setting.skip_threshold).sum()) if setting.skip_threshold > 0 else 0
+    return {
+        "split": split,
+        "setting": label or setting_label(setting),
+        "metric": metric,
+        "threshold_kind": "avg" if setting.threshold == "avg" else "absolute",
+        "threshold": float("nan") if setting.threshold == "avg" else float(setting.threshold),
+        "skip_threshold": setting.skip_threshold,
+        "freq_threshold": setting.freq_threshold,
+        "tau": tau,
+        "images": len(errors),
+        "skipped": skipped,
+        **table1_counts(flags, errors),
+        "accuracy": float((~errors).mean()) if len(errors) else 0.0,
+        "altered_accuracy": float((altered == images["label"]).mean()) if len(errors) else 0.0,
+        "relabelled": int((altered != images["pred"]).sum()),
+        "fixed": int(((altered == images["label"]) & errors).sum()),
+        "broken": int(((altered != images["label"]) & ~errors).sum()),
+    }
+
+
+# --------------------------------------------------- threshold-free quality
+
+
+def auroc(is_positive: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (ties count half); NaN without both classes."""
+    is_positive = np.asarray(is_positive, dtype=bool)
+    positives = int(is_positive.sum())
+    negatives = len(is_positive) - positives
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(np.asarray(scores, dtype=np.float64), return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    average_rank = ends - (counts - 1) / 2.0  # 1-based average rank of each distinct value
+    rank_sum = average_rank[inverse][is_positive].sum()
+    return float((rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives))
+
+
+def average_precision(is_positive: np.ndarray, scores: np.ndarray) -> float:
+    """AUPR as average precision: Σ (R_n − R_{n−1}) P_n over distinct thresholds (scikit-learn's definition)."""
+    is_positive = np.asarray(is_positive, dtype=bool)
+    positives = int(is_positive.sum())
+    if positives == 0:
+        return float("nan")
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    sorted_scores = np.asarray(scores, dtype=np.float64)[order]
+    hits = is_positive[order].astype(np.float64)
+    last_of_value = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(sorted_scores) - 1]
+    true_positives = np.cumsum(hits)[last_of_value]
+    precision = true_positives / (last_of_value + 1)
+    recall = true_positives / positives
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def error_score_rows(data: StudyData, split: str, tau: float, freq_threshold: float) -> list[dict]:
+    """AUROC and AUPR of "is an error" for each agreement score, max softmax and their combination."""
+    reference, _ = reference_for(data, tau, freq_threshold)
+    images = data.splits[split]
+    metrics = METRICS if data.head_weight is not None else tuple(m for m in METRICS if m != "head_weight")
+    scores = agreement_scores(images["mc_mask"], images["a"], images["pred"], reference, metrics)
+    errors = images["pred"] != images["label"]
+    suspicions = {metric: suspicion(metric, values) for metric, values in scores.items()}
+    suspicions["max_softmax"] = 1.0 - images["confidence"].astype(np.float64)
+    suspicions["max_softmax_x_f1"] = 1.0 - images["confidence"].astype(np.float64) * scores["f1"]
+    return [
+        {
+            "split": split,
+            "score": name,
+            "auroc": auroc(errors, values),
+            "aupr": average_precision(errors, values),
+            "images": len(errors),
+            "errors": int(errors.sum()),
+            "error_rate": float(errors.mean()) if len(errors) else 0.0,
+            "tau": tau,
+            "freq_threshold": freq_threshold,
+        }
+        for name, values in suspicions.items()
+    ]
+
+
+def detection_summary(results: str, tau: float, freq_threshold: float, split: str = "val") -> dict[str, float]:
+    """Threshold-free detection quality of the F1 agreement on ``split`` (errors as positives).
+
+    Keys: ``det_auroc``, ``det_aupr`` (F1 agreement), ``maxsoftmax_auroc``,
+    ``maxsoftmax_aupr``, ``combined_auroc``, ``combined_aupr``
+    (``max_softmax_x_f1``), ``errors``, ``images``.
+    """
+    data = StudyData.load(results, splits=(split,), with_head=False)
+    rows = {row["score"]: row for row in error_score_rows(data, split, tau, freq_threshold)}
+    return {
+        "det_auroc": rows["f1"]["auroc"],
+        "det_aupr": rows["f1"]["aupr"],
+        "maxsoftmax_auroc": rows["max_softmax"]["auroc"],
+        "maxsoftmax_aupr": rows["max_softmax"]["aupr"],
+        "combined_auroc": rows["max_softmax_x_f1"]["auroc"],
+        "combined_aupr": rows["max_softmax_x_f1"]["aupr"],
+        "errors": float(rows["f1"]["errors"]),
+        "images": float(rows["f1"]["images"]),
+    }
+
+
+# ------------------------------------------------------------ the stage
+
+
+def global_mc_frame(global_mc: GlobalMC, freq_threshold: float, tau: float, class_names: list[str]) -> pd.DataFrame:
+    """One row per (class, filter): count, normalised magnitude, in G at ``freq_threshold``."""
+    num_classes, num_filters = global_mc.counts.shape
+    return pd.DataFrame(
+        {
+            "class": np.repeat(np.arange(num_classes), num_filters),
+            "class_name": np.repeat(np.asarray(class_names, dtype=object), num_filters),
+            "filter": np.tile(np.arange(num_filters), num_classes),
+            "count": global_mc.counts.reshape(-1),
+            "magnitude": global_mc.normalised_magnitude().reshape(-1),
+            "in_global": global_sets(global_mc.counts, freq_threshold).reshape(-1),
+            "images": np.repeat(global_mc.images, num_filters),
+            "tau": tau,
+            "freq_threshold": freq_threshold,
+        }
+    )
+
+
+def detection_settings(study: StudyConfig) -> list[tuple[DetectionSetting, str | None]]:
+    """The configured rows, then the study's own row (Avg. F1 at the study's skip threshold and f)."""
+    analysis = study.analysis
+    own = DetectionSetting(metric="f1", threshold="avg", skip_threshold=analysis.skip_threshold, freq_threshold=analysis.freq_threshold)
+    return [(setting, None) for setting in analysis.settings] + [(own, f"study: {setting_label(own)}")]
+
+
+def analyse(results: str, study: StudyConfig) -> dict[str, pd.DataFrame]:
+    """The three tables of the analysis (``global_mc``, ``detection``, ``error_scores``)."""
+    analysis = study.analysis
+    data = StudyData.load(results)
+    _, global_mc = reference_for(data, analysis.tau, analysis.freq_threshold)
+    detection = [
+        detection_row(data, split, setting, analysis.tau, label) for split in EVALUATED_SPLITS for setting, label in detection_settings(study)
+    ]
+    scores = [row for split in EVALUATED_SPLITS for row in error_score_rows(data, split, analysis.tau, analysis.freq_threshold)]
+    return {
+        "global_mc": global_mc_frame(global_mc, analysis.freq_threshold, analysis.tau, data.class_names),
+        "detection": pd.DataFrame(detection),
+        "error_scores": pd.DataFrame(scores),
+    }
+
+
+def format_tables(detection: pd.DataFrame, error_scores: pd.DataFrame) -> str:
+    """Table 1 (paper columns) and the AUROC table, as text."""
+    table1 = pd.DataFrame(
+        {
+            "split": detection["split"],
+            "total errors": detection["total_errors"],
+            "skip thr.": [f"{100 * v:g}%" for v in detection["skip_threshold"]],
+            "freq. thr.": [f"{100 * v:g}%" for v in detection["freq_threshold"]],
+            "metric": detection["setting"],
+            "errors detected": [f"{n} ({p:.0f}%)" for n, p in zip(detection["errors_detected"], detection["errors_detected_pct"])],
+            "new errors": detection["new_errors"],
+            "accuracy": [f"{100 * v:.2f}%" for v in detection["accuracy"]],
+            "altered acc.": [f"{100 * v:.2f}%" for v in detection["altered_accuracy"]],
+        }
+    )
+    quality = error_scores.pivot(index="score", columns="split", values=["auroc", "aupr"])
+    quality.columns = [f"{metric} {split}" for metric, split in quality.columns]
+    order = [name for name in (*METRICS, "max_softmax", "max_softmax_x_f1") if name in quality.index]
+    quality = quality.loc[order]
+    tau = error_scores["tau"].iloc[0] if len(error_scores) else float("nan")
+    freq = error_scores["freq_threshold"].iloc[0] if len(error_scores) else float("nan")
+    return (
+        "Misclassification detection (paper Table 1)\n"
+        + table1.to_string(index=False)
+        + f"\n\nError detection without thresholds (errors as positives; τ = {tau:g}, f = {freq:g})\n"
+        + quality.to_string(float_format=lambda v: f"{v:.3f}")
+    )
+
+
+def describe(results: str) -> str:
+    """The analysis tables of a results folder, as printed by ``raycf analyze``."""
+    folder = storage.join_uri(results, "analysis")
+    detection = storage.read_table(storage.join_uri(folder, "detection.parquet")).to_pandas()
+    error_scores = storage.read_table(storage.join_uri(folder, "error_scores.parquet")).to_pandas()
+    return format_tables(detection, error_scores)
+
+
+def run_analyze_stage(run: "StageRun") -> dict:
+    """Write ``global_mc.parquet``, ``detection.parquet``, ``error_scores.parquet``, ``summary.json``."""
+    from raycf.pipeline import log
+
+    tables = analyse(run.results, run.study)
+    for name, frame in tables.items():
+        storage.write_table(pa.Table.from_pandas(frame, preserve_index=False), run.path(f"{name}.parquet"))
+    scores = tables["error_scores"].set_index(["split", "score"])
+    summary: dict[str, float] = {}
+    for split in EVALUATED_SPLITS:
+        summary[f"{split}_errors"] = int(scores.loc[(split, "f1"), "errors"])
+        for name, key in (("f1", "det"), ("max_softmax", "maxsoftmax"), ("max_softmax_x_f1", "combined")):
+            summary[f"{split}_{key}_auroc"] = _rounded(scores.loc[(split, name), "auroc"])
+            summary[f"{split}_{key}_aupr"] = _rounded(scores.loc[(split, name), "aupr"])
+        log(
+            f"analyze: {split}: {summary[f'{split}_errors']} errors; AUROC of F1 agreement {summary[f'{split}_det_auroc']}, "
+            f"max softmax {summary[f'{split}_maxsoftmax_auroc']}, combined {summary[f'{split}_combined_auroc']}"
+        )
+    global_mc = tables["global_mc"]
+    summary["global_set_size"] = _rounded(global_mc.groupby("class")["in_global"].sum().mean())
+    storage.write_text(run.path("summary.json"), json.dumps(summary, indent=2))
+    return summary
+
+
+def _rounded(value: float) -> float | None:
+    return None if value is None or np.isnan(value) else round(float(value), 6)
+
+
+def _register() -> None:
+    from raycf.pipeline import Stage, register
+
+    register(Stage(name="analyze", sections=("analysis",), upstream=("masks",), run=run_analyze_stage, describe=describe, folder="analysis"))
+
+
+_register()

@@ -1,0 +1,563 @@
+"""Stage ``cfe``: the counterfactual filter generators of every class, trained as one bank (METHOD §2).
+
+One MC ("minimum correct") generator per class ``c`` maps a pooled vector
+``a`` (K) to a mask::
+
+    s = sigmoid(V_c a + β_c)            V_c: K×K, β_c: K
+    m = s · [s > 0.5]                   thresholded ReLU (θ = 0.5)
+    masked logits = W (a ⊙ m) + b       W, b: the classifier's frozen head
+
+All C generators live in one tensor (C×K×K weights, C×K biases) and are
+trained together on the cached training vectors (every view of every
+image), each with its own class as the target of every image.  The loss of
+generator ``c`` on one vector is::
+
+    CE(masked logits, c) + μ1 ‖m‖₁ − μ2 · z_c(masked)
+    μ1 = 0.001 · λ · B_ref,   μ2 = logits_weight · B_ref
+
+(the reference's batch sums made per-sample, so the weights do not depend
+on the batch size).  The bank's loss is the per-vector mean summed over the
+generators, so each generator gets exactly the gradient it would get alone.
+At inference the mask is binarised: the MC set of ``a`` towards ``c`` is
+``{k : m_k > 0}``, and the masked prediction uses that 0/1 mask.
+
+The MI ("minimum incorrect") bank is the additive counterpart:
+``δ = ReLU(V'_c a + β'_c)``, logits ``W (a + δ) + b``, loss
+``CE(·, c) + μ1' ‖δ‖₁``; MI filters = ``{k : δ_k > 0}``.
+
+Output ``<results>/cfe/``: ``bank.pt`` (see :class:`CfeBank`; loads with
+``weights_only=True``), ``epochs.parquet`` (one row per epoch) and
+``classes.parquet`` (per class: MC agreement and mask size, MI agreement
+and size, on the plain training images).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raycf import storage
+from raycf.config import CfeConfig, StudyConfig
+from raycf.errors import UserError
+
+if TYPE_CHECKING:
+    from raycf.pipeline import StageRun
+
+THRESHOLD = 0.5  # θ of the thresholded ReLU
+BANK_FORMAT = "raycf.cfe/1"
+BANK_FILE = "bank.pt"
+TRAIN_STATE_FILE = "train_state.pt"
+EVAL_CHUNK = 256  # vectors per chunk when a whole split is pushed through the bank
+
+
+# ------------------------------------------------------------------- maths
+
+
+def thresholded_relu(values: torch.Tensor, threshold: float = THRESHOLD) -> torch.Tensor:
+    """``values`` where they exceed ``threshold``, else 0 (gradient only where kept)."""
+    return values * (values > threshold).to(values.dtype)
+
+
+def bank_preactivations(weight: torch.Tensor, bias: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+    """``V_c a + β_c`` for every generator c: weight C×K×K, bias C×K, a B×K → B×C×K."""
+    num_classes, num_filters, _ = weight.shape
+    flat = activations @ weight.reshape(num_classes * num_filters, num_filters).T
+    return flat.reshape(len(activations), num_classes, num_filters) + bias
+
+
+def mc_soft_masks(preactivations: torch.Tensor) -> torch.Tensor:
+    """The MC generators' masks ``m = s·[s > 0.5]``, ``s = sigmoid(pre)``."""
+    return thresholded_relu(torch.sigmoid(preactivations))
+
+
+def head_logits(inputs: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor) -> torch.Tensor:
+    """``W x + b`` over the last dimension of ``inputs`` (… × K → … × C)."""
+    return inputs @ head_weight.T + head_bias
+
+
+def generator_targets(batch: int, num_classes: int, device: torch.device) -> torch.Tensor:
+    """B×C targets: generator c's target is c for every vector."""
+    return torch.arange(num_classes, device=device).expand(batch, num_classes)
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Per-sample loss coefficients (METHOD §2)."""
+
+    mc_sparsity: float  # μ1
+    mc_logits: float  # μ2
+    mi_sparsity: float  # μ1'
+
+    @classmethod
+    def from_config(cls, config: CfeConfig) -> "LossWeights":
+        return cls(
+            mc_sparsity=0.001 * config.sparsity * config.ref_batch_size,
+            mc_logits=config.logits_weight * config.ref_batch_size,
+            mi_sparsity=0.001 * config.mi_sparsity * config.ref_batch_size,
+        )
+
+
+def mc_loss(
+    masks: torch.Tensor, activations: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor, weights: LossWeights
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The MC bank's loss for B×C×K masks of B vectors: per-vector mean, summed over generators.
+
+    Parts (means over vectors and generators): ``mc_ce``, ``mc_l1`` (mask
+    mass ‖m‖₁), ``mc_logit`` (z_c under the mask).
+    """
+    batch, num_classes, _ = masks.shape
+    logits = head_logits(activations[:, None, :] * masks, head_weight, head_bias)  # B×C(generator)×C(class)
+    targets = generator_targets(batch, num_classes, masks.device)
+    cross_entropy = F.cross_entropy(logits.reshape(batch * num_classes, -1), targets.reshape(-1), reduction="none").reshape(batch, num_classes)
+    mass = masks.sum(dim=2)
+    target_logit = logits.diagonal(dim1=1, dim2=2)
+    per_sample = cross_entropy + weights.mc_sparsity * mass - weights.mc_logits * target_logit
+    parts = {"mc_ce": float(cross_entropy.detach().mean()), "mc_l1": float(mass.detach().mean()), "mc_logit": float(target_logit.detach().mean())}
+    return per_sample.mean(dim=0).sum(), parts
+
+
+def mi_loss(
+    deltas: torch.Tensor, activations: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor, weights: LossWeights
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The MI bank's loss for B×C×K additions δ: ``CE(W(a + δ) + b, c) + μ1' ‖δ‖₁``."""
+    batch, num_classes, _ = deltas.shape
+    logits = head_logits(activations[:, None, :] + deltas, head_weight, head_bias)
+    targets = generator_targets(batch, num_classes, deltas.device)
+    cross_entropy = F.cross_entropy(logits.reshape(batch * num_classes, -1), targets.reshape(-1), reduction="none").reshape(batch, num_classes)
+    mass = deltas.sum(dim=2)
+    per_sample = cross_entropy + weights.mi_sparsity * mass
+    return per_sample.mean(dim=0).sum(), {"mi_ce": float(cross_entropy.detach().mean()), "mi_l1": float(mass.detach().mean())}
+
+
+# ------------------------------------------------------------- the module
+
+
+class GeneratorBank(nn.Module):
+    """C generators ``K → K`` as one batched linear map (weight C×K×K, bias C×K).
+
+    Initialised like the reference's Keras ``Dense``: Glorot-uniform weights,
+    zero biases; ``generator`` makes it reproducible.
+    """
+
+    def __init__(self, num_classes: int, num_filters: int, generator: torch.Generator | None = None):
+        super().__init__()
+        limit = math.sqrt(6.0 / (2 * num_filters))
+        weight = torch.empty(num_classes, num_filters, num_filters).uniform_(-limit, limit, generator=generator)
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(torch.zeros(num_classes, num_filters))
+
+    def forward(self, activations: torch.Tensor) -> torch.Tensor:
+        return bank_preactivations(self.weight, self.bias, activations)
+
+
+class CfeModel(nn.Module):
+    """The trainable part: the MC bank and, optionally, the MI bank."""
+
+    def __init__(self, num_classes: int, num_filters: int, train_mi: bool, seed: int):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.mc = GeneratorBank(num_classes, num_filters, generator)
+        self.mi = GeneratorBank(num_classes, num_filters, generator) if train_mi else None
+
+    def forward(self, activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(MC masks, MI additions), each B×C×K."""
+        masks = mc_soft_masks(self.mc(activations))
+        deltas = F.relu(self.mi(activations)) if self.mi is not None else None
+        return masks, deltas
+
+
+def bank_loss(
+    model: nn.Module, activations: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor, weights: LossWeights
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """MC loss (+ MI loss) of a batch of vectors; parts per generator and vector."""
+    masks, deltas = model(activations)
+    loss, parts = mc_loss(masks, activations, head_weight, head_bias, weights)
+    if deltas is not None:
+        extra, mi_parts = mi_loss(deltas, activations, head_weight, head_bias, weights)
+        loss, parts = loss + extra, {**parts, **mi_parts}
+    return loss, {"loss": float(loss.detach()) / masks.shape[1], **parts}
+
+
+# --------------------------------------------------------------- the bank
+
+
+@dataclass
+class CfeBank:
+    """A trained generator bank with the classifier head it explains.
+
+    ``bank.pt`` holds a plain dict (``format`` ``raycf.cfe/1``, the tensors
+    below, ``class_names``), written with ``torch.save`` and read with
+    ``weights_only=True``.
+    """
+
+    mc_weight: torch.Tensor  # C×K×K
+    mc_bias: torch.Tensor  # C×K
+    head_weight: torch.Tensor  # C×K (W)
+    head_bias: torch.Tensor  # C (b)
+    mi_weight: torch.Tensor | None = None
+    mi_bias: torch.Tensor | None = None
+    class_names: list[str] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.mc_weight.shape[0]
+
+    @property
+    def num_filters(self) -> int:
+        return self.mc_weight.shape[1]
+
+    @property
+    def has_mi(self) -> bool:
+        return self.mi_weight is not None
+
+    def to(self, device: torch.device | str) -> "CfeBank":
+        moved = {name: (value.to(device) if isinstance(value, torch.Tensor) else value) for name, value in self.__dict__.items()}
+        return CfeBank(**moved)
+
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The classifier's logits of (masked or modified) vectors, … × K → … × C."""
+        return head_logits(inputs, self.head_weight, self.head_bias)
+
+    def empty_mask_prediction(self) -> int:
+        """The class the head's bias alone favours (the prediction of an all-zero mask)."""
+        return int(self.head_bias.argmax())
+
+    @torch.no_grad()
+    def mc_soft_masks(self, activations: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """Soft MC masks: B×C×K for every class, or for ``classes`` (B → B×K, B×T → B×T×K)."""
+        masks = mc_soft_masks(bank_preactivations(self.mc_weight, self.mc_bias, activations))
+        return _select(masks, classes)
+
+    def mc_masks(self, activations: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """Binary MC masks (``m > 0``) of vectors towards classes; shapes as :meth:`mc_soft_masks`."""
+        return self.mc_soft_masks(activations, classes) > 0
+
+    def masked_logits(self, activations: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Logits of ``a ⊙ mask`` (mask B×K or B×T×K, boolean or float)."""
+        expanded = activations if masks.dim() == 2 else activations[:, None, :]
+        return self.logits(expanded * masks.to(activations.dtype))
+
+    @torch.no_grad()
+    def mi_deltas(self, activations: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """MI additions δ ≥ 0 towards classes; shapes as :meth:`mc_soft_masks`."""
+        if not self.has_mi:
+            raise UserError("this CFE bank has no MI generators (it was trained with cfe.train_mi: false)")
+        deltas = F.relu(bank_preactivations(self.mi_weight, self.mi_bias, activations))
+        return _select(deltas, classes)
+
+    def mi_filters(self, activations: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """MI filters (``δ > 0``): what would have to grow for the prediction to become the class."""
+        return self.mi_deltas(activations, classes) > 0
+
+    def to_bytes(self) -> bytes:
+        payload: dict[str, Any] = {
+            "format": BANK_FORMAT,
+            "num_classes": self.num_classes,
+            "num_filters": self.num_filters,
+            "class_names": list(self.class_names or []),
+            "threshold": THRESHOLD,
+        }
+        for name in ("mc_weight", "mc_bias", "head_weight", "head_bias", "mi_weight", "mi_bias"):
+            value = getattr(self, name)
+            if value is not None:
+                payload[name] = value.detach().cpu().contiguous()
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        return buffer.getvalue()
+
+
+def _select(values: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
+    """Pick classes out of B×C×K: ``classes`` B → B×K, B×T → B×T×K, None → all."""
+    if classes is None:
+        return values
+    classes = torch.as_tensor(classes, device=values.device, dtype=torch.long)
+    index = classes.reshape(len(values), -1)
+    picked = values.gather(1, index[:, :, None].expand(-1, -1, values.shape[2]))
+    return picked[:, 0] if classes.dim() == 1 else picked
+
+
+def parse_bank(data: bytes, source: str = "bank") -> CfeBank:
+    """Decode ``bank.pt`` bytes (``weights_only=True``: loading never runs code)."""
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        raise UserError(f"{source}: not a loadable raycf CFE bank ({str(error).strip()[:160]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != BANK_FORMAT:
+        raise UserError(f"{source}: not a raycf CFE bank (expected format {BANK_FORMAT})")
+    return CfeBank(
+        mc_weight=payload["mc_weight"],
+        mc_bias=payload["mc_bias"],
+        head_weight=payload["head_weight"],
+        head_bias=payload["head_bias"],
+        mi_weight=payload.get("mi_weight"),
+        mi_bias=payload.get("mi_bias"),
+        class_names=list(payload.get("class_names") or []) or None,
+    )
+
+
+def load_bank(results: str) -> CfeBank:
+    """The trained bank of a study (``<results>/cfe/bank.pt``)."""
+    location = storage.join_uri(results, "cfe", BANK_FILE)
+    if not storage.exists(location):
+        raise UserError(f"{location}: CFE bank not found (run `raycf cfe STUDY` first)")
+    return parse_bank(storage.read_bytes(location), location)
+
+
+def bank_from_model(model: CfeModel, head_weight: torch.Tensor, head_bias: torch.Tensor, class_names: list[str] | None = None) -> CfeBank:
+    """Freeze a trained :class:`CfeModel` into a :class:`CfeBank` (CPU tensors)."""
+    return CfeBank(
+        mc_weight=model.mc.weight.detach().cpu().clone(),
+        mc_bias=model.mc.bias.detach().cpu().clone(),
+        head_weight=head_weight.detach().cpu().clone(),
+        head_bias=head_bias.detach().cpu().clone(),
+        mi_weight=model.mi.weight.detach().cpu().clone() if model.mi is not None else None,
+        mi_bias=model.mi.bias.detach().cpu().clone() if model.mi is not None else None,
+        class_names=class_names,
+    )
+
+
+@torch.no_grad()
+def class_statistics(bank: CfeBank, activations: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per generator c, over the given vectors (all with target c), C values each.
+
+    ``mc_agreement``: share whose binary-masked prediction is c;
+    ``mc_size``: mean MC set size; with MI, ``mi_agreement`` (the prediction
+    of ``a + δ`` is c) and ``mi_size`` (mean number of δ_k > 0).
+    """
+    keys = ("mc_agreement", "mc_size", "mi_agreement", "mi_size") if bank.has_mi else ("mc_agreement", "mc_size")
+    sums = {key: torch.zeros(bank.num_classes, dtype=torch.float64, device=activations.device) for key in keys}
+    classes = torch.arange(bank.num_classes, device=activations.device)
+    for start in range(0, len(activations), EVAL_CHUNK):
+        chunk = activations[start : start + EVAL_CHUNK]
+        masks = bank.mc_masks(chunk)
+        sums["mc_agreement"] += (bank.masked_logits(chunk, masks).argmax(dim=2) == classes).sum(dim=0)
+        sums["mc_size"] += masks.sum(dim=(0, 2))
+        if bank.has_mi:
+            deltas = bank.mi_deltas(chunk)
+            sums["mi_agreement"] += (bank.logits(chunk[:, None, :] + deltas).argmax(dim=2) == classes).sum(dim=0)
+            sums["mi_size"] += (deltas > 0).sum(dim=(0, 2))
+    count = max(len(activations), 1)
+    return {key: (value / count).cpu().numpy() for key, value in sums.items()}
+
+
+# --------------------------------------------------------- Ray Train loop
+
+
+def epoch_order(num_vectors: int, seed: int, epoch: int, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's vectors for an epoch: a permutation fixed by (seed, epoch), padded to equal shards."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_vectors, generator=generator)
+    per_rank = math.ceil(num_vectors / world_size)
+    padded = torch.cat([order, order[: per_rank * world_size - num_vectors]])
+    return padded[rank::world_size]
+
+
+def report_epochs(epochs: int, reports: int = 5) -> set[int]:
+    """The (1-based) epochs that report and checkpoint: about ``reports`` of them, always the last.
+
+    Each ``ray.train.report`` waits for the Train controller's poll (about
+    2 s), far longer than an epoch over cached vectors, so not every epoch
+    reports.
+    """
+    every = max(1, epochs // reports)
+    return {epoch for epoch in range(1, epochs + 1) if epoch % every == 0 or epoch == epochs}
+
+
+def cfe_train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train function: train the bank of ``loop_config["study"]`` on cached vectors.
+
+    ``loop_config``: ``study``, ``results`` (the study's results folder,
+    holding ``features/``), ``head_weight``, ``head_bias`` (the frozen head),
+    ``class_names`` and ``bank_location`` (where rank 0 writes the final
+    ``bank.pt``).  On the epochs of :func:`report_epochs` every rank reports
+    epoch, loss parts, mean and minimum MC agreement over classes and mean MC
+    size (and MI values); rank 0 attaches ``bank.pt`` and ``train_state.pt``
+    to resume from.  Returns ``{"history": [...], "classes": {statistic:
+    per-class list}}`` (statistics of the final bank on the plain training
+    vectors).
+    """
+    import ray.train
+    import ray.train.torch
+
+    from raycf.features import load_features
+    from raycf.training import quiet_worker_logs, world
+
+    study: StudyConfig = loop_config["study"]
+    config = study.cfe
+    quiet_worker_logs()
+    rank, world_size = world()
+    device = ray.train.torch.get_device()
+    train = load_features(loop_config["results"], "train", views="all")
+    vectors = torch.from_numpy(train.a.copy()).float().to(device)
+    plain = vectors[torch.from_numpy(train.view == 0).to(device)]
+    head_weight = loop_config["head_weight"].float().to(device)
+    head_bias = loop_config["head_bias"].float().to(device)
+    class_names = loop_config.get("class_names")
+    weights = LossWeights.from_config(config)
+
+    model = CfeModel(head_weight.shape[0], head_weight.shape[1], config.train_mi, study.seed).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    history, next_epoch = _restore(model, optimizer)
+    wrapped = ray.train.torch.prepare_model(model, move_to_device=False)
+    step = max(1, config.batch_size // world_size)
+    reporting = report_epochs(config.epochs)
+    sums: dict[str, float] = {}
+    batches = 0
+    for epoch in range(next_epoch, config.epochs):
+        wrapped.train()
+        order = epoch_order(len(vectors), study.seed, epoch, rank, world_size).to(device)
+        for start in range(0, len(order), step):
+            loss, parts = bank_loss(wrapped, vectors[order[start : start + step]], head_weight, head_bias, weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            batches += 1
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + value
+        if epoch + 1 not in reporting:
+            continue
+        statistics = class_statistics(bank_from_model(model, head_weight, head_bias).to(device), plain)
+        metrics = {"epoch": epoch + 1, **{f"train_{key}": value / max(batches, 1) for key, value in sums.items()}, **_summarise(statistics)}
+        sums, batches = {}, 0
+        history.append(metrics)
+        _report(metrics, model, optimizer, history, head_weight, head_bias, class_names)
+        if rank == 0:
+            shown = "  ".join(f"{key} {value:.4f}" for key, value in metrics.items() if key != "epoch")
+            print(f"[raycf] cfe epoch {epoch + 1}/{config.epochs}  {shown}", flush=True)
+    final = bank_from_model(model, head_weight, head_bias, class_names)
+    if rank == 0:
+        storage.write_bytes(loop_config["bank_location"], final.to_bytes())
+    statistics = class_statistics(final.to(device), plain)
+    return {"history": history, "classes": {key: value.tolist() for key, value in statistics.items()}}
+
+
+def _summarise(statistics: dict[str, np.ndarray]) -> dict[str, float]:
+    summary = {
+        "mc_agreement": float(statistics["mc_agreement"].mean()),
+        "mc_agreement_min": float(statistics["mc_agreement"].min()),
+        "mc_size": float(statistics["mc_size"].mean()),
+    }
+    if "mi_agreement" in statistics:
+        summary.update(mi_agreement=float(statistics["mi_agreement"].mean()), mi_size=float(statistics["mi_size"].mean()))
+    return summary
+
+
+def _report(
+    metrics: dict[str, float],
+    model: CfeModel,
+    optimizer: torch.optim.Optimizer,
+    history: list[dict[str, float]],
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor,
+    class_names: list[str] | None,
+) -> None:
+    import ray.train
+
+    from raycf.training import world
+
+    if world()[0] != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder, BANK_FILE).write_bytes(bank_from_model(model, head_weight, head_bias, class_names).to_bytes())
+        buffer = io.BytesIO()
+        torch.save({"next_epoch": int(metrics["epoch"]), "optimizer": optimizer.state_dict(), "history": history}, buffer)
+        Path(folder, TRAIN_STATE_FILE).write_bytes(buffer.getvalue())
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def _restore(model: CfeModel, optimizer: torch.optim.Optimizer) -> tuple[list[dict[str, float]], int]:
+    """Resume from the checkpoint Ray Train hands a restarted worker group, if any."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return [], 0
+    with checkpoint.as_directory() as folder:
+        bank = parse_bank(Path(folder, BANK_FILE).read_bytes(), "cfe checkpoint")
+        state = torch.load(Path(folder, TRAIN_STATE_FILE), map_location="cpu", weights_only=True)
+    device = model.mc.weight.device
+    with torch.no_grad():
+        model.mc.weight.copy_(bank.mc_weight.to(device))
+        model.mc.bias.copy_(bank.mc_bias.to(device))
+        if model.mi is not None and bank.has_mi:
+            model.mi.weight.copy_(bank.mi_weight.to(device))
+            model.mi.bias.copy_(bank.mi_bias.to(device))
+    optimizer.load_state_dict(state["optimizer"])
+    return list(state["history"]), int(state["next_epoch"])
+
+
+# ------------------------------------------------------------ the stage
+
+
+def run_cfe_stage(run: "StageRun") -> dict:
+    """Train the bank on Ray Train; write ``bank.pt``, ``epochs.parquet``, ``classes.parquet``."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from raycf.checkpoint import CHECKPOINT_FILE, load_classifier_checkpoint
+    from raycf.pipeline import ensure_ray, log
+    from raycf.training import fit
+
+    study = run.study
+    ensure_ray()
+    classifier = load_classifier_checkpoint(run.upstream("base", CHECKPOINT_FILE), expected_arch=study.model.arch)
+    result = fit(
+        cfe_train_loop,
+        {
+            "study": study,
+            "results": run.results,
+            "head_weight": classifier.state_dict["fc.weight"],
+            "head_bias": classifier.state_dict["fc.bias"],
+            "class_names": list(classifier.class_names),
+            "bank_location": run.path(BANK_FILE),
+        },
+        name=f"cfe-{run.stage_hash}",
+        storage_path=run.ray_storage(),
+        workers=study.cfe.workers,
+        use_gpu=study.cfe.use_gpu,
+        max_failures=study.cfe.max_failures,
+        metric="epoch",
+    )
+    outcome = result.return_value
+    storage.write_table(pa.Table.from_pandas(pd.DataFrame(outcome["history"]), preserve_index=False), run.path("epochs.parquet"))
+    classes = pd.DataFrame({"class": range(len(classifier.class_names)), "class_name": classifier.class_names, **outcome["classes"]})
+    storage.write_table(pa.Table.from_pandas(classes, preserve_index=False), run.path("classes.parquet"))
+    _log_classes(classes, log)
+    summary = {key: round(value, 6) for key, value in _summarise({k: np.asarray(v) for k, v in outcome["classes"].items()}).items()}
+    log(
+        f"cfe: {len(classes)} MC generators: masked prediction = target class for {100 * summary['mc_agreement']:.1f} % of "
+        f"training images (worst class {100 * summary['mc_agreement_min']:.1f} %) at {summary['mc_size']:.1f} of "
+        f"{classifier.num_filters} filters on average"
+    )
+    return {"epochs": study.cfe.epochs, **summary}
+
+
+def _log_classes(classes, log) -> None:
+    """One line per class (only the 5 worst when there are more than 20)."""
+    rows = classes.to_dict("records")
+    if len(rows) > 20:
+        log(f"cfe: the 5 classes with the lowest MC agreement (all {len(rows)} are in cfe/classes.parquet):")
+        rows = sorted(rows, key=lambda row: row["mc_agreement"])[:5]
+    for row in rows:
+        mi = f"; MI {100 * row['mi_agreement']:.1f} % at {row['mi_size']:.1f} filters" if "mi_agreement" in row else ""
+        log(f"cfe: class {row['class']} ({row['class_name']}): MC {100 * row['mc_agreement']:.1f} % at {row['mc_size']:.1f} filters{mi}")
+
+
+def _register() -> None:
+    from raycf.pipeline import Stage, register
+
+    register(Stage(name="cfe", sections=("cfe",), upstream=("features",), run=run_cfe_stage))
+
+
+_register()

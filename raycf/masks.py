@@ -1,0 +1,182 @@
+"""Stage ``masks``: every image's MC masks, on Ray Data over the cached vectors.
+
+A Ray Data pipeline over ``features/{train,val,test}/`` (the plain view of
+every image): an actor pool whose actors each hold the CFE bank computes,
+per image, the binary MC mask of the inferred class and of each of the top-k
+classes, and the predictions with those masks applied.  Output:
+``<results>/masks/<split>/*.parquet``, one row per image, readable by
+pandas/pyarrow without Ray (vectors are plain ``fixed_size_list`` columns):
+
+=====================  ===================================  ==========================================
+column                 type                                 meaning
+=====================  ===================================  ==========================================
+``image_index``        int64                                position of the image in its split
+``image_id``           string                               the dataset's image id
+``split``              string                               train, val or test
+``label``              int64                                true class
+``pred``               int64                                the classifier's prediction (inferred class)
+``confidence``         float32                              its softmax probability (max softmax)
+``topk_classes``       fixed_size_list<int64>[k]            the k most probable classes, best first
+``topk_probs``         fixed_size_list<float32>[k]          their probabilities
+``a``                  fixed_size_list<float32>[K]          the pooled filter vector
+``mc_mask``            fixed_size_list<bool>[K]             MC mask of ``pred`` (filters the prediction rests on)
+``mc_size``            int32                                filters in ``mc_mask``
+``masked_pred``        int64                                prediction of ``W (a ⊙ mc_mask) + b``
+``masked_confidence``  float32                              probability of ``pred`` under that mask
+``topk_mc_masks``      fixed_size_list<fixed_size_list<bool>[K]>[k]   MC mask of each top-k class
+``topk_mc_sizes``      fixed_size_list<int32>[k]            their sizes
+``topk_masked_preds``  fixed_size_list<int64>[k]            prediction with each of those masks
+``empty_pred``         int64                                prediction with an empty mask (argmax of the bias)
+=====================  ===================================  ==========================================
+
+k is ``min(masks.topk, C)``; ``topk_mc_masks[0]`` equals ``mc_mask``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from raycf import storage
+from raycf.cfe import BANK_FILE, CfeBank, parse_bank
+from raycf.data import SPLITS
+from raycf.features import table_arrays, vector_column
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from raycf.pipeline import StageRun
+
+# Columns of the features Parquet a mask computation needs.
+INPUT_COLUMNS = ["image_index", "image_id", "split", "label", "logits", "a"]
+
+
+@torch.no_grad()
+def compute_masks(bank: CfeBank, activations: torch.Tensor, logits: torch.Tensor, topk: int) -> dict[str, np.ndarray]:
+    """The per-image mask columns (see the module docstring) for B vectors and their logits."""
+    probabilities = torch.softmax(logits.float(), dim=1)
+    k = min(topk, bank.num_classes)
+    topk_probs, topk_classes = probabilities.topk(k, dim=1)
+    masks = bank.mc_masks(activations, topk_classes)  # B×k×K
+    masked = torch.softmax(bank.masked_logits(activations, masks), dim=2)  # B×k×C
+    masked_preds = masked.argmax(dim=2)
+    pred = topk_classes[:, 0]
+    return {
+        "pred": pred.cpu().numpy(),
+        "confidence": topk_probs[:, 0].cpu().numpy(),
+        "topk_classes": topk_classes.cpu().numpy(),
+        "topk_probs": topk_probs.cpu().numpy(),
+        "mc_mask": masks[:, 0].cpu().numpy(),
+        "mc_size": masks[:, 0].sum(dim=1).cpu().numpy(),
+        "masked_pred": masked_preds[:, 0].cpu().numpy(),
+        "masked_confidence": masked[:, 0].gather(1, pred[:, None])[:, 0].cpu().numpy(),
+        "topk_mc_masks": masks.cpu().numpy(),
+        "topk_mc_sizes": masks.sum(dim=2).cpu().numpy(),
+        "topk_masked_preds": masked_preds.cpu().numpy(),
+        "empty_pred": np.full(len(activations), bank.empty_mask_prediction(), dtype=np.int64),
+    }
+
+
+def masks_table(inputs: dict[str, np.ndarray], computed: dict[str, np.ndarray]) -> pa.Table:
+    """The masks Parquet schema (module docstring) from input and computed columns."""
+    return pa.table(
+        {
+            "image_index": pa.array(inputs["image_index"], pa.int64()),
+            "image_id": pa.array(inputs["image_id"], pa.string()),
+            "split": pa.array(inputs["split"], pa.string()),
+            "label": pa.array(inputs["label"], pa.int64()),
+            "pred": pa.array(computed["pred"], pa.int64()),
+            "confidence": pa.array(computed["confidence"], pa.float32()),
+            "topk_classes": vector_column(computed["topk_classes"], pa.int64()),
+            "topk_probs": vector_column(computed["topk_probs"], pa.float32()),
+            "a": vector_column(inputs["a"], pa.float32()),
+            "mc_mask": vector_column(computed["mc_mask"], pa.bool_()),
+            "mc_size": pa.array(computed["mc_size"], pa.int32()),
+            "masked_pred": pa.array(computed["masked_pred"], pa.int64()),
+            "masked_confidence": pa.array(computed["masked_confidence"], pa.float32()),
+            "topk_mc_masks": vector_column(computed["topk_mc_masks"], pa.bool_()),
+            "topk_mc_sizes": vector_column(computed["topk_mc_sizes"], pa.int32()),
+            "topk_masked_preds": vector_column(computed["topk_masked_preds"], pa.int64()),
+            "empty_pred": pa.array(computed["empty_pred"], pa.int64()),
+        }
+    )
+
+
+class MaskComputer:
+    """Ray Data actor: holds the CFE bank (read from ``bank_location``); cached vectors in, mask rows out."""
+
+    def __init__(self, bank_location: str, topk: int, use_gpu: bool):
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.bank = parse_bank(storage.read_bytes(bank_location), bank_location).to(self.device)
+        self.topk = topk
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        inputs = table_arrays(batch.select(INPUT_COLUMNS))
+        activations = torch.tensor(inputs["a"], dtype=torch.float32, device=self.device)
+        logits = torch.tensor(inputs["logits"], dtype=torch.float32, device=self.device)
+        return masks_table(inputs, compute_masks(self.bank, activations, logits, self.topk))
+
+
+def run_masks_stage(run: "StageRun") -> dict:
+    """Compute and write ``masks/<split>/`` for every split (see the module docstring)."""
+    import ray
+
+    from raycf.features import data_context, write_folders
+    from raycf.pipeline import ensure_ray, log
+
+    study = run.study
+    settings = study.masks
+    ensure_ray()
+    data_context()
+    # The vectors are small (K + C floats per image): read them here and hand
+    # them to Ray Data.  With read_parquet, read tasks need CPUs too, and a
+    # fixed actor pool holding every CPU of the cluster waits for them forever.
+    tables = {split: storage.read_table(run.upstream("features", split), columns=INPUT_COLUMNS) for split in SPLITS}
+    counts = {split: table.num_rows for split, table in tables.items()}
+    dataset = ray.data.from_arrow(list(tables.values())).map_batches(
+        MaskComputer,
+        fn_constructor_kwargs={"bank_location": run.upstream("cfe", BANK_FILE), "topk": settings.topk, "use_gpu": settings.use_gpu},
+        compute=ray.data.ActorPoolStrategy(size=settings.actors),
+        batch_size=settings.batch_size,
+        batch_format="pyarrow",
+        num_gpus=1 if settings.use_gpu else 0,
+    )
+    write_folders(dataset, counts, run.output, column="split", keep_column=True)
+    summary = {}
+    for split in SPLITS:
+        arrays = table_arrays(storage.read_table(run.path(split), columns=["label", "pred", "mc_size", "masked_pred"]))
+        summary[f"{split}_images"] = len(arrays["label"])
+        summary[f"{split}_mc_size"] = round(float(arrays["mc_size"].mean()), 4) if len(arrays["label"]) else 0.0
+        summary[f"{split}_masked_agreement"] = round(float((arrays["masked_pred"] == arrays["pred"]).mean()), 6) if len(arrays["label"]) else 0.0
+        log(
+            f"masks: {split}: {summary[f'{split}_images']} images, MC mask of the inferred class keeps "
+            f"{summary[f'{split}_mc_size']:.1f} filters on average; masked prediction = prediction for "
+            f"{100 * summary[f'{split}_masked_agreement']:.1f} %"
+        )
+    return summary
+
+
+def load_masks(results: str, split: str, columns: list[str] | None = None) -> dict[str, np.ndarray]:
+    """``masks/<split>/`` as numpy arrays sorted by image_index (masks as N×K / N×k×K booleans)."""
+    table = storage.read_table(storage.join_uri(results, "masks", split), columns=None if columns is None else sorted({*columns, "image_index"}))
+    arrays = table_arrays(table)
+    order = np.argsort(arrays["image_index"], kind="stable")
+    return {name: values[order] for name, values in arrays.items()}
+
+
+def load_masks_frame(results: str, split: str) -> "pd.DataFrame":
+    """``masks/<split>/`` as a pandas DataFrame (vector columns hold numpy arrays), sorted by image_index."""
+    table = storage.read_table(storage.join_uri(results, "masks", split))
+    return table.to_pandas().sort_values("image_index", kind="stable").reset_index(drop=True)
+
+
+def _register() -> None:
+    from raycf.pipeline import Stage, register
+
+    register(Stage(name="masks", sections=("masks",), upstream=("cfe",), run=run_masks_stage))
+
+
+_register()

@@ -1,0 +1,88 @@
+"""End to end on the digits smoke study: features → cfe → masks → analyze through the stages and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raycf import cli
+from raycf.analysis import detection_summary, global_mc_sets
+from raycf.cfe import load_bank
+from raycf.config import load_study
+from raycf.features import load_features
+from raycf.masks import compute_masks, load_masks
+
+REPO = Path(__file__).resolve().parent.parent
+
+READ_WITHOUT_RAY = """
+import json, sys
+import numpy as np, pandas as pd
+results = sys.argv[1]
+masks = pd.read_parquet(results + "/masks/test")
+detection = pd.read_parquet(results + "/analysis/detection.parquet")
+scores = pd.read_parquet(results + "/analysis/error_scores.parquet")
+global_mc = pd.read_parquet(results + "/analysis/global_mc.parquet")
+first_mask = np.asarray(masks["mc_mask"].iloc[0])
+print(json.dumps({
+    "ray_imported": any(name == "ray" or name.startswith("ray.") for name in sys.modules),
+    "masks_rows": len(masks), "mask_width": len(first_mask), "mask_dtype": str(first_mask.dtype),
+    "masks_columns": list(masks.columns),
+    "errors": int((masks["pred"] != masks["label"]).sum()),
+    "detection": detection.to_dict("records"),
+    "scores": scores.to_dict("records"),
+    "global_rows": len(global_mc), "global_columns": list(global_mc.columns),
+    "in_global": global_mc.sort_values(["class", "filter"])["in_global"].tolist(),
+}, default=float))
+"""
+
+
+def test_digits_smoke_study_features_to_analyze(ray_session, tmp_path: Path, capsys):
+    study_file = str(REPO / "studies" / "digits.yaml")
+    options = ["--smoke", "--set", f"storage_path={tmp_path}"]
+    assert cli.main(["analyze", study_file, *options]) == 0
+    printed = capsys.readouterr().out
+    assert "Misclassification detection (paper Table 1)" in printed and "Recall < 0.3" in printed
+    assert "Error detection without thresholds" in printed and "max_softmax" in printed
+
+    study = load_study(study_file, [f"storage_path={tmp_path}"], smoke=True)
+    results = study.results_uri
+    train_plain, train_all = load_features(results, "train"), load_features(results, "train", views="all")
+    assert (train_plain.view == 0).all() and len(train_all) == study.cfe.views * len(train_plain)
+    assert np.array_equal(train_plain.image_index, np.arange(len(train_plain)))
+
+    # The Parquet is plain pandas/pyarrow: read it in a process that never imports ray.
+    completed = subprocess.run([sys.executable, "-c", READ_WITHOUT_RAY, results], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    read = json.loads(completed.stdout)
+    assert read["ray_imported"] is False
+    test_features = load_features(results, "test")
+    assert read["masks_rows"] == len(test_features) and read["mask_width"] == 64 and read["mask_dtype"] == "bool"
+    assert {"image_id", "split", "label", "pred", "confidence", "mc_mask", "topk_mc_masks", "masked_pred", "empty_pred"} <= set(read["masks_columns"])
+    rows = read["detection"]
+    assert {row["split"] for row in rows} == {"test", "val"} and len(rows) == 2 * (len(study.analysis.settings) + 1)
+    for row in rows:
+        assert row["errors_detected"] + row["new_errors"] == row["flagged"] <= row["images"]
+    assert [row["total_errors"] for row in rows if row["split"] == "test"] == [read["errors"]] * 4
+    assert {"max_softmax", "f1", "recall", "max_softmax_x_f1"} <= {row["score"] for row in read["scores"]}
+    assert read["global_rows"] == 10 * 64 and {"class", "filter", "count", "magnitude", "in_global"} <= set(read["global_columns"])
+
+    # The Ray Data pipeline wrote exactly what the bank computes, in image order.
+    bank = load_bank(results)
+    masks = load_masks(results, "test")
+    expected = compute_masks(bank, torch.from_numpy(test_features.a), torch.from_numpy(test_features.logits), study.masks.topk)
+    assert np.array_equal(masks["mc_mask"], expected["mc_mask"]) and np.array_equal(masks["pred"], expected["pred"])
+    assert np.array_equal(masks["image_id"], test_features.image_id)
+
+    # The functions the search calls agree with the stage's files.
+    sets = global_mc_sets(results, study.analysis.tau, study.analysis.freq_threshold)
+    assert sets.reshape(-1).tolist() == read["in_global"]
+    summary = detection_summary(results, study.analysis.tau, study.analysis.freq_threshold, split="val")
+    val_f1 = next(row for row in read["scores"] if row["split"] == "val" and row["score"] == "f1")
+    assert summary["det_auroc"] == pytest.approx(val_f1["auroc"], nan_ok=True)
+    assert 0.5 < summary["maxsoftmax_auroc"] <= 1.0
