@@ -190,16 +190,23 @@ def run_stages(
             summaries[name] = marker.get("summary", {})
             continue
         log(f"{name}: runs ({decision})")
-        summaries[name] = run_stage(study, name, resume=resume)
+        summaries[name] = run_stage(study, name, resume=resume, fresh=name in force)
     finish_manifest(study)
     return summaries
 
 
-def run_stage(study: StudyConfig, name: str, resume: bool = False) -> dict:
-    """Run one stage into a staging folder, publish it, write its marker."""
+def run_stage(study: StudyConfig, name: str, resume: bool = False, fresh: bool = False) -> dict:
+    """Run one stage into a staging folder, publish it, write its marker.
+
+    Ray Train and Tune runs are named after the stage and its hash, so an
+    interrupted stage resumes from its last checkpoint; ``fresh`` (``--force``)
+    deletes those runs first so the stage really starts over.
+    """
     stage = stages()[name]
     results = study.results_uri
     digest = stage_hash(study, name)
+    if fresh:
+        clear_ray_runs(results, f"{name}-{digest}")
     staging = storage.join_uri(results, ".staging", f"{name}-{uuid.uuid4().hex[:8]}")
     if not storage.is_uri(staging):
         Path(staging).mkdir(parents=True, exist_ok=True)
@@ -226,6 +233,18 @@ def run_stage(study: StudyConfig, name: str, resume: bool = False) -> dict:
     storage.write_text(storage.join_uri(results, stage_folder(name), MARKER_FILE), json.dumps(marker, indent=2, default=str))
     log(f"{name}: done in {duration:.1f} s")
     return summary
+
+
+def clear_ray_runs(results: str, prefix: str) -> None:
+    """Delete the Ray Train / Tune run folders of ``<results>/_ray`` whose names start with ``prefix``."""
+    import pyarrow.fs as pafs
+
+    filesystem, root = storage.resolve(storage.join_uri(results, "_ray"))
+    if filesystem.get_file_info(root).type != pafs.FileType.Directory:
+        return
+    for entry in filesystem.get_file_info(pafs.FileSelector(root)):
+        if entry.type == pafs.FileType.Directory and entry.base_name.startswith(prefix):
+            filesystem.delete_dir(entry.path)
 
 
 def _remove_if_empty(location: str) -> None:

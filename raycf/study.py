@@ -314,6 +314,16 @@ def optuna_storage_url(study: StudyConfig, results: str) -> tuple[str, str | Non
     return f"sqlite:///{Path(results, 'optuna.db')}", None
 
 
+def forget_optuna_study(url: str, name: str) -> None:
+    """Delete a leftover Optuna study of that name: a fresh search must not inherit its trials."""
+    import optuna
+
+    try:
+        optuna.delete_study(study_name=name, storage=url)
+    except KeyError:
+        pass
+
+
 def check_driver_resources(study: StudyConfig) -> None:
     """Refuse resources no node offers: the trials would wait for them forever."""
     import ray
@@ -353,6 +363,7 @@ def run_search_stage(run: StageRun) -> dict:
         log(f"search: resuming the interrupted search at {experiment_path} (finished trials are kept)")
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=run.resume, restart_errored=False)
     else:
+        forget_optuna_study(url, f"{study.name}-{run.stage_hash}")
         scheduler = None
         if study.search.scheduler.asha is not None:
             asha = study.search.scheduler.asha
