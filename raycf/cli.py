@@ -18,6 +18,7 @@ from raycf.errors import UserError, find_user_error
 # Command → the stage it produces (its upstream stages run first when stale).
 STAGE_COMMANDS = {
     "train": ("base", "train (or adopt) the base classifier on Ray Train"),
+    "debug": ("debug", "retrain with the debugging loss and its fine-tuning control on Ray Train; print Tables 2 and 3"),
 }
 
 STUDY_HELP = "the study file (YAML); see the README's study file reference"
@@ -78,10 +79,13 @@ def _load_checked_study(args: argparse.Namespace):
 
 
 def _run_stage_command(args: argparse.Namespace) -> int:
-    from raycf.pipeline import run_stages
+    from raycf.pipeline import run_stages, stages
 
     study = _load_checked_study(args)
     run_stages(study, [args.stage], force=set(args.force), command=_command_line())
+    describe = stages()[args.stage].describe
+    if describe is not None:  # the stage's result as the user reads it (also when cached)
+        print(describe(study.results_uri), flush=True)
     return 0
 
 
