@@ -84,7 +84,7 @@ def _run_stage_command(args: argparse.Namespace) -> int:
     study = _load_checked_study(args)
     run_stages(study, [args.stage], force=set(args.force), command=_command_line())
     describe = stages()[args.stage].describe
-    if describe is not None:  # the stage's result as the user reads it (also when cached)
+    if describe is not None:  # the stage's result as a table (also when it was cached)
         print(describe(study.results_uri), flush=True)
     return 0
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -118,7 +119,7 @@ class DebugLoss:
 
 def global_filters_tensor(global_filters, num_classes: int, num_filters: int) -> torch.Tensor:
     """G as a C×K float tensor of 0/1, checked against the model's shape."""
-    tensor = torch.as_tensor(global_filters)
+    tensor = torch.tensor(np.asarray(global_filters), dtype=torch.float32)  # a copy: the input may be read-only
     if tuple(tensor.shape) != (num_classes, num_filters):
         raise ValueError(f"global MC filters have shape {tuple(tensor.shape)}, expected (classes, filters) = ({num_classes}, {num_filters})")
-    return tensor.to(torch.float32)
+    return tensor
