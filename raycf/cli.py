@@ -22,6 +22,7 @@ STAGE_COMMANDS = {
     "cfe": ("cfe", "train the MC and MI generator bank of all classes on the cached vectors (Ray Train)"),
     "masks": ("masks", "per-image MC masks of the inferred and top-k classes (Ray Data)"),
     "analyze": ("analyze", "global MC filters, misclassification detection (paper Table 1) and AUROC vs max-softmax"),
+    "debug": ("debug", "retrain with the debugging loss and its fine-tuning control on Ray Train; print Tables 2 and 3"),
 }
 
 STUDY_HELP = "the study file (YAML); see the README's study file reference"

@@ -254,13 +254,15 @@ def train_one_epoch(
     loader: Iterable,
     optimizer: torch.optim.Optimizer,
     loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
+    freeze_frozen_norms: bool = False,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns mean loss parts and accuracy over all ranks.
 
     ``loss_fn(logits, activations, labels)`` returns the loss and a dict of
-    its parts (per-batch means) to report.
+    its parts (per-batch means) to report.  ``freeze_frozen_norms``: see
+    :func:`set_train_mode`.
     """
-    model.train()
+    set_train_mode(model, freeze_frozen_norms)
     sums: dict[str, float] = {"correct": 0.0, "count": 0.0}
     for images, labels in loader:
         logits, activations = _logits_and_features(model, images)
@@ -277,6 +279,18 @@ def train_one_epoch(
     count = max(totals.pop("count"), 1.0)
     correct = totals.pop("correct")
     return {"train_acc": correct / count, **{f"train_{key}": value / count for key, value in totals.items()}}
+
+
+def set_train_mode(model: nn.Module, freeze_frozen_norms: bool = False) -> None:
+    """``model.train()``; with ``freeze_frozen_norms``, BatchNorm layers whose
+    parameters are all frozen stay in eval mode, so a frozen part of the network
+    keeps its running statistics too (Keras' behaviour for non-trainable BatchNorm).
+    """
+    model.train()
+    if freeze_frozen_norms:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in module.parameters()):
+                module.eval()
 
 
 def _logits_and_features(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
