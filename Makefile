@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/raycf train studies/digits.yaml
+	$(BIN)/raycf study studies/digits.yaml
+	$(BIN)/raycf leaderboard results/digits --top 5
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     study = commands.add_parser(
         "study",
-        help="run the whole study: base → features → cfe → masks → analyze → search → final",
+        help="run the whole study: base → features → cfe → masks → analyze → search → final → report",
         description="Run every stage of the study in order, skipping those whose cached results are up to date.",
     )
     _add_study_options(study)
@@ -132,7 +132,7 @@ def _run_study_command(args: argparse.Namespace) -> int:
     from raycf.pipeline import run_stages, stages
 
     study = _load_checked_study(args)
-    targets = [name for name in ("final", "report") if name in stages()]
+    targets = [name for name in ("analyze", "final", "report") if name in stages()]
     run_stages(study, targets, force=set(args.force), command=_command_line(), resume=args.resume)
     return 0
 

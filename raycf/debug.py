@@ -126,6 +126,8 @@ def debug_train_loop(loop_config: dict[str, Any]) -> list[dict[str, float]]:
 
     ``loop_config``: ``study`` (StudyConfig), ``global_filters`` (C×K bool),
     ``base_model`` (``model.pt`` bytes), ``lambda1``, ``lambda2``; optionally
+    ``extra_metrics`` (constant numbers added to every report, e.g. a search
+    trial's detection quality), ``print_epochs`` (default true) and
     ``fail_once`` (:class:`FailOnce`, tests only).
 
     Reports per epoch: epoch, lr, train_loss, train_ce, train_mc,
@@ -179,10 +181,12 @@ def debug_train_loop(loop_config: dict[str, Any]) -> list[dict[str, float]]:
             "active_nonmc": train_metrics["train_active_nonmc"],
             "epoch_s": time.time() - started,
             "time": time.time(),
+            **loop_config.get("extra_metrics", {}),
         }
         state = TrainState(next_epoch=epoch + 1, optimizer={}, history=[*state.history, metrics], phase=PHASE)
         report_epoch(metrics, wrapped, optimizer, state, info)
-        print_epoch(label, metrics, config.epochs)
+        if loop_config.get("print_epochs", True):
+            print_epoch(label, metrics, config.epochs)
     return state.history
 
 
@@ -210,6 +214,8 @@ def run_debug_training(
     storage_path: str,
     workers: int | None = None,
     callbacks: list | None = None,
+    extra_metrics: dict[str, float] | None = None,
+    print_epochs: bool = True,
     fail_once: FailOnce | None = None,
 ) -> DebugResult:
     """Fit :func:`debug_train_loop` on a TorchTrainer and return the best-validation model.
@@ -217,7 +223,8 @@ def run_debug_training(
     ``workers`` defaults to ``study.debug.workers``; ``workers=0`` runs in Ray
     Train's local mode (in-process; no checkpoint is kept, so
     ``best_model_bytes`` is None but the history is complete).  ``callbacks``
-    go to the RunConfig.  A run with the same ``name`` and ``storage_path``
+    go to the RunConfig; ``extra_metrics`` are added to every epoch's report;
+    ``print_epochs=False`` leaves progress to the caller (Tune's table).  A run with the same ``name`` and ``storage_path``
     resumes from its latest checkpoint.
     """
     loop_config = {
@@ -229,6 +236,9 @@ def run_debug_training(
     }
     if fail_once is not None:
         loop_config["fail_once"] = fail_once
+    if extra_metrics:
+        loop_config["extra_metrics"] = dict(extra_metrics)
+    loop_config["print_epochs"] = print_epochs
     workers = study.debug.workers if workers is None else workers
     result = fit(
         debug_train_loop,

@@ -17,6 +17,7 @@ column                 meaning
 ``val_acc``            best validation accuracy over the trial's epochs (the objective
                        unless ``search.metric`` names another)
 ``val_acc_last``       validation accuracy of the last epoch run
+``val_loss``           validation loss at the best epoch (breaks ties of ``val_acc``)
 ``best_epoch``         epoch of ``val_acc``; ``epochs``: epochs run
 ``train_acc``          training accuracy at the best epoch; ``train_loss`` likewise
 ``det_auroc``          AUROC of the trial's MC-agreement score for "is an error" on val,
@@ -52,6 +53,7 @@ FIXED_COLUMNS = ("trial_id", "status", "is_control")
 METRIC_COLUMNS = (
     "val_acc",
     "val_acc_last",
+    "val_loss",
     "best_epoch",
     "epochs",
     "train_acc",
@@ -114,6 +116,7 @@ def trial_row(record: TrialRecord, parameter_names: list[str], metric: str, mode
         {
             "val_acc": _float(best.get("val_acc")),
             "val_acc_last": _float(last.get("val_acc")),
+            "val_loss": _float(best.get("val_loss")),
             "best_epoch": int(best.get("epoch", 0)),
             "epochs": int(last.get("epoch", 0)),
             "train_acc": _float(best.get("train_acc")),
@@ -176,8 +179,16 @@ def objective_of(results: str) -> tuple[str, str]:
 
 
 def sort_by_objective(frame: pd.DataFrame, metric: str = "val_acc", mode: str = "max") -> pd.DataFrame:
-    """Best first; trials without a value last; ties keep trial order."""
-    return frame.sort_values(metric, ascending=(mode == "min"), na_position="last", kind="stable").reset_index(drop=True)
+    """Best first; trials without a value last.
+
+    Ties of the objective (common: accuracy moves in steps of one validation
+    image) go to the lower validation loss, then to the earlier trial.
+    """
+    keys, ascending = [metric], [mode == "min"]
+    if metric != "val_loss" and "val_loss" in frame.columns:
+        keys.append("val_loss")
+        ascending.append(True)
+    return frame.sort_values(keys, ascending=ascending, na_position="last", kind="stable").reset_index(drop=True)
 
 
 def pareto_front(frame: pd.DataFrame, x: str, y: str) -> pd.DataFrame:

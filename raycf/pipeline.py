@@ -323,13 +323,19 @@ def finish_manifest(study: StudyConfig) -> None:
 
 
 def ensure_ray() -> None:
-    """Connect to the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it), else start a local one."""
+    """Connect to the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it), else start a local one.
+
+    Without ``RAY_ADDRESS`` a new local cluster is started even if another one
+    runs on this machine (``ray.init()`` alone would join it, or wait on a
+    dead one); ``RAY_ADDRESS=auto`` joins a cluster started with ``ray start``.
+    """
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING")
 
 
 # Written on the head by `ray up` (the cluster launcher): the node types it may add.

@@ -18,12 +18,7 @@ control are evaluated on the test split, once, beside the base model
 
 from __future__ import annotations
 
-import io
-import json
-import os
-import pickle
 import tempfile
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -132,20 +127,13 @@ def control_first_searcher(study: StudyConfig, storage_url: str, study_name: str
             if trial_id != self.control_trial_id:
                 self.searcher.on_trial_complete(trial_id, result=result, error=error)
 
-        def save(self, checkpoint_path: str) -> None:
-            inner = Path(checkpoint_path).with_name(Path(checkpoint_path).name + ".inner")
-            self.searcher.save(str(inner))
-            state = {"control": self.control, "control_trial_id": self.control_trial_id, "inner": inner.read_bytes()}
-            inner.unlink()
-            Path(checkpoint_path).write_bytes(pickle.dumps(state))
+        # Tune saves wrappers (objects with a ``searcher``) through get_state /
+        # set_state and the wrapped OptunaSearch through its own save_to_dir.
+        def get_state(self) -> dict:
+            return {"control": self.control, "control_trial_id": self.control_trial_id}
 
-        def restore(self, checkpoint_path: str) -> None:
-            state = pickle.loads(Path(checkpoint_path).read_bytes())
+        def set_state(self, state: dict) -> None:
             self.control, self.control_trial_id = state["control"], state["control_trial_id"]
-            with tempfile.TemporaryDirectory() as folder:
-                inner = Path(folder, "inner.pkl")
-                inner.write_bytes(state["inner"])
-                self.searcher.restore(str(inner))
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     searcher = OptunaSearch(
@@ -202,6 +190,7 @@ def run_trial(config: dict[str, Any], context: SearchContext) -> None:
         storage_path=context.train_storage,
         callbacks=[TuneReportCallback()],
         extra_metrics=detection,
+        print_epochs=False,
     )
 
 
@@ -356,6 +345,9 @@ def run_search_stage(run: StageRun) -> dict:
         tune.with_parameters(run_trial, context=context),
         {"cpu": study.search.driver_cpus, **study.search.driver_resources},
     )
+    # Tune's console: what its status table and trial summaries show (a
+    # trainable attribute Tune reads for this), and no per-epoch result dumps.
+    trainable._progress_metrics = ("epoch", "val_acc", "train_loss", "det_auroc")
     writer = LeaderboardWriter(study, results)
     url, upload = optuna_storage_url(study, results)
     experiment_path = storage.join_uri(tune_storage, experiment)
@@ -387,6 +379,7 @@ def run_search_stage(run: StageRun) -> dict:
                 storage_path=tune_storage,
                 callbacks=[tune_callback(writer)],
                 failure_config=tune.FailureConfig(max_failures=0),
+                verbose=1,
             ),
         )
     result_grid = tuner.fit()
@@ -495,3 +488,119 @@ def rerun_trial(results: str, trial_id: str | None = None, device: str = "cpu") 
         recorded, again = float(row[metric]), float(best.get(metric if metric != "best_epoch" else "epoch", np.nan))
         rows.append({"metric": metric, "recorded": recorded, "rerun": again, "difference": again - recorded, "tolerance": tolerance})
     return RerunReport(trial_id=str(row["trial_id"]), comparison=pd.DataFrame(rows), tolerance=one_image)
+
+
+# ------------------------------------------------------------------- final
+
+
+def trial_model_bytes(row: pd.Series) -> bytes | None:
+    """The best epoch's ``model.pt`` of a leaderboard row, if its checkpoint is still there."""
+    folder = str(row.get("checkpoint_path") or "")
+    if not folder:
+        return None
+    location = storage.join_uri(folder, "model.pt")
+    return storage.read_bytes(location) if storage.exists(location) else None
+
+
+def run_final_stage(run: StageRun) -> dict:
+    """Base, control and best trial on train/val/test; the test split is read here only (Tables 2 and 3)."""
+    import ray
+
+    from raycf.analysis import global_mc_sets
+    from raycf.checkpoint import parse_classifier_checkpoint
+    from raycf.debug import (
+        build_class_recall,
+        build_table2,
+        build_table3,
+        evaluate_classifier,
+        format_table2,
+        format_table3,
+        run_debug_training,
+    )
+
+    study = run.study
+    ensure_ray()
+    results = run.results
+    board = read_leaderboard(results)
+    ranked = sort_by_objective(board[board["status"] != "error"], study.search.metric, study.search.mode)
+    if ranked.empty:
+        raise RuntimeError("the search finished no trial: nothing to evaluate (see the error column of leaderboard.parquet)")
+    best = ranked.iloc[0]
+    best_bytes = trial_model_bytes(best)
+    if best_bytes is None:
+        raise RuntimeError(f"best trial {best['trial_id']}: its checkpoint {best['checkpoint_path']!r} is gone")
+    base_bytes = storage.read_bytes(run.upstream("base", "model.pt"))
+    control, control_bytes = _full_control(board)
+    if control_bytes is None:
+        # Stopped early by ASHA (or not searched): the comparison needs the full schedule.
+        log("final: training the control (λ1 = λ2 = 0) for the full schedule")
+        control_study = with_values(study, control_point(study))
+        filters = global_mc_sets(results, control_study.analysis.tau, control_study.analysis.freq_threshold)
+        control_run = run_debug_training(
+            control_study, filters, base_bytes, lambda1=0.0, lambda2=0.0, name=f"final-{run.stage_hash}-control", storage_path=run.ray_storage()
+        )
+        control_bytes, control_epoch = control_run.best_model_bytes, control_run.best_epoch
+    else:
+        control_epoch = int(control["best_epoch"])
+    evaluate = ray.remote(evaluate_classifier).options(num_cpus=1, num_gpus=1 if study.debug.use_gpu else 0)
+    device = "cuda" if study.debug.use_gpu else "cpu"
+    base_eval, control_eval, best_eval = ray.get([evaluate.remote(study, model, device=device) for model in (base_bytes, control_bytes, best_bytes)])
+
+    trial = trial_study(study, {name: best[name] for name in parameter_names(study)})
+    table2 = build_table2(
+        base_eval,
+        control_eval,
+        best_eval,
+        lambda1=trial.debug.lambda1,
+        lambda2=trial.debug.lambda2,
+        indicator=trial.debug.indicator,
+        control_best_epoch=control_epoch,
+        debugged_best_epoch=int(best["best_epoch"]),
+    )
+    class_names = parse_classifier_checkpoint(base_bytes, "base model").class_names
+    class_recall = build_class_recall(class_names, base_eval, control_eval, best_eval)
+    table3 = build_table3(class_recall)
+    names = parameter_names(study)
+    control_values = control_point(study) if control is None else {name: control[name] for name in names}
+    parameters = pd.DataFrame(
+        [{name: np.nan for name in names}, {name: float(control_values[name]) for name in names}, {name: float(best[name]) for name in names}]
+    )
+    final = pd.concat([table2.drop(columns=["lambda1", "lambda2"]), parameters], axis=1)
+    final.insert(1, "trial_id", ["", "" if control is None else str(control["trial_id"]), str(best["trial_id"])])
+    for frame, location in (
+        (table2, run.path("table2.parquet")),
+        (table3, run.path("table3.parquet")),
+        (final, storage.join_uri(results, "final.parquet")),
+        (class_recall, storage.join_uri(results, "class_recall.parquet")),
+    ):
+        storage.write_table(pa.Table.from_pandas(frame, preserve_index=False), location)
+    print(f"{format_table2(table2)}\n\n{format_table3(table3)}", flush=True)
+    rows = table2.set_index("model")
+    return {
+        "best_trial": str(best["trial_id"]),
+        **{f"{model}_{split}_acc": round(float(rows.loc[model, f"{split}_acc"]), 6) for model in rows.index for split in ("train", "val", "test")},
+    }
+
+
+def _full_control(board: pd.DataFrame) -> tuple[pd.Series | None, bytes | None]:
+    """The control's row and its model, when it ran its whole schedule."""
+    controls = board[board["is_control"]]
+    if controls.empty:
+        return None, None
+    control = controls.iloc[0]
+    if control["status"] != "completed":
+        return control, None
+    return control, trial_model_bytes(control)
+
+
+def describe_final(results: str) -> str:
+    """Tables 2 and 3 of the study's best trial."""
+    from raycf.debug import format_table2, format_table3
+
+    folder = storage.join_uri(results, "final")
+    table2 = storage.read_table(storage.join_uri(folder, "table2.parquet")).to_pandas()
+    table3 = storage.read_table(storage.join_uri(folder, "table3.parquet")).to_pandas()
+    return f"{format_table2(table2)}\n\n{format_table3(table3)}"
+
+
+register(Stage(name="final", sections=(), upstream=("search",), run=run_final_stage, describe=describe_final))

@@ -90,3 +90,31 @@ def imagefolder_root(tmp_path: Path) -> Path:
         for k in range(2):
             _image(root / "test" / name / f"{k}.jpg", (100 * class_index, 30 * k + 10, 50))
     return root
+
+
+def ray_address() -> str:
+    """The address of the session's Ray cluster, for subprocesses that should join it."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
+def run_cli(*args: str, env_extra: dict | None = None, timeout: float = 900) -> "subprocess.CompletedProcess":
+    """Run ``python -m raycf.cli ARGS`` from the repository root."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "raycf.cli", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def smoke_study_results(ray_session, tmp_path_factory) -> Path:
+    """The digits study run once with ``--smoke`` through the command line (joining the session's cluster).
+
+    Returns the results folder (``<tmp>/results/digits``).  Tests must not modify it.
+    """
+    storage = tmp_path_factory.mktemp("smoke-study") / "results"
+    completed = run_cli("study", "studies/digits.yaml", "--smoke", "--set", f"storage_path={storage}", env_extra={"RAY_ADDRESS": ray_address()})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return storage / "digits"

@@ -84,3 +84,13 @@ def test_round_trip_and_formats(tmp_path):
 def test_missing_leaderboard_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no leaderboard.parquet"):
         read_leaderboard(str(tmp_path))
+
+
+def test_ties_go_to_the_lower_validation_loss():
+    rows = []
+    for trial_id, loss in (("first", 0.30), ("second", 0.20), ("third", 0.20)):
+        record = _record(trial_id, 0.1, [0.9])
+        record.history[0]["val_loss"] = loss
+        rows.append(trial_row(record, NAMES, "val_acc", "max", 0, VERSIONS))
+    frame = leaderboard_frame(rows, NAMES)
+    assert list(sort_by_objective(frame)["trial_id"]) == ["second", "third", "first"]

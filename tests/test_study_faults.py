@@ -1,0 +1,138 @@
+"""Faults in a running study: the driver killed mid-search, and a Ray Train worker killed mid-trial."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import REPO, ray_address, run_cli
+
+SEARCH_SETTINGS = ["search.num_samples=3", "search.max_concurrent=1", "search.scheduler.asha=null"]
+
+
+def _copy_cached_stages(source: Path, target: Path) -> None:
+    """The smoke study's base…analyze stages, so a new search starts from cached results."""
+    target.mkdir(parents=True)
+    for name in ("config.yaml", "manifest.json", "base", "features", "cfe", "masks", "analysis"):
+        path = source / name
+        (shutil.copytree if path.is_dir() else shutil.copy2)(path, target / name)
+
+
+def _finished_trials(experiment_glob: str) -> list[str]:
+    """Trial ids that Tune's saved experiment state records as terminated."""
+    finished = []
+    for state_file in glob.glob(experiment_glob):
+        try:
+            state = json.loads(Path(state_file).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        for trial_json, _runtime in state["trial_data"]:
+            trial = json.loads(trial_json)
+            if trial.get("status") == "TERMINATED":
+                finished.append(trial["trial_id"])
+    return finished
+
+
+def test_resume_after_the_driver_is_killed(ray_session, smoke_study_results, tmp_path):
+    import optuna
+
+    storage = tmp_path / "results"
+    results = storage / "digits"
+    _copy_cached_stages(smoke_study_results, results)
+    args = ["study", "studies/digits.yaml", "--smoke", "--set", f"storage_path={storage}", *SEARCH_SETTINGS]
+    env = {**os.environ, "RAY_ADDRESS": ray_address(), "TUNE_GLOBAL_CHECKPOINT_S": "0"}
+    driver = subprocess.Popen([sys.executable, "-m", "raycf.cli", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    experiment = str(results / "_ray" / "search-*" / "experiment_state-*.json")
+    deadline = time.time() + 600
+    while not _finished_trials(experiment):
+        assert driver.poll() is None, driver.stderr.read()[-3000:]
+        assert time.time() < deadline, "no trial finished in time"
+        time.sleep(0.5)
+    first = _finished_trials(experiment)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=60)
+    killed_at = time.time()
+    assert not (results / "search" / "_stage.json").exists()  # the stage did not finish
+
+    resumed = run_cli(*args, "--resume", env_extra={"RAY_ADDRESS": ray_address()})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming the interrupted search" in resumed.stderr
+
+    board = pd.read_parquet(results / "leaderboard.parquet")
+    assert len(board) == 3 and (board["status"] == "completed").all()
+    assert set(first) <= set(board["trial_id"])
+    # A trial that had finished was not run again: its Train run wrote nothing after the kill.
+    for trial_id in first:
+        run_folder = next((results / "_ray").glob(f"search-*-train/trial-{trial_id}"))
+        newest = max(path.stat().st_mtime for path in run_folder.rglob("*"))
+        assert newest < killed_at
+    # Optuna's storage holds each searched trial exactly once, all complete.
+    url = f"sqlite:///{results / 'optuna.db'}"
+    (name,) = optuna.study.get_all_study_names(url)
+    trials = optuna.load_study(study_name=name, storage=url).trials
+    searched = board[~board["is_control"]]
+    assert len(trials) == len(searched) == 2
+    assert all(trial.state == optuna.trial.TrialState.COMPLETE for trial in trials)
+    assert sorted(t.params["lambda1"] for t in trials) == pytest.approx(sorted(searched["lambda1"]))
+
+
+def _session_raylet_pid() -> int:
+    import ray
+
+    node = ray._private.worker._global_node
+    return node.all_processes["raylet"][0].process.pid
+
+
+def _train_worker_pids(raylet: int) -> list[int]:
+    """Ray Train worker processes of this session's cluster (children of its raylet)."""
+    pids = []
+    for folder in glob.glob("/proc/[0-9]*"):
+        try:
+            command = Path(folder, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            parent = int(Path(folder, "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if command.startswith("ray::RayTrainWorker") and parent == raylet:
+            pids.append(int(Path(folder).name))
+    return pids
+
+
+def test_a_killed_train_worker_does_not_end_its_trial(ray_session, smoke_study_results, tmp_path):
+    storage = tmp_path / "results"
+    results = storage / "digits"
+    _copy_cached_stages(smoke_study_results, results)
+    killed: list[int] = []
+    raylet = _session_raylet_pid()
+
+    def kill_a_worker_after_its_first_checkpoint() -> None:
+        deadline = time.time() + 600
+        while time.time() < deadline and not killed:
+            if glob.glob(str(results / "_ray" / "search-*-train" / "trial-*" / "checkpoint_*" / "model.pt")):
+                for pid in _train_worker_pids(raylet):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_a_worker_after_its_first_checkpoint, daemon=True)
+    killer.start()
+    completed = run_cli(
+        "study", "studies/digits.yaml", "--smoke", "--set", f"storage_path={storage}",
+        "search.num_samples=1", "debug.epochs=4", "debug.max_failures=2",
+        env_extra={"RAY_ADDRESS": ray_address()},
+    )
+    killer.join(timeout=5)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert killed, "no Ray Train worker was found to kill"
+    board = pd.read_parquet(results / "leaderboard.parquet")
+    assert list(board["status"]) == ["completed"] and int(board["epochs"].iloc[0]) == 4
