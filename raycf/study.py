@@ -117,7 +117,25 @@ def control_first_searcher(study: StudyConfig, storage_url: str, study_name: str
             if self.control is not None and self.control_trial_id is None:
                 self.control_trial_id = trial_id
                 return dict(self.control)
-            return self.searcher.suggest(trial_id)
+            return self.adopt_orphan(trial_id) or self.searcher.suggest(trial_id)
+
+        def adopt_orphan(self, trial_id: str) -> dict[str, Any] | None:
+            """Hand out again a point Optuna proposed just before the driver died.
+
+            Optuna writes a proposal to its storage at once; Tune saves the
+            searcher's state a moment later.  A driver killed in between leaves
+            a RUNNING trial in the storage that the restored searcher does not
+            know: it becomes this trial, so the storage holds each trial once.
+            """
+            study, known = getattr(self.searcher, "_ot_study", None), getattr(self.searcher, "_ot_trials", None)
+            if study is None or known is None:
+                return None
+            numbers = {trial.number for trial in known.values()}
+            for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                if frozen.number not in numbers:
+                    known[trial_id] = optuna.trial.Trial(study, frozen._trial_id)
+                    return dict(frozen.params)
+            return None
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             if trial_id != self.control_trial_id:
@@ -210,6 +228,7 @@ class LeaderboardWriter:
         self.names = parameter_names(study)
         self.versions = versions()
         self.records: dict[str, TrialRecord] = {}
+        self.order: list[str] = []  # trial ids in creation order (the control first)
 
     def record(self, trial_id: str, params: dict[str, Any]) -> TrialRecord:
         if trial_id not in self.records:
@@ -233,9 +252,11 @@ class LeaderboardWriter:
         return "completed" if epochs >= self.study.debug.epochs else "stopped"
 
     def write(self) -> None:
+        position = {trial_id: index for index, trial_id in enumerate(self.order)}
+        records = sorted(self.records.values(), key=lambda record: position.get(record.trial_id, len(position)))
         rows = [
             trial_row(record, self.names, self.study.search.metric, self.study.search.mode, self.study.seed, self.versions)
-            for record in self.records.values()
+            for record in records
         ]
         write_leaderboard(leaderboard_frame(rows, self.names), self.results, self.names)
 
@@ -246,6 +267,7 @@ def tune_callback(writer: LeaderboardWriter):
 
     class LeaderboardCallback(Callback):
         def on_trial_start(self, iteration, trials, trial, **info):
+            writer.order = [t.trial_id for t in trials]
             writer.record(trial.trial_id, trial.config)
             writer.write()
 
@@ -267,11 +289,18 @@ def tune_callback(writer: LeaderboardWriter):
     return LeaderboardCallback()
 
 
+def trial_dirname(trial) -> str:
+    """A trial's folder under the Tune experiment: ``trial-<trial id>``."""
+    return f"trial-{trial.trial_id}"
+
+
 def rebuild_from_results(writer: LeaderboardWriter, result_grid) -> None:
     """Rebuild every row from Tune's stored results (exact after a resume)."""
+    writer.order = []
     for result in result_grid:
         config = {name: result.config.get(name) for name in writer.names if name in result.config}
-        record = writer.record(str(result.metrics.get("trial_id") or Path(result.path).name), config)
+        record = writer.record(str(result.metrics.get("trial_id") or Path(result.path).name.removeprefix("trial-")), config)
+        writer.order.append(record.trial_id)
         frame = result.metrics_dataframe
         if frame is not None and len(frame):
             keep = [c for c in frame.columns if c not in ("config",) and not c.startswith("config/")]
@@ -373,6 +402,7 @@ def run_search_stage(run: StageRun) -> dict:
                 search_alg=control_first_searcher(study, url, study_name=f"{study.name}-{run.stage_hash}"),
                 scheduler=scheduler,
                 num_samples=study.search.num_samples,
+                trial_dirname_creator=trial_dirname,
             ),
             run_config=tune.RunConfig(
                 name=experiment,

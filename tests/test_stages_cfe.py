@@ -42,15 +42,18 @@ print(json.dumps({
 """
 
 
-def test_digits_smoke_study_features_to_analyze(ray_session, tmp_path: Path, capsys):
+def test_digits_smoke_study_features_to_analyze(smoke_study_results: Path, capsys):
+    # The session's smoke study ran every stage; `raycf analyze` on it finds them cached and prints its tables.
     study_file = str(REPO / "studies" / "digits.yaml")
-    options = ["--smoke", "--set", f"storage_path={tmp_path}"]
-    assert cli.main(["analyze", study_file, *options]) == 0
-    printed = capsys.readouterr().out
+    storage = str(smoke_study_results.parent)
+    assert cli.main(["analyze", study_file, "--smoke", "--set", f"storage_path={storage}"]) == 0
+    captured = capsys.readouterr()
+    assert "analyze: skipped, cached" in captured.err
+    printed = captured.out
     assert "Misclassification detection (paper Table 1)" in printed and "Recall < 0.3" in printed
     assert "Error detection without thresholds" in printed and "max_softmax" in printed
 
-    study = load_study(study_file, [f"storage_path={tmp_path}"], smoke=True)
+    study = load_study(study_file, [f"storage_path={storage}"], smoke=True)
     results = study.results_uri
     train_plain, train_all = load_features(results, "train"), load_features(results, "train", views="all")
     assert (train_plain.view == 0).all() and len(train_all) == study.cfe.views * len(train_plain)

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import REPO, ray_address, run_cli
 
-SEARCH_SETTINGS = ["search.num_samples=3", "search.max_concurrent=1", "search.scheduler.asha=null"]
+SEARCH_SETTINGS = ["search.num_samples=2", "search.max_concurrent=1", "search.scheduler.asha=null"]
 
 
 def _copy_cached_stages(source: Path, target: Path) -> None:
@@ -70,7 +70,7 @@ def test_resume_after_the_driver_is_killed(ray_session, smoke_study_results, tmp
     assert "resuming the interrupted search" in resumed.stderr
 
     board = pd.read_parquet(results / "leaderboard.parquet")
-    assert len(board) == 3 and (board["status"] == "completed").all()
+    assert len(board) == 2 and (board["status"] == "completed").all()
     assert set(first) <= set(board["trial_id"])
     # A trial that had finished was not run again: its Train run wrote nothing after the kill.
     for trial_id in first:
@@ -82,7 +82,7 @@ def test_resume_after_the_driver_is_killed(ray_session, smoke_study_results, tmp
     (name,) = optuna.study.get_all_study_names(url)
     trials = optuna.load_study(study_name=name, storage=url).trials
     searched = board[~board["is_control"]]
-    assert len(trials) == len(searched) == 2
+    assert len(trials) == len(searched) == 1
     assert all(trial.state == optuna.trial.TrialState.COMPLETE for trial in trials)
     assert sorted(t.params["lambda1"] for t in trials) == pytest.approx(sorted(searched["lambda1"]))
 
