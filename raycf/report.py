@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 REPORT_FOLDER = "report"
 INDEX_FILE = "index.html"
 LEADERBOARD_TOP = 10
+# Leaderboard columns shown after the parameters and the objective.
+LEADERBOARD_METRICS = ("val_loss", "val_acc_gain", "det_auroc", "maxsoftmax_auroc", "g_size", "best_epoch", "epochs", "time_total_s")
 GALLERY_PER_GROUP = 4
 MC_FILTERS_SHOWN = 8  # MC filters listed per gallery image (largest activations first)
 DPI = 100
@@ -435,12 +437,8 @@ def search_section(context: ReportContext) -> Section:
     board = read_leaderboard(context.results)
     parameters = board.attrs.get("parameters", [])
     ranked = sort_by_objective(board, search.metric, search.mode)
-    columns = [
-        c
-        for c in ("trial_id", "status", "is_control", *parameters, search.metric, "val_acc_gain", "det_auroc", "maxsoftmax_auroc", "g_size", "best_epoch", "epochs", "time_total_s")
-        if c in ranked.columns
-    ]
-    columns = list(dict.fromkeys(columns))
+    wanted = ("trial_id", "status", "is_control", *parameters, search.metric, *LEADERBOARD_METRICS)
+    columns = [c for c in dict.fromkeys(wanted) if c in ranked.columns]
     section.table(ranked[columns].head(LEADERBOARD_TOP), f"Leaderboard: top {min(LEADERBOARD_TOP, len(ranked))} of {len(ranked)} trials by {search.metric} ({search.mode})")
     x, y = search.pareto
     if x in board.columns and y in board.columns:
