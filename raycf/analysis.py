@@ -292,19 +292,27 @@ def reference_for(data: StudyData, tau: float, freq_threshold: float) -> tuple[R
     return Reference(global_sets(global_mc.counts, freq_threshold), global_mc.normalised_magnitude(), data.head_weight), global_mc
 
 
+def class_thresholds(data: StudyData, reference: Reference, setting: DetectionSetting, tau: float) -> np.ndarray:
+    """The flagging threshold of each inferred class (C values).
+
+    ``avg``: the mean score of the class's accepted training images (NaN for
+    a class without any); otherwise the setting's absolute value.
+    """
+    if setting.threshold != "avg":
+        return np.full(data.num_classes, float(setting.threshold))
+    train, metric = data.train, setting.metric
+    accepted = accepted_images(train["label"], train["pred"], train["confidence"], train["masked_pred"], tau)
+    train_scores = agreement_scores(train["mc_mask"][accepted], train["a"][accepted], train["label"][accepted], reference, (metric,))[metric]
+    return class_means(train_scores, train["label"][accepted], data.num_classes)
+
+
 def detection_row(data: StudyData, split: str, setting: DetectionSetting, tau: float, label: str | None = None) -> dict:
     """One row of Table 1 for ``split``: the setting, its counts and the altered accuracy."""
     reference, _ = reference_for(data, tau, setting.freq_threshold)
     images = data.splits[split]
     metric = setting.metric
     scores = agreement_scores(images["mc_mask"], images["a"], images["pred"], reference, (metric,))[metric]
-    if setting.threshold == "avg":
-        train = data.train
-        accepted = accepted_images(train["label"], train["pred"], train["confidence"], train["masked_pred"], tau)
-        train_scores = agreement_scores(train["mc_mask"][accepted], train["a"][accepted], train["label"][accepted], reference, (metric,))[metric]
-        thresholds = class_means(train_scores, train["label"][accepted], data.num_classes)[images["pred"]]
-    else:
-        thresholds = np.full(len(scores), float(setting.threshold))
+    thresholds = class_thresholds(data, reference, setting, tau)[images["pred"]]
     errors = images["pred"] != images["label"]
     flags = flag_images(metric, scores, thresholds, images["confidence"], setting.skip_threshold)
     candidate_scores = agreement_scores(images["topk_mc_masks"], images["a"], images["topk_classes"], reference, (metric,))[metric]
@@ -454,9 +462,9 @@ def analyse(results: str, study: StudyConfig) -> dict[str, pd.DataFrame]:
     }
 
 
-def format_tables(detection: pd.DataFrame, error_scores: pd.DataFrame) -> str:
-    """Table 1 (paper columns) and the AUROC table, as text."""
-    table1 = pd.DataFrame(
+def table1_frame(detection: pd.DataFrame) -> pd.DataFrame:
+    """``detection.parquet`` with the paper's Table 1 columns, formatted for reading."""
+    return pd.DataFrame(
         {
             "split": detection["split"],
             "total errors": detection["total_errors"],
@@ -469,17 +477,25 @@ def format_tables(detection: pd.DataFrame, error_scores: pd.DataFrame) -> str:
             "altered acc.": [f"{100 * v:.2f}%" for v in detection["altered_accuracy"]],
         }
     )
+
+
+def error_quality_frame(error_scores: pd.DataFrame) -> pd.DataFrame:
+    """AUROC and AUPR per score (rows, the agreement scores first, then max softmax) and split (columns)."""
     quality = error_scores.pivot(index="score", columns="split", values=["auroc", "aupr"])
     quality.columns = [f"{metric} {split}" for metric, split in quality.columns]
     order = [name for name in (*METRICS, "max_softmax", "max_softmax_x_f1") if name in quality.index]
-    quality = quality.loc[order]
+    return quality.loc[order]
+
+
+def format_tables(detection: pd.DataFrame, error_scores: pd.DataFrame) -> str:
+    """Table 1 (paper columns) and the AUROC table, as text."""
     tau = error_scores["tau"].iloc[0] if len(error_scores) else float("nan")
     freq = error_scores["freq_threshold"].iloc[0] if len(error_scores) else float("nan")
     return (
         "Misclassification detection (paper Table 1)\n"
-        + table1.to_string(index=False)
+        + table1_frame(detection).to_string(index=False)
         + f"\n\nError detection without thresholds (errors as positives; τ = {tau:g}, f = {freq:g})\n"
-        + quality.to_string(float_format=lambda v: f"{v:.3f}")
+        + error_quality_frame(error_scores).to_string(float_format=lambda v: f"{v:.3f}")
     )
 
 

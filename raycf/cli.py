@@ -93,6 +93,35 @@ def build_parser() -> argparse.ArgumentParser:
     rerun.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     rerun.set_defaults(handler=_run_rerun_command)
 
+    report = commands.add_parser(
+        "report",
+        help="write RESULTS/report/index.html (one self-contained page) and its figures as PNG, from the results folder alone",
+        description="Build the study's report from its results folder alone (no study file, no cluster): Tables 1-3, the leaderboard, "
+        "Optuna's importances, the global MC filters and a gallery with Grad-CAM before and after debugging.",
+    )
+    report.add_argument("results", metavar="RESULTS", help="the study's results folder or URI, e.g. results/digits")
+    report.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    report.set_defaults(handler=_run_report_command)
+
+    explain = commands.add_parser(
+        "explain",
+        help="explain the base model's prediction on images: a small bundle per image (CPU, no cluster)",
+        description="For each IMAGE, write OUT/<name>/ with explanation.json (every number), explanation.md (a summary), "
+        "explanation.png (Grad-CAM and the top MC filters' feature maps) and manifest.json. Runs on the CPU without a Ray cluster.",
+    )
+    explain.add_argument("results", metavar="RESULTS", help="the study's results folder (its base model, CFE bank and masks)")
+    explain.add_argument(
+        "images",
+        metavar="IMAGE",
+        nargs="+",
+        help="an image file (any format Pillow reads; preprocessed with the study's evaluation transform), or an image id of "
+        "the study's dataset as in the Parquet files' image_id column (e.g. digits-0042, cub-17, test/cat/0.jpg): its numbers "
+        "then equal its row in masks/<split>/",
+    )
+    explain.add_argument("--out", metavar="DIR", default="explanations", help="where the bundles go (default: ./explanations)")
+    explain.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    explain.set_defaults(handler=_run_explain_command)
+
     for command, (stage, summary) in STAGE_COMMANDS.items():
         sub = commands.add_parser(
             command,
@@ -178,6 +207,21 @@ def _run_rerun_command(args: argparse.Namespace) -> int:
     print(report.comparison.to_string(index=False, float_format="{:.6g}".format))
     print("matches the recorded run" if report.matches else "DOES NOT match the recorded run within tolerance")
     return 0 if report.matches else 1
+
+
+def _run_report_command(args: argparse.Namespace) -> int:
+    from raycf.report import write_report
+
+    print(write_report(args.results), flush=True)
+    return 0
+
+
+def _run_explain_command(args: argparse.Namespace) -> int:
+    from raycf.explain import explain_images, summary_line
+
+    for folder in explain_images(args.results, args.images, args.out, command=_command_line()):
+        print(summary_line(folder), flush=True)
+    return 0
 
 
 def _command_line() -> str:

@@ -178,15 +178,16 @@ class FeatureExtractor:
 
 
 def data_context(preserve_order: bool = True) -> None:
-    """Ray Data settings of raycf's pipelines: ordered output, no progress bars in logs."""
+    """Ray Data settings of raycf's pipelines: ordered output; progress bars on a terminal, none in logs."""
     import logging
+    import sys
 
     import ray.data
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # one line per execution and sink otherwise
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = preserve_order
-    context.enable_progress_bars = False
+    context.enable_progress_bars = sys.stderr.isatty()
     context.print_on_execution_start = False
 
 

@@ -10,6 +10,7 @@ Because the head is linear in ``a`` and every channel is pooled alone,
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -17,6 +18,9 @@ from torchvision import models as tv_models
 
 from raycf.config import ModelConfig
 from raycf.errors import UserError
+
+if TYPE_CHECKING:
+    from raycf.checkpoint import ClassifierCheckpoint
 
 # Filters K of the last conv layer, per architecture.
 NUM_FILTERS = {"vgg16": 512, "resnet18": 512, "resnet50": 2048, "vgg_tiny": 64}
@@ -170,6 +174,13 @@ def build_model(config: ModelConfig, num_classes: int, load_weights: bool = True
         checkpoint = load_classifier_checkpoint(weights, expected_arch=config.arch, expected_classes=num_classes)
         model.load_state_dict(checkpoint.state_dict)
     return model
+
+
+def classifier_from_checkpoint(config: ModelConfig, checkpoint: "ClassifierCheckpoint") -> FilterClassifier:
+    """A classifier holding a checkpoint's weights, in eval mode on the CPU (no Ray needed)."""
+    model = build_model(config, checkpoint.num_classes, load_weights=False)
+    model.load_state_dict(checkpoint.state_dict)
+    return model.eval()
 
 
 def check_model_weights(config: ModelConfig, num_classes: int) -> None:

@@ -195,15 +195,17 @@ def run_stages(
     return summaries
 
 
-def run_stage(study: StudyConfig, name: str, resume: bool = False, fresh: bool = False) -> dict:
+def run_stage(study: StudyConfig, name: str, resume: bool = False, fresh: bool = False, results: str | None = None) -> dict:
     """Run one stage into a staging folder, publish it, write its marker.
 
     Ray Train and Tune runs are named after the stage and its hash, so an
     interrupted stage resumes from its last checkpoint; ``fresh`` (``--force``)
-    deletes those runs first so the stage really starts over.
+    deletes those runs first so the stage really starts over.  ``results``
+    names the results folder when it is not the study's own location (one
+    copied or downloaded elsewhere, as ``raycf report RESULTS`` reads it).
     """
     stage = stages()[name]
-    results = study.results_uri
+    results = results or study.results_uri
     digest = stage_hash(study, name)
     if fresh:
         clear_ray_runs(results, f"{name}-{digest}")

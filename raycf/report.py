@@ -1,0 +1,780 @@
+"""Stage ``report`` and ``raycf report RESULTS``: the study's tables and figures in one HTML file.
+
+Everything comes from the results folder alone: ``config.yaml``,
+``manifest.json``, the Parquet tables, the ``model.pt`` checkpoints (the
+base model and the best trial's, for the gallery) and ``optuna.db``.
+Nothing is trained; the gallery runs the best trial's model once over the
+test split.  Output, ``<results>/report/``:
+
+* ``index.html``: one self-contained page (tables as HTML, figures as
+  base64 PNG data URIs, no external resource);
+* every figure as a PNG file beside it (``auroc.png``, ``class_recall.png``,
+  ``pareto.png``, ``param_importances.png``, ``parallel_coordinate.png``,
+  ``global_mc.png``, ``gallery_fixed.png``, ``gallery_broken.png``,
+  ``gallery_confidence.png``).
+
+Contents: the study (manifest, stages, config); Table 1 (detection) with the
+threshold-free AUROC of every agreement score against max softmax; Tables 2
+and 3 and the per-class recall change; the leaderboard's top 10 and its Pareto
+front; Optuna's parameter importances and parallel coordinates; the global MC
+filters of every class (class × filter counts); and a gallery in the manner of
+the paper's Figure 2: test images the debugged model fixed, broke, or became
+more confident on, each with Grad-CAM before and after and its MC filters.
+A section whose inputs are missing (a study not run to the end) says so
+instead of failing.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import re
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import pandas as pd
+
+from raycf import storage
+from raycf.config import StudyConfig
+from raycf.errors import UserError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure as MplFigure
+
+    from raycf.pipeline import StageRun
+
+REPORT_FOLDER = "report"
+INDEX_FILE = "index.html"
+LEADERBOARD_TOP = 10
+# Leaderboard columns shown after the parameters and the objective.
+LEADERBOARD_METRICS = ("val_loss", "val_acc_gain", "det_auroc", "maxsoftmax_auroc", "g_size", "best_epoch", "epochs", "time_total_s")
+GALLERY_PER_GROUP = 4
+MC_FILTERS_SHOWN = 8  # MC filters listed per gallery image (largest activations first)
+DPI = 100
+GALLERY_GROUPS = {
+    "fixed": "Fixed: the base model was wrong, the debugged model is right",
+    "broken": "Broken: the base model was right, the debugged model is wrong",
+    "confidence": "Confidence rose: both right, the debugged model is more confident",
+}
+
+
+# ------------------------------------------------------------------ building blocks
+
+
+@dataclass
+class Figure:
+    """A figure of the report: written as ``<name>.png`` and embedded in the page."""
+
+    name: str
+    caption: str
+    png: bytes
+
+
+@dataclass
+class Section:
+    """A titled part of the page: HTML snippets and figures, in order."""
+
+    anchor: str
+    title: str
+    blocks: list[str | Figure] = field(default_factory=list)
+
+    def add(self, block: str | Figure) -> None:
+        self.blocks.append(block)
+
+    def note(self, text: str) -> None:
+        """A line saying what is missing or why a part is empty."""
+        self.blocks.append(f'<p class="note">{html.escape(text)}</p>')
+
+    def paragraph(self, text: str) -> None:
+        self.blocks.append(f"<p>{html.escape(text)}</p>")
+
+    def table(self, frame: pd.DataFrame, caption: str, index: bool = False) -> None:
+        self.blocks.append(table_html(frame, caption, index=index))
+
+    @property
+    def figures(self) -> list[Figure]:
+        return [block for block in self.blocks if isinstance(block, Figure)]
+
+
+def png_bytes(figure: "MplFigure") -> bytes:
+    """A matplotlib figure as PNG bytes (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def new_figure(width: float, height: float) -> "MplFigure":
+    """A figure not attached to any interactive window (Agg canvas)."""
+    from matplotlib.figure import Figure as MplFigure
+
+    return MplFigure(figsize=(width, height), layout="constrained")
+
+
+def table_html(frame: pd.DataFrame, caption: str, index: bool = False) -> str:
+    """A DataFrame as an escaped HTML table with a caption."""
+    body = frame.to_html(index=index, border=0, na_rep="–", escape=True, float_format=lambda v: f"{v:.4g}")
+    table = re.sub(r"<table[^>]*>", lambda _: f'<table class="data"><caption>{html.escape(caption)}</caption>', body, count=1)
+    return f'<div class="table">{table}</div>'
+
+
+def read_frame(results: str, *parts: str) -> pd.DataFrame | None:
+    """A Parquet file (or folder) of the results folder as pandas, or None when it is missing."""
+    location = storage.join_uri(results, *parts)
+    if not storage.exists(location):
+        return None
+    return storage.read_table(location).to_pandas()
+
+
+def _percent(values: pd.Series) -> list[str]:
+    return ["–" if pd.isna(v) else f"{100 * v:.2f}" for v in values]
+
+
+# ------------------------------------------------------------------ figures (pure: frames in, PNG out)
+
+
+def global_mc_figure(global_mc: pd.DataFrame) -> bytes:
+    """Heat map of ``global_mc.parquet``: class × filter counts; dots mark the filters in G."""
+    counts = global_mc.pivot(index="class", columns="filter", values="count").sort_index().sort_index(axis=1)
+    in_global = global_mc.pivot(index="class", columns="filter", values="in_global").reindex_like(counts).fillna(False).astype(bool)
+    names = global_mc.drop_duplicates("class").set_index("class")["class_name"].reindex(counts.index)
+    num_classes, num_filters = counts.shape
+    figure = new_figure(min(16.0, 3.0 + 0.12 * num_filters), min(14.0, 1.5 + 0.3 * num_classes))
+    axes = figure.add_subplot()
+    image = axes.imshow(counts.to_numpy(dtype=float), aspect="auto", cmap="viridis", interpolation="nearest")
+    rows, columns = np.nonzero(in_global.to_numpy())
+    axes.scatter(columns, rows, s=7, c="red", marker="o", linewidths=0, label="in G (global MC set)")
+    axes.set_xlabel("filter")
+    axes.set_ylabel("class")
+    if num_classes <= 40:
+        axes.set_yticks(range(num_classes), [str(name) for name in names])
+    figure.colorbar(image, ax=axes, label="accepted training images whose MC set holds the filter")
+    if len(rows):
+        axes.legend(loc="upper right", fontsize="small", framealpha=0.8)
+    axes.set_title(f"Global MC filters per class (τ = {global_mc['tau'].iloc[0]:g}, f = {global_mc['freq_threshold'].iloc[0]:g})")
+    return png_bytes(figure)
+
+
+def recall_change_figure(class_recall: pd.DataFrame) -> bytes:
+    """Per-class test recall change from the base model: debugged (bars) and control (dots), sorted."""
+    frame = class_recall.assign(
+        debugged=class_recall["recall_debugged"] - class_recall["recall_base"],
+        control=class_recall["recall_control"] - class_recall["recall_base"],
+    ).sort_values("debugged", kind="stable")
+    count = len(frame)
+    figure = new_figure(9.0, min(14.0, 1.5 + 0.25 * count) if count <= 40 else 4.5)
+    axes = figure.add_subplot()
+    positions = np.arange(count)
+    colours = np.where(frame["debugged"] >= 0, "#2a7f62", "#b23a48")
+    if count <= 40:
+        axes.barh(positions, 100 * frame["debugged"], color=colours, label="debugged − base")
+        axes.scatter(100 * frame["control"], positions, color="black", s=14, zorder=3, label="control − base")
+        axes.set_yticks(positions, [str(name) for name in frame["class"]])
+        axes.axvline(0, color="grey", linewidth=0.8)
+        axes.set_xlabel("change in test recall (points)")
+        axes.set_ylabel("class")
+    else:
+        axes.bar(positions, 100 * frame["debugged"], color=colours, width=1.0, label="debugged − base")
+        axes.scatter(positions, 100 * frame["control"], color="black", s=4, zorder=3, label="control − base")
+        axes.axhline(0, color="grey", linewidth=0.8)
+        axes.set_xlabel("classes, sorted by change")
+        axes.set_ylabel("change in test recall (points)")
+    axes.legend(fontsize="small")
+    axes.set_title("Per-class test recall change from the base model")
+    return png_bytes(figure)
+
+
+def auroc_figure(error_scores: pd.DataFrame) -> bytes:
+    """AUROC of each error score (errors as positives) per split; the max-softmax baseline hatched."""
+    from raycf.analysis import error_quality_frame
+
+    quality = error_quality_frame(error_scores)
+    splits = [split for split in ("test", "val") if f"auroc {split}" in quality.columns]
+    figure = new_figure(8.0, 1.2 + 0.45 * len(quality))
+    axes = figure.add_subplot()
+    height = 0.8 / max(len(splits), 1)
+    positions = np.arange(len(quality))
+    for offset, split in enumerate(splits):
+        values = quality[f"auroc {split}"].to_numpy(dtype=float)
+        bars = axes.barh(positions + offset * height, values, height=height, label=split)
+        for bar, name in zip(bars, quality.index):
+            if name == "max_softmax":
+                bar.set_hatch("//")
+    axes.set_yticks(positions + height * (len(splits) - 1) / 2, list(quality.index))
+    axes.invert_yaxis()
+    axes.axvline(0.5, color="grey", linestyle=":", linewidth=1, label="chance")
+    axes.set_xlim(0, 1)
+    axes.set_xlabel("AUROC for 'the prediction is wrong'")
+    axes.legend(fontsize="small", loc="lower right")
+    axes.set_title("Error detection without thresholds: agreement scores vs max softmax (hatched)")
+    return png_bytes(figure)
+
+
+def pareto_figure(board: pd.DataFrame, front: pd.DataFrame, x: str, y: str) -> bytes:
+    """Every trial in (x, y); the Pareto front joined; the control starred."""
+    figure = new_figure(6.5, 4.5)
+    axes = figure.add_subplot()
+    valid = board.dropna(subset=[x, y])
+    axes.scatter(valid[x], valid[y], color="#7a869a", s=24, label="trials")
+    ordered = front.sort_values(x)
+    axes.plot(ordered[x], ordered[y], color="#b23a48", marker="o", label="Pareto front")
+    control = valid[valid["is_control"]] if "is_control" in valid else valid.iloc[0:0]
+    if len(control):
+        axes.scatter(control[x], control[y], marker="*", s=160, color="#e0a100", zorder=3, label="control (λ1 = λ2 = 0)")
+    axes.set_xlabel(x)
+    axes.set_ylabel(y)
+    axes.legend(fontsize="small")
+    axes.set_title(f"Search trials: {x} vs {y}")
+    return png_bytes(figure)
+
+
+@dataclass
+class GalleryImage:
+    """One test image of the gallery, before (base model) and after (debugged model)."""
+
+    image_id: str
+    label: str
+    image: np.ndarray  # H×W×3 in [0, 1]
+    cam_before: np.ndarray  # H×W in [0, 1]: Grad-CAM of the base model's prediction
+    cam_after: np.ndarray  # of the debugged model's prediction
+    pred_before: str
+    confidence_before: float
+    pred_after: str
+    confidence_after: float
+    mc_filters: list[int]  # the base model's MC filters of its prediction, largest activation first
+    mc_size: int
+    in_global: int | None = None  # how many of them are in G of the base prediction
+    global_size: int | None = None  # |G| of the base prediction
+
+
+def gallery_figure(images: list[GalleryImage], title: str) -> bytes:
+    """Rows of (image, Grad-CAM before, Grad-CAM after, what changed), like the paper's Figure 2."""
+    figure = new_figure(11.0, 0.6 + 2.3 * len(images))
+    grid = figure.subplots(len(images), 4, squeeze=False, gridspec_kw={"width_ratios": [1, 1, 1, 1.6]})
+    for row, item in zip(grid, images):
+        row[0].imshow(item.image)
+        row[0].set_title(f"{item.image_id} (true: {item.label})", fontsize="small")
+        for axes, cam, name, pred, confidence in (
+            (row[1], item.cam_before, "base", item.pred_before, item.confidence_before),
+            (row[2], item.cam_after, "debugged", item.pred_after, item.confidence_after),
+        ):
+            axes.imshow(item.image)
+            axes.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            axes.set_title(f"{name}: {pred} ({100 * confidence:.1f} %)", fontsize="small")
+        shown = ", ".join(str(k) for k in item.mc_filters[:MC_FILTERS_SHOWN])
+        more = f" (+{item.mc_size - MC_FILTERS_SHOWN} more)" if item.mc_size > MC_FILTERS_SHOWN else ""
+        text = (
+            f"true class: {item.label}\n"
+            f"base: {item.pred_before} at {100 * item.confidence_before:.1f} %\n"
+            f"debugged: {item.pred_after} at {100 * item.confidence_after:.1f} %\n"
+            f"base MC filters ({item.mc_size}):\n{shown or 'none'}{more}"
+        )
+        if item.global_size is not None:
+            text += f"\nin G({item.pred_before}): {item.in_global} of {item.global_size}"
+        row[3].text(0.0, 0.5, text, va="center", ha="left", fontsize="small", family="monospace", wrap=True)
+        for axes in row:
+            axes.set_axis_off()
+    figure.suptitle(title)
+    return png_bytes(figure)
+
+
+def pick_gallery(labels: np.ndarray, probs_before: np.ndarray, probs_after: np.ndarray, per_group: int = GALLERY_PER_GROUP) -> dict[str, np.ndarray]:
+    """Indices of the gallery's images per group (see :data:`GALLERY_GROUPS`), most telling first.
+
+    ``fixed``: wrong before, right after, by the after-probability of the true
+    class; ``broken``: right before, wrong after, by the after-probability of
+    the new (wrong) class; ``confidence``: right both times, by the rise of the
+    true class's probability (rises only).
+    """
+    rows = np.arange(len(labels))
+    before, after = probs_before.argmax(1), probs_after.argmax(1)
+    true_before, true_after = probs_before[rows, labels], probs_after[rows, labels]
+    candidates = {
+        "fixed": ((before != labels) & (after == labels), -true_after),
+        "broken": ((before == labels) & (after != labels), -probs_after[rows, after]),
+        "confidence": ((before == labels) & (after == labels) & (true_after > true_before), true_before - true_after),
+    }
+    chosen = {}
+    for group, (selected, order_key) in candidates.items():
+        indices = np.flatnonzero(selected)
+        chosen[group] = indices[np.argsort(order_key[indices], kind="stable")][:per_group]
+    return chosen
+
+
+# ------------------------------------------------------------------ sections
+
+
+@dataclass
+class ReportContext:
+    """What every section reads: the results folder and its study."""
+
+    results: str
+    study: StudyConfig
+
+    def frame(self, *parts: str) -> pd.DataFrame | None:
+        return read_frame(self.results, *parts)
+
+
+def study_section(context: ReportContext) -> Section:
+    """Manifest, versions, stage timings and the resolved study file."""
+    from raycf.pipeline import MARKER_FILE, stage_folder, stages
+
+    section = Section("study", f"Study {context.study.name}")
+    manifest_location = storage.join_uri(context.results, "manifest.json")
+    manifest = json.loads(storage.read_text(manifest_location)) if storage.exists(manifest_location) else {}
+    facts = pd.DataFrame(
+        [
+            ("results", context.results),
+            ("config hash", manifest.get("config_hash", context.study.config_hash())),
+            ("git commit", manifest.get("git_commit") or "unknown"),
+            ("command", manifest.get("command", "")),
+            ("host", manifest.get("host", "")),
+            ("started", manifest.get("started_at", "")),
+            ("finished", manifest.get("finished_at") or "still running (the report is written as its last stage)"),
+        ],
+        columns=["", "value"],
+    )
+    section.table(facts, "Manifest (manifest.json)")
+    versions = manifest.get("versions", {})
+    if versions:
+        section.table(pd.DataFrame(sorted(versions.items()), columns=["package", "version"]), "Versions that produced the results")
+    rows = []
+    for name in stages():
+        location = storage.join_uri(context.results, stage_folder(name), MARKER_FILE)
+        if name != "report" and storage.exists(location):
+            marker = json.loads(storage.read_text(location))
+            rows.append({"stage": name, "hash": marker.get("hash"), "finished": marker.get("finished_at"), "duration (s)": marker.get("duration_s")})
+    if rows:
+        section.table(pd.DataFrame(rows).sort_values("finished", kind="stable"), "Stages (their _stage.json markers)")
+    config_location = storage.join_uri(context.results, "config.yaml")
+    section.add(f"<details><summary>The resolved study file (config.yaml)</summary><pre>{html.escape(storage.read_text(config_location))}</pre></details>")
+    return section
+
+
+def detection_section(context: ReportContext) -> Section:
+    """Paper Table 1 and the threshold-free comparison with max softmax."""
+    from raycf.analysis import error_quality_frame, table1_frame
+
+    section = Section("detection", "Misclassification detection (paper Table 1)")
+    detection = context.frame("analysis", "detection.parquet")
+    error_scores = context.frame("analysis", "error_scores.parquet")
+    if detection is None or error_scores is None:
+        section.note("analysis/detection.parquet or analysis/error_scores.parquet is missing: run `raycf analyze STUDY`.")
+        return section
+    analysis = context.study.analysis
+    section.paragraph(
+        f"An image is flagged as a possible misclassification when its MC filters agree too little with its inferred class's "
+        f"global MC filters (τ = {analysis.tau:g}); flagged images are re-ranked among their top-k classes (altered accuracy)."
+    )
+    section.table(table1_frame(detection), "Table 1: errors detected and new errors per setting")
+    quality = error_quality_frame(error_scores).reset_index()
+    section.table(quality, "Error detection without thresholds: AUROC and AUPR (errors as positives; higher = better detector)")
+    scores = error_scores.set_index(["split", "score"])
+    for split in ("test", "val"):
+        if (split, "f1") in scores.index and (split, "max_softmax") in scores.index:
+            f1, softmax = scores.loc[(split, "f1"), "auroc"], scores.loc[(split, "max_softmax"), "auroc"]
+            verdict = "better than" if f1 > softmax else "not better than"
+            section.paragraph(
+                f"{split}: AUROC of the F1 agreement {f1:.3f} vs max softmax {softmax:.3f}: the agreement score is {verdict} the "
+                f"classifier's own confidence ({int(scores.loc[(split, 'f1'), 'errors'])} errors in {int(scores.loc[(split, 'f1'), 'images'])} images)."
+            )
+    section.add(Figure("auroc", "AUROC of each score; max softmax is the baseline (hatched).", auroc_figure(error_scores)))
+    return section
+
+
+def final_section(context: ReportContext) -> Section:
+    """Paper Tables 2 and 3 and the per-class recall change."""
+    section = Section("final", "Debug retraining (paper Tables 2 and 3)")
+    table2 = context.frame("final", "table2.parquet")
+    table3 = context.frame("final", "table3.parquet")
+    class_recall = context.frame("class_recall.parquet")
+    if table2 is None:
+        section.note("final/table2.parquet is missing: the study's final stage has not run (`raycf study STUDY`).")
+        return section
+    shown = pd.DataFrame(
+        {
+            "model": table2["model"],
+            "lambda1": table2["lambda1"],
+            "lambda2": table2["lambda2"],
+            "best epoch": ["–" if pd.isna(v) else str(int(v)) for v in table2["best_epoch"]],
+            "train %": _percent(table2["train_acc"]),
+            "val %": _percent(table2["val_acc"]),
+            "test %": _percent(table2["test_acc"]),
+        }
+    )
+    section.table(shown, "Table 2: accuracy of the base model, plain fine-tuning (control) and debug retraining (best trial)")
+    rows = table2.set_index("model")
+    if {"debugged", "control"} <= set(rows.index):
+        change = 100 * (rows.loc["debugged", "test_acc"] - rows.loc["control", "test_acc"])
+        section.paragraph(f"Debugged − control test accuracy: {change:+.2f} points.")
+    if table3 is not None:
+        if table3.empty:
+            section.note("Table 3 is empty: no class changed its test recall.")
+        else:
+            section.table(table3.drop(columns=["class_index"], errors="ignore"), "Table 3: classes whose test recall changed most (debugged vs base)")
+    if class_recall is not None and len(class_recall):
+        section.add(Figure("class_recall", "Per-class test recall change from the base model.", recall_change_figure(class_recall)))
+    return section
+
+
+def search_section(context: ReportContext) -> Section:
+    """The leaderboard's top trials, its Pareto front, and Optuna's views of the search."""
+    from raycf.leaderboard import pareto_front, read_leaderboard, sort_by_objective
+
+    section = Section("search", "Search (Ray Tune + Optuna)")
+    if not storage.exists(storage.join_uri(context.results, "leaderboard.parquet")):
+        section.note("leaderboard.parquet is missing: the search has not run (`raycf study STUDY`).")
+        return section
+    search = context.study.search
+    board = read_leaderboard(context.results)
+    parameters = board.attrs.get("parameters", [])
+    ranked = sort_by_objective(board, search.metric, search.mode)
+    wanted = ("trial_id", "status", "is_control", *parameters, search.metric, *LEADERBOARD_METRICS)
+    columns = [c for c in dict.fromkeys(wanted) if c in ranked.columns]
+    section.table(ranked[columns].head(LEADERBOARD_TOP), f"Leaderboard: top {min(LEADERBOARD_TOP, len(ranked))} of {len(ranked)} trials by {search.metric} ({search.mode})")
+    x, y = search.pareto
+    if x in board.columns and y in board.columns:
+        front = pareto_front(board, x, y)
+        section.table(front[[c for c in columns if c in front.columns]], f"Pareto front of {x} vs {y} (both maximised)")
+        section.add(Figure("pareto", f"Every trial in ({x}, {y}); the Pareto front joined.", pareto_figure(board, front, x, y)))
+    for figure in optuna_figures(context, section):
+        section.add(figure)
+    return section
+
+
+def optuna_figures(context: ReportContext, section: Section) -> list[Figure]:
+    """Parameter importances and parallel coordinates from the study's Optuna storage."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+    import optuna
+
+    study = load_optuna_study(context)
+    if study is None:
+        section.note("No Optuna study found (optuna.db or search.storage): no parameter importances.")
+        return []
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    section.paragraph(f"Optuna study {study.study_name}: {len(finished)} finished trials told to the sampler (the control is run apart from it).")
+    figures = []
+    plots: list[tuple[str, str, Callable]] = [
+        ("param_importances", "Optuna's parameter importances (fANOVA) for the objective.", optuna.visualization.matplotlib.plot_param_importances),
+        ("parallel_coordinate", "Optuna's parallel coordinates: each line a trial, coloured by the objective.", optuna.visualization.matplotlib.plot_parallel_coordinate),
+    ]
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    for name, caption, plot in plots:
+        if len(finished) < 2:
+            section.note(f"{name.replace('_', ' ')}: needs at least 2 finished Optuna trials (this study has {len(finished)}).")
+            continue
+        # Optuna's plots switch pyplot to its ggplot style: keep that inside this context.
+        with warnings.catch_warnings(), plt.style.context("default"), plt.rc_context({"figure.figsize": (9.0, 5.0)}):
+            warnings.simplefilter("ignore")  # Optuna marks its matplotlib module experimental
+            try:
+                axes = plot(study)
+            except (ValueError, RuntimeError) as error:  # e.g. importances of parameters that never varied
+                section.note(f"{name.replace('_', ' ')}: Optuna could not draw it ({str(error).splitlines()[0]}).")
+                continue
+            figure = np.ravel(axes)[0].figure
+            figures.append(Figure(name, caption, png_bytes(figure)))
+    return figures
+
+
+def load_optuna_study(context: ReportContext):
+    """The search's Optuna study (``<study name>-<search stage hash>``), or None."""
+    import optuna
+
+    from raycf.pipeline import stage_hash
+
+    url = context.study.search.storage
+    local_copy = None
+    if not url:
+        location = storage.join_uri(context.results, "optuna.db")
+        if not storage.exists(location):
+            return None
+        if storage.is_uri(location):  # SQLite needs a local file
+            local_copy = Path(tempfile.mkdtemp(prefix="raycf-report-")) / "optuna.db"
+            local_copy.write_bytes(storage.read_bytes(location))
+            location = str(local_copy)
+        url = f"sqlite:///{location}"
+    names = optuna.study.get_all_study_names(storage=url)
+    expected = f"{context.study.name}-{stage_hash(context.study, 'search')}"
+    name = expected if expected in names else (names[0] if len(names) == 1 else None)
+    if name is None:
+        return None
+    return optuna.load_study(study_name=name, storage=url)
+
+
+def global_mc_section(context: ReportContext) -> Section:
+    """The global MC filters of every class: a class × filter heat map and the set sizes."""
+    section = Section("global-mc", "Global MC filters per class")
+    global_mc = context.frame("analysis", "global_mc.parquet")
+    if global_mc is None:
+        section.note("analysis/global_mc.parquet is missing: run `raycf analyze STUDY`.")
+        return section
+    sizes = global_mc.groupby(["class", "class_name"], sort=True).agg(accepted_images=("images", "first"), global_filters=("in_global", "sum")).reset_index()
+    empty = int((sizes["global_filters"] == 0).sum())
+    if empty:
+        section.note(f"{empty} of {len(sizes)} classes have an empty global set (no training image passed the τ gate): their images cannot be checked.")
+    section.add(Figure("global_mc", "Counts of each filter in the MC sets of a class's accepted training images; dots: the filters in G.", global_mc_figure(global_mc)))
+    section.table(sizes, "Accepted training images and global MC filters per class")
+    return section
+
+
+def gallery_section(context: ReportContext) -> Section:
+    """Test images fixed, broken, or made more confident by the debugged model, with Grad-CAM before and after."""
+    section = Section("gallery", "Gallery (as the paper's Figure 2)")
+    final = context.frame("final.parquet")
+    if final is None:
+        section.note("final.parquet is missing: no debugged model to compare with.")
+        return section
+    try:
+        groups = gallery_images(context, final)
+    except UserError as error:  # e.g. the dataset's folder is not on this machine
+        section.note(f"No gallery: {error}")
+        return section
+    section.paragraph(
+        "Grad-CAM (captum, last conv layer) of each model's own prediction; the MC filters are the base model's, from masks/test."
+    )
+    for group, title in GALLERY_GROUPS.items():
+        if groups[group]:
+            section.add(Figure(f"gallery_{group}", title, gallery_figure(groups[group], title)))
+        else:
+            section.note(f"{title}: no such test image.")
+    return section
+
+
+def _progress(iterable, description: str, total: int | None = None):
+    """A tqdm progress bar on an interactive terminal, the bare iterable otherwise."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=description, total=total, disable=None, leave=False)
+
+
+def split_probabilities(study: StudyConfig, model_bytes: bytes, split: str = "test", device: str = "cpu") -> np.ndarray:
+    """Softmax probabilities (N×C, image order) of a ``model.pt`` on an unaugmented split."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from raycf.checkpoint import parse_classifier_checkpoint
+    from raycf.data import load_splits
+    from raycf.models import classifier_from_checkpoint
+
+    splits = load_splits(study.data, study.seed)
+    model = classifier_from_checkpoint(study.model, parse_classifier_checkpoint(model_bytes, "model", study.model.arch, splits.num_classes)).to(device)
+    loader = DataLoader(splits.split(split), batch_size=study.features.batch_size)
+    chunks = []
+    with torch.no_grad():
+        for images, _ in _progress(loader, f"report: {split} predictions", total=len(loader)):
+            chunks.append(torch.softmax(model(images.to(device)).float(), dim=1).cpu())
+    return torch.cat(chunks).numpy()
+
+
+def _debugged_probabilities(study: StudyConfig, model_bytes: bytes) -> np.ndarray:
+    """Test probabilities of the debugged model: on a GPU worker when the study trains on GPUs, else here."""
+    import torch
+
+    if study.debug.use_gpu:
+        import ray
+
+        from raycf.pipeline import ensure_ray
+
+        ensure_ray()
+        task = ray.remote(split_probabilities).options(num_cpus=1, num_gpus=1)
+        return ray.get(task.remote(study, model_bytes, "test", "cuda"))
+    return split_probabilities(study, model_bytes, "test", "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def gallery_images(context: ReportContext, final: pd.DataFrame) -> dict[str, list[GalleryImage]]:
+    """The gallery's images per group, with their Grad-CAM maps before and after."""
+    import torch
+
+    from raycf.checkpoint import parse_classifier_checkpoint
+    from raycf.data import load_splits
+    from raycf.features import load_features
+    from raycf.gradcam import display_image, grad_cam
+    from raycf.leaderboard import read_leaderboard
+    from raycf.masks import load_masks
+    from raycf.models import classifier_from_checkpoint
+    from raycf.study import trial_model_bytes
+
+    study, results = context.study, context.results
+    debugged = final[final["model"] == "debugged"]
+    board = read_leaderboard(results)
+    row = board[board["trial_id"] == str(debugged["trial_id"].iloc[0])] if len(debugged) else board.iloc[0:0]
+    after_bytes = trial_model_bytes(row.iloc[0]) if len(row) else None
+    if after_bytes is None:
+        raise UserError("the best trial's checkpoint is not in the results folder any more")
+    splits = load_splits(study.data, study.seed)
+    test = splits.split("test")
+    before = classifier_from_checkpoint(study.model, parse_classifier_checkpoint(storage.read_bytes(storage.join_uri(results, "base", "model.pt")), "base model"))
+    after = classifier_from_checkpoint(study.model, parse_classifier_checkpoint(after_bytes, "debugged model"))
+    logits = torch.from_numpy(load_features(results, "test").logits)
+    probs_before = torch.softmax(logits.float(), dim=1).numpy()
+    probs_after = _debugged_probabilities(study, after_bytes)
+    masks = load_masks(results, "test", ["mc_mask", "a"])
+    global_mc = context.frame("analysis", "global_mc.parquet")
+    sets = None if global_mc is None else global_mc.pivot(index="class", columns="filter", values="in_global").sort_index().sort_index(axis=1).to_numpy(dtype=bool)
+    if not (len(probs_before) == len(probs_after) == len(test) == len(masks["mc_mask"])):
+        raise UserError(f"the test split has {len(test)} images but the cached features {len(probs_before)}: the dataset changed since the study ran")
+    names = splits.class_names
+    groups: dict[str, list[GalleryImage]] = {}
+    for group, indices in pick_gallery(test.labels, probs_before, probs_after).items():
+        if len(indices) == 0:
+            groups[group] = []
+            continue
+        images = torch.stack([test[int(i)][0] for i in indices])
+        cams_before = grad_cam(before, images, probs_before[indices].argmax(1).tolist()).numpy()
+        cams_after = grad_cam(after, images, probs_after[indices].argmax(1).tolist()).numpy()
+        groups[group] = []
+        for position, index in enumerate(indices):
+            mask, activations = masks["mc_mask"][index], masks["a"][index]
+            filters = [int(k) for k in np.flatnonzero(mask)[np.argsort(-activations[mask], kind="stable")]]
+            pred_before, pred_after = int(probs_before[index].argmax()), int(probs_after[index].argmax())
+            groups[group].append(
+                GalleryImage(
+                    image_id=test.ids[index],
+                    label=names[int(test.labels[index])],
+                    image=display_image(images[position]),
+                    cam_before=cams_before[position],
+                    cam_after=cams_after[position],
+                    pred_before=names[pred_before],
+                    confidence_before=float(probs_before[index, pred_before]),
+                    pred_after=names[pred_after],
+                    confidence_after=float(probs_after[index, pred_after]),
+                    mc_filters=filters,
+                    mc_size=len(filters),
+                    in_global=None if sets is None else int((sets[pred_before] & mask).sum()),
+                    global_size=None if sets is None else int(sets[pred_before].sum()),
+                )
+            )
+    return groups
+
+
+SECTIONS: tuple[Callable[[ReportContext], Section], ...] = (
+    study_section,
+    detection_section,
+    final_section,
+    search_section,
+    global_mc_section,
+    gallery_section,
+)
+
+
+# ------------------------------------------------------------------ the page
+
+
+STYLE = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1200px; padding: 0 24px 48px; color: #1d232b; }
+header { border-bottom: 1px solid #d8dde3; margin-bottom: 8px; }
+nav a { margin-right: 14px; }
+h2 { margin-top: 36px; border-bottom: 1px solid #eef0f3; }
+table.data { border-collapse: collapse; margin: 12px 0; font-variant-numeric: tabular-nums; }
+table.data caption { text-align: left; font-weight: 600; padding-bottom: 4px; }
+table.data th, table.data td { border: 1px solid #d8dde3; padding: 3px 8px; text-align: left; }
+table.data th { background: #f3f5f7; }
+figure { margin: 16px 0; }
+figure img { max-width: 100%; border: 1px solid #eef0f3; }
+div.table { overflow-x: auto; }
+figcaption { color: #4a5563; font-size: 13px; }
+p.note { color: #8a5300; background: #fff7e6; padding: 4px 8px; }
+pre { background: #f6f8fa; padding: 8px; overflow-x: auto; }
+"""
+
+# Records, once the page has loaded, how many figures decoded; a figure that
+# did not decode is a console error (the report's browser test looks for both).
+CHECK_SCRIPT = """
+window.addEventListener("load", function () {
+  var images = Array.prototype.slice.call(document.images);
+  var broken = images.filter(function (image) { return !(image.complete && image.naturalWidth > 0); });
+  document.body.setAttribute("data-figures", String(images.length));
+  document.body.setAttribute("data-broken-figures", String(broken.length));
+  if (broken.length) { console.error("raycf report: " + broken.length + " figure(s) did not decode"); }
+});
+"""
+
+
+def figure_html(figure: Figure) -> str:
+    data = base64.b64encode(figure.png).decode("ascii")
+    caption = html.escape(figure.caption)
+    return f'<figure id="fig-{figure.name}"><img src="data:image/png;base64,{data}" alt="{caption}"><figcaption>{caption} ({figure.name}.png)</figcaption></figure>'
+
+
+def render_page(title: str, subtitle: str, sections: list[Section]) -> str:
+    """The self-contained HTML page."""
+    navigation = " ".join(f'<a href="#{section.anchor}">{html.escape(section.title)}</a>' for section in sections)
+    parts = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>",
+        '<body data-figures="pending">',
+        f"<header><h1>{html.escape(title)}</h1><p>{html.escape(subtitle)}</p><nav>{navigation}</nav></header>",
+    ]
+    for section in sections:
+        parts.append(f'<section id="{section.anchor}"><h2>{html.escape(section.title)}</h2>')
+        parts.extend(figure_html(block) if isinstance(block, Figure) else block for block in section.blocks)
+        parts.append("</section>")
+    parts.append(f"<script>{CHECK_SCRIPT}</script></body></html>")
+    return "\n".join(parts)
+
+
+def build_report(results: str, output: str, study: StudyConfig) -> dict:
+    """Write ``index.html`` and the figures' PNG files into ``output``; return a summary."""
+    from raycf.pipeline import log
+
+    context = ReportContext(results=results, study=study)
+    sections = []
+    for build in _progress(SECTIONS, "report: sections"):
+        sections.append(build(context))
+    figures = [figure for section in sections for figure in section.figures]
+    for figure in figures:
+        storage.write_bytes(storage.join_uri(output, f"{figure.name}.png"), figure.png)
+    generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    page = render_page(f"raycf study report: {study.name}", f"Results {results} · config hash {study.config_hash()} · generated {generated}", sections)
+    storage.write_text(storage.join_uri(output, INDEX_FILE), page)
+    notes = sum(1 for section in sections for block in section.blocks if isinstance(block, str) and block.startswith('<p class="note">'))
+    log(f"report: {len(figures)} figures, {len(sections)} sections, {notes} notes on missing parts")
+    return {"figures": [figure.name for figure in figures], "sections": [section.anchor for section in sections], "notes": notes}
+
+
+# ------------------------------------------------------------------ stage and command
+
+
+def run_report_stage(run: "StageRun") -> dict:
+    """The report of the study being run."""
+    return build_report(run.results, run.output, run.study)
+
+
+def write_report(results: str) -> str:
+    """``raycf report RESULTS``: (re)build ``<results>/report/`` from the results folder alone; return index.html's location.
+
+    The folder is written elsewhere and moved into place (atomic), with the
+    stage's marker, exactly as when ``raycf study`` runs the report stage.
+    """
+    from raycf.pipeline import run_stage
+    from raycf.study import load_results_study
+
+    results = storage.normalise_root(results)
+    study = load_results_study(results)
+    run_stage(study, "report", results=results)
+    return storage.join_uri(results, REPORT_FOLDER, INDEX_FILE)
+
+
+def describe_report(results: str) -> str:
+    return f"report: {storage.join_uri(results, REPORT_FOLDER, INDEX_FILE)}"
+
+
+def _register() -> None:
+    from raycf.pipeline import Stage, register
+
+    register(Stage(name="report", sections=(), upstream=("final", "analyze"), run=run_report_stage, describe=describe_report))
+
+
+_register()
