@@ -1,0 +1,75 @@
+"""The search's pieces without a cluster: space, control point, searcher wrapper, trial picking."""
+
+from __future__ import annotations
+
+import optuna
+import pandas as pd
+import pytest
+
+from raycf.config import study_from_mapping
+from raycf.errors import UserError
+from raycf.study import control_first_searcher, control_point, optuna_distributions, parameter_names, pick_trial
+
+SPACE = {
+    "lambda1": {"loguniform": [1e-3, 1.0]},
+    "lambda2": {"loguniform": [1e-5, 1e-1]},
+    "tau": {"uniform": [0.5, 0.99]},
+    "debug.lr": {"choice": [0.001, 0.01]},
+}
+
+
+def _study(**search):
+    return study_from_mapping({"name": "s", "search": {"space": SPACE, "metric": "val_acc", "mode": "max", **search}})
+
+
+def test_space_and_control_point():
+    study = _study()
+    distributions = optuna_distributions(study.search.space)
+    assert distributions["lambda1"].log and distributions["lambda1"].low == 1e-3
+    assert not distributions["tau"].log and distributions["debug.lr"].choices == (0.001, 0.01)
+    assert parameter_names(study) == ["lambda1", "lambda2", "tau", "debug.lr"]
+    assert control_point(study) == {"lambda1": 0.0, "lambda2": 0.0, "tau": 0.9, "debug.lr": study.debug.lr}
+
+
+def test_control_first_then_optuna_which_never_sees_the_control(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = control_first_searcher(_study(max_concurrent=4), url, "s-1")
+    first = searcher.suggest("t1")
+    assert first["lambda1"] == 0 and first["lambda2"] == 0
+    second = searcher.suggest("t2")
+    assert 1e-3 <= second["lambda1"] <= 1 and 0.5 <= second["tau"] <= 0.99
+    searcher.on_trial_complete("t1", {"val_acc": 0.9})
+    searcher.on_trial_complete("t2", {"val_acc": 0.8})
+    trials = optuna.load_study(study_name="s-1", storage=url).trials
+    assert [(t.number, t.state, t.value) for t in trials] == [(0, optuna.trial.TrialState.COMPLETE, 0.8)]
+
+
+def test_seeded_search_proposes_the_same_points(tmp_path):
+    points = []
+    for run in ("a", "b"):
+        searcher = control_first_searcher(_study(max_concurrent=4, include_control=False), f"sqlite:///{tmp_path / run}.db", "s")
+        points.append([searcher.suggest(f"t{i}") for i in range(3)])
+    assert points[0] == points[1]
+
+
+def test_a_proposal_orphaned_by_a_killed_driver_is_adopted(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = _study(max_concurrent=4, include_control=False)
+    before = control_first_searcher(study, url, "s-2").suggest("t1")  # written to storage, then the driver dies
+    restored = control_first_searcher(study, url, "s-2")  # a searcher state saved before that proposal
+    adopted = restored.suggest("t9")
+    assert adopted == before
+    restored.on_trial_complete("t9", {"val_acc": 0.7})
+    restored.suggest("t10")  # a new proposal, not the adopted one again
+    trials = optuna.load_study(study_name="s-2", storage=url).trials
+    assert [(t.number, t.state) for t in trials] == [(0, optuna.trial.TrialState.COMPLETE), (1, optuna.trial.TrialState.RUNNING)]
+
+
+def test_pick_trial():
+    board = pd.DataFrame(
+        {"trial_id": ["a", "b", "c"], "status": ["completed", "error", "stopped"], "val_acc": [0.8, None, 0.9], "val_loss": [0.2, None, 0.3]}
+    )
+    assert pick_trial(board, None, "val_acc", "max")["trial_id"] == "c"
+    assert pick_trial(board, "a", "val_acc", "max")["val_acc"] == 0.8
+    with pytest.raises(UserError, match="--trial zz: no such trial"):
+        pick_trial(board, "zz", "val_acc", "max")
