@@ -26,11 +26,19 @@ SANDBOX_SCRIPT = REPO / "tests" / "cluster" / "sandbox.sh"
 ROUND_TRIP_SCRIPT = REPO / "tests" / "cluster" / "roundtrip.py"
 
 # (the job submitted to the cluster, a command run here on its results afterwards).
-# Once `raycf study` exists this becomes
-# ("raycf study studies/digits.yaml --smoke", "raycf leaderboard {results}/digits").
-ROUND_TRIP = ("raycf train studies/digits.yaml --smoke", "")
+ROUND_TRIP = ("raycf study studies/digits.yaml --smoke", "raycf leaderboard {results}/digits --format json")
 # What the job must leave in <results>/digits/.
-EXPECTED_FILES = ("config.yaml", "manifest.json", "base/model.pt", "base/_stage.json")
+EXPECTED_FILES = (
+    "config.yaml",
+    "manifest.json",
+    "base/model.pt",
+    "base/_stage.json",
+    "leaderboard.parquet",
+    "optuna.db",
+    "final.parquet",
+    "final/_stage.json",
+    "report/index.html",
+)
 
 
 def _missing_tools() -> list[str]:
@@ -61,7 +69,7 @@ def round_trip(tmp_path_factory) -> dict:
         "--read-back", read_back.format(results=results),
         "--status", str(status_file),
     ]  # fmt: skip
-    completed = subprocess.run(command, timeout=480, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    completed = subprocess.run(command, timeout=900, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     print(completed.stdout)  # pytest shows it when a test fails
     assert status_file.is_file(), f"the round trip stopped before ray down (exit {completed.returncode}); output above"
     status = json.loads(status_file.read_text())
@@ -89,8 +97,10 @@ def test_the_job_leaves_its_results_and_they_read_back(round_trip):
     assert marker["stage"] == "base" and marker["summary"]["epochs"] == 2  # the smoke block's base.epochs
     manifest = json.loads((results / "manifest.json").read_text())
     assert manifest["command"].startswith(ROUND_TRIP[0].split(" --")[0])
-    if ROUND_TRIP[1]:
-        assert round_trip["steps"]["read back"]["returncode"] == 0, round_trip["read back output"]
+    assert round_trip["steps"]["read back"]["returncode"] == 0, round_trip["read back output"]
+    board = json.loads(round_trip["read back output"])
+    assert len(board) == 2 and sum(row["is_control"] for row in board) == 1
+    assert all(row["status"] == "completed" for row in board)
 
 
 def test_jobs_api_rejects_requests_without_the_token(round_trip):
