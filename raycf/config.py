@@ -489,5 +489,22 @@ def _shown_default(field: Any) -> str:
     return f"`{text}`" if text not in ("", "{}") else f"`{text or chr(34) * 2}`"
 
 
-if __name__ == "__main__":  # python -m raycf.config  prints the README's study file reference
-    print(study_reference_markdown(), end="")
+README_MARKERS = ("<!-- study-reference:start -->\n", "<!-- study-reference:end -->")
+
+
+def with_study_reference(readme: str) -> str:
+    """``readme`` with the text between its study-reference markers replaced by the current reference."""
+    start, end = README_MARKERS
+    head, _, rest = readme.partition(start)
+    _, _, tail = rest.partition(end)
+    return f"{head}{start}{study_reference_markdown()}{end}{tail}"
+
+
+if __name__ == "__main__":  # python -m raycf.config [README.md]: print the reference, or rewrite it in place
+    import sys
+
+    if len(sys.argv) > 1:
+        readme = Path(sys.argv[1])
+        readme.write_text(with_study_reference(readme.read_text()))
+    else:
+        print(study_reference_markdown(), end="")

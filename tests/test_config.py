@@ -122,3 +122,11 @@ def test_bad_set_override_names_the_flag():
         study_from_mapping({"name": "x"}, overrides=["base.epochs=0"])
     with pytest.raises(UserError, match="expected KEY=VALUE"):
         study_from_mapping({"name": "x"}, overrides=["base.epochs"])
+
+
+def test_readme_study_reference_is_current():
+    from raycf.config import with_study_reference
+
+    readme = (REPO / "README.md").read_text()
+    assert "| `debug.lambda1` |" in readme
+    assert with_study_reference(readme) == readme, "run: python -m raycf.config README.md"
