@@ -8,6 +8,7 @@ traceback).
 from __future__ import annotations
 
 import argparse
+import functools
 import shlex
 import sys
 import traceback
@@ -57,18 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 done, 1 failed while running, 2 bad input. Results go to <storage_path>/<name>/ of the study.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    # Every subcommand takes --debug too; SUPPRESS keeps `raycf --debug CMD` from being reset by CMD's default.
+    debug_option = argparse.ArgumentParser(add_help=False)
+    debug_option.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    study = commands.add_parser(
+    add_command = functools.partial(commands.add_parser, parents=[debug_option])
+    study = add_command(
         "study",
         help="run the whole study: base → features → cfe → masks → analyze → search → final → report",
         description="Run every stage of the study in order, skipping those whose cached results are up to date.",
     )
     _add_study_options(study)
     study.add_argument("--resume", action="store_true", help="continue an interrupted search, retrying its errored trials too")
-    study.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     study.set_defaults(handler=_run_study_command)
 
-    board = commands.add_parser(
+    board = add_command(
         "leaderboard",
         help="print a study's leaderboard (local folder or s3:// URI; no Ray cluster needed)",
         description="Print the trials of a study's search, best first by its objective.",
@@ -77,10 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--top", type=int, metavar="N", default=None, help="only the N best trials")
     board.add_argument("--pareto", action="store_true", help="only the Pareto front of validation accuracy vs detection AUROC (search.pareto)")
     board.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format (default: table)")
-    board.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     board.set_defaults(handler=_run_leaderboard_command)
 
-    rerun = commands.add_parser(
+    rerun = add_command(
         "rerun",
         help="rerun one trial locally, without a cluster, and compare with its recorded metrics",
         description="Rerun a trial's exact configuration (same seed, same G) in this process and print its metrics next to the recorded ones.",
@@ -90,20 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--best", action="store_true", help="the best trial by the study's objective")
     which.add_argument("--trial", metavar="ID", help="a trial id from the leaderboard")
     rerun.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
-    rerun.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     rerun.set_defaults(handler=_run_rerun_command)
 
-    report = commands.add_parser(
+    report = add_command(
         "report",
         help="write RESULTS/report/index.html (one self-contained page) and its figures as PNG, from the results folder alone",
         description="Build the study's report from its results folder alone (no study file, no cluster): Tables 1-3, the leaderboard, "
         "Optuna's importances, the global MC filters and a gallery with Grad-CAM before and after debugging.",
     )
     report.add_argument("results", metavar="RESULTS", help="the study's results folder or URI, e.g. results/digits")
-    report.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     report.set_defaults(handler=_run_report_command)
 
-    explain = commands.add_parser(
+    explain = add_command(
         "explain",
         help="explain the base model's prediction on images: a small bundle per image (CPU, no cluster)",
         description="For each IMAGE, write OUT/<name>/ with explanation.json (every number), explanation.md (a summary), "
@@ -119,17 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
         "then equal its row in masks/<split>/",
     )
     explain.add_argument("--out", metavar="DIR", default="explanations", help="where the bundles go (default: ./explanations)")
-    explain.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     explain.set_defaults(handler=_run_explain_command)
 
     for command, (stage, summary) in STAGE_COMMANDS.items():
-        sub = commands.add_parser(
+        sub = add_command(
             command,
             help=summary,
             description=f"{summary[0].upper()}{summary[1:]}. Stages it depends on run first when their results are missing or stale.",
         )
         _add_study_options(sub)
-        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
         sub.set_defaults(handler=_run_stage_command, stage=stage)
     return parser
 

@@ -32,7 +32,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import pandas as pd
@@ -70,6 +70,9 @@ from raycf.training import (
 
 PHASE = "debug"
 TABLE3_TOP = 3
+
+if TYPE_CHECKING:
+    from raycf.pipeline import StageRun
 
 
 # ------------------------------------------------------------ the training loop
@@ -407,7 +410,7 @@ def format_table3(table: pd.DataFrame) -> str:
 # ------------------------------------------------------------------ the stage
 
 
-def run_debug_stage(run: "StageRun") -> dict:
+def run_debug_stage(run: StageRun) -> dict:
     """Debug retraining and its control from the base model; Tables 2 and 3."""
     import pyarrow as pa
     import ray

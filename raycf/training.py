@@ -23,7 +23,7 @@ import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 import ray.train
@@ -38,6 +38,9 @@ from raycf.checkpoint import CHECKPOINT_FILE, ClassifierCheckpoint, load_classif
 from raycf.config import StudyConfig
 from raycf.data import DataSplits, load_splits
 from raycf.models import FilterClassifier, build_model
+
+if TYPE_CHECKING:
+    from raycf.pipeline import StageRun
 
 TRAIN_STATE_FILE = "train_state.pt"
 
@@ -474,7 +477,7 @@ def _evaluate_base(study: StudyConfig, model_bytes: bytes, use_gpu: bool) -> dic
     return accuracy_on_splits(model, splits, ("train", "val", "test"), batch_size=study.features.batch_size, device=device)
 
 
-def run_base_stage(run: "StageRun") -> dict:
+def run_base_stage(run: StageRun) -> dict:
     """Train (or adopt) the base classifier; write ``model.pt``, ``epochs.parquet``, ``summary.json``."""
     import json
 

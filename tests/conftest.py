@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -99,10 +101,8 @@ def ray_address() -> str:
     return ray.get_runtime_context().gcs_address
 
 
-def run_cli(*args: str, env_extra: dict | None = None, timeout: float = 900) -> "subprocess.CompletedProcess":
+def run_cli(*args: str, env_extra: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
     """Run ``python -m raycf.cli ARGS`` from the repository root."""
-    import subprocess
-    import sys
 
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "raycf.cli", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
@@ -118,3 +118,20 @@ def smoke_study_results(ray_session, tmp_path_factory) -> Path:
     completed = run_cli("study", "studies/digits.yaml", "--smoke", "--set", f"storage_path={storage}", env_extra={"RAY_ADDRESS": ray_address()})
     assert completed.returncode == 0, completed.stderr[-3000:]
     return storage / "digits"
+
+
+RUN_WITHOUT_RAY = (
+    "import sys, ray\n"
+    "from raycf.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "assert not ray.is_initialized(), 'the command started Ray'\n"
+    "sys.exit(code)\n"
+)
+
+
+def run_cli_without_ray(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a raycf command on the CPU in a fresh process and fail if it started or joined Ray."""
+
+    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    environment.update(PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, "-c", RUN_WITHOUT_RAY, *args], capture_output=True, text=True, env=environment, timeout=timeout)

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import write_study
 from raycf.checkpoint import ClassifierCheckpoint, save_classifier_checkpoint, unwrap_state_dict

@@ -8,7 +8,6 @@ injection run use the shared Ray cluster.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from conftest import run_cli_without_ray
 from raycf.cli import main
 from raycf.explain import BUNDLE_FILES
 from raycf.masks import load_masks_frame
@@ -136,17 +134,7 @@ def test_explain_any_image_file_on_cpu_without_ray(smoke_study_results, tmp_path
         path.parent.mkdir()
         Image.fromarray(pixels).save(path)
     out = tmp_path / "bundles"
-    script = (
-        "import sys, ray\n"
-        "from raycf.cli import main\n"
-        "code = main(['explain', *sys.argv[1:]])\n"
-        "assert not ray.is_initialized(), 'raycf explain started Ray'\n"
-        "sys.exit(code)\n"
-    )
-    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    environment.update(PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
-    command = [sys.executable, "-c", script, str(smoke_study_results), str(first), str(second), "--out", str(out)]
-    completed = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+    completed = run_cli_without_ray("explain", str(smoke_study_results), str(first), str(second), "--out", str(out))
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert len(completed.stdout.strip().splitlines()) == 2
     assert sorted(p.name for p in out.iterdir()) == ["photo", "photo-2"]  # same stem, two bundles

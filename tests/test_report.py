@@ -5,11 +5,9 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from conftest import run_cli_without_ray
 from raycf.config import dump_yaml, study_from_mapping
 from raycf.report import (
     Figure,
@@ -208,16 +207,7 @@ def test_report_opens_in_headless_chromium_without_errors(smoke_study_results, t
 def test_report_command_rebuilds_from_the_results_folder_alone(smoke_study_results, tmp_path):
     copy = tmp_path / "digits"
     shutil.copytree(smoke_study_results, copy, ignore=shutil.ignore_patterns("report", ".staging"))
-    script = (
-        "import sys, ray\n"
-        "from raycf.cli import main\n"
-        "code = main(['report', sys.argv[1]])\n"
-        "assert not ray.is_initialized(), 'raycf report started Ray'\n"
-        "sys.exit(code)\n"
-    )
-    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    environment.update(PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
-    completed = subprocess.run([sys.executable, "-c", script, str(copy)], capture_output=True, text=True, env=environment, timeout=300)
+    completed = run_cli_without_ray("report", str(copy))
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.strip().splitlines()[-1] == str(copy / "report" / "index.html")
     original = json.loads((smoke_study_results / "report" / "_stage.json").read_text())
