@@ -108,14 +108,11 @@ def _train_worker_pids(raylet: int) -> list[int]:
     return pids
 
 
-def test_a_killed_train_worker_does_not_end_its_trial(ray_session, smoke_study_results, tmp_path):
-    storage = tmp_path / "results"
-    results = storage / "digits"
-    _copy_cached_stages(smoke_study_results, results)
-    killed: list[int] = []
+def _kill_first_train_worker(results: Path, killed: list[int]) -> threading.Thread:
+    """A thread that SIGKILLs the first trial's Ray Train worker once that trial has saved a checkpoint."""
     raylet = _session_raylet_pid()
 
-    def kill_a_worker_after_its_first_checkpoint() -> None:
+    def watch() -> None:
         deadline = time.time() + 600
         while time.time() < deadline and not killed:
             if glob.glob(str(results / "_ray" / "search-*-train" / "trial-*" / "checkpoint_*" / "model.pt")):
@@ -124,15 +121,48 @@ def test_a_killed_train_worker_does_not_end_its_trial(ray_session, smoke_study_r
                     killed.append(pid)
             time.sleep(0.2)
 
-    killer = threading.Thread(target=kill_a_worker_after_its_first_checkpoint, daemon=True)
-    killer.start()
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_killed_train_worker_does_not_end_its_trial(ray_session, smoke_study_results, tmp_path):
+    storage = tmp_path / "results"
+    results = storage / "digits"
+    _copy_cached_stages(smoke_study_results, results)
+    killed: list[int] = []
+    killer = _kill_first_train_worker(results, killed)
     completed = run_cli(
         "study", "studies/digits.yaml", "--smoke", "--set", f"storage_path={storage}",
         "search.num_samples=1", "debug.epochs=4", "debug.max_failures=2",
         env_extra={"RAY_ADDRESS": ray_address()},
-    )
+    )  # fmt: skip
     killer.join(timeout=5)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert killed, "no Ray Train worker was found to kill"
     board = pd.read_parquet(results / "leaderboard.parquet")
     assert list(board["status"]) == ["completed"] and int(board["epochs"].iloc[0]) == 4
+
+
+def test_a_failed_trial_does_not_end_the_study(ray_session, smoke_study_results, tmp_path):
+    # No retries: killing the control's worker fails that trial; the search goes on, and the
+    # final stage trains the control again for the full schedule.
+    storage = tmp_path / "results"
+    results = storage / "digits"
+    _copy_cached_stages(smoke_study_results, results)
+    killed: list[int] = []
+    killer = _kill_first_train_worker(results, killed)
+    completed = run_cli(
+        "study", "studies/digits.yaml", "--smoke", "--set", f"storage_path={storage}",
+        "search.num_samples=2", "search.max_concurrent=1", "debug.epochs=3", "debug.max_failures=0",
+        env_extra={"RAY_ADDRESS": ray_address()},
+    )  # fmt: skip
+    killer.join(timeout=5)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert killed
+    board = pd.read_parquet(results / "leaderboard.parquet")
+    assert list(board["status"]) == ["error", "completed"] and board["is_control"].iloc[0]
+    assert board["error"].iloc[0] and not board["error"].iloc[1]
+    assert "final: training the control" in completed.stderr
+    final = pd.read_parquet(results / "final.parquet")
+    assert final["test_acc"].notna().all() and final.loc[2, "trial_id"] == board["trial_id"].iloc[1]
