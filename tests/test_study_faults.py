@@ -126,20 +126,23 @@ def _kill_first_train_worker(results: Path, killed: list[int]) -> threading.Thre
     return thread
 
 
-def test_a_killed_train_worker_does_not_end_its_trial(ray_session, smoke_study_results, tmp_path):
+def _study_with_a_killed_worker(smoke_study_results: Path, tmp_path: Path, *overrides: str) -> tuple[Path, subprocess.CompletedProcess, list[int]]:
+    """Run the smoke study's search (earlier stages cached) while its first trial's Train worker is killed."""
     storage = tmp_path / "results"
     results = storage / "digits"
     _copy_cached_stages(smoke_study_results, results)
     killed: list[int] = []
     killer = _kill_first_train_worker(results, killed)
-    completed = run_cli(
-        "study", "studies/digits.yaml", "--smoke", "--set", f"storage_path={storage}",
-        "search.num_samples=1", "debug.epochs=4", "debug.max_failures=2",
-        env_extra={"RAY_ADDRESS": ray_address()},
-    )  # fmt: skip
+    args = ["study", "studies/digits.yaml", "--smoke", "--set", f"storage_path={storage}", *overrides]
+    completed = run_cli(*args, env_extra={"RAY_ADDRESS": ray_address()})
     killer.join(timeout=5)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert killed, "no Ray Train worker was found to kill"
+    return results, completed, killed
+
+
+def test_a_killed_train_worker_does_not_end_its_trial(ray_session, smoke_study_results, tmp_path):
+    results, _, _ = _study_with_a_killed_worker(smoke_study_results, tmp_path, "search.num_samples=1", "debug.epochs=4", "debug.max_failures=2")
     board = pd.read_parquet(results / "leaderboard.parquet")
     assert list(board["status"]) == ["completed"] and int(board["epochs"].iloc[0]) == 4
 
@@ -147,19 +150,9 @@ def test_a_killed_train_worker_does_not_end_its_trial(ray_session, smoke_study_r
 def test_a_failed_trial_does_not_end_the_study(ray_session, smoke_study_results, tmp_path):
     # No retries: killing the control's worker fails that trial; the search goes on, and the
     # final stage trains the control again for the full schedule.
-    storage = tmp_path / "results"
-    results = storage / "digits"
-    _copy_cached_stages(smoke_study_results, results)
-    killed: list[int] = []
-    killer = _kill_first_train_worker(results, killed)
-    completed = run_cli(
-        "study", "studies/digits.yaml", "--smoke", "--set", f"storage_path={storage}",
-        "search.num_samples=2", "search.max_concurrent=1", "debug.epochs=3", "debug.max_failures=0",
-        env_extra={"RAY_ADDRESS": ray_address()},
-    )  # fmt: skip
-    killer.join(timeout=5)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    assert killed
+    results, completed, _ = _study_with_a_killed_worker(
+        smoke_study_results, tmp_path, "search.num_samples=2", "search.max_concurrent=1", "debug.epochs=3", "debug.max_failures=0"
+    )
     board = pd.read_parquet(results / "leaderboard.parquet")
     assert list(board["status"]) == ["error", "completed"] and board["is_control"].iloc[0]
     assert board["error"].iloc[0] and not board["error"].iloc[1]
