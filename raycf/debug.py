@@ -174,12 +174,13 @@ def debug_train_loop(loop_config: dict[str, Any]) -> list[dict[str, float]]:
         sampler.set_epoch(epoch)
         train_metrics = train_one_epoch(wrapped, train_data, optimizer, loss_fn, freeze_frozen_norms=True)
         val_metrics = evaluate(wrapped, val_data)
+        # Tune's status table shows the first four metrics: keep the objective among them.
         metrics = {
             "epoch": epoch + 1,
-            "lr": config.lr,
-            **{key: value for key, value in train_metrics.items() if not key.startswith("train_active_")},
-            "val_loss": val_metrics["loss"],
             "val_acc": val_metrics["acc"],
+            "val_loss": val_metrics["loss"],
+            **{key: value for key, value in train_metrics.items() if not key.startswith("train_active_")},
+            "lr": config.lr,
             "active_mc": train_metrics["train_active_mc"],
             "active_nonmc": train_metrics["train_active_nonmc"],
             "epoch_s": time.time() - started,

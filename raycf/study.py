@@ -98,13 +98,15 @@ def control_first_searcher(study: StudyConfig, storage_url: str, study_name: str
 
         The control's result is not told to Optuna: λ = 0 lies outside the
         log-uniform space, and Optuna's study holds exactly the trials it
-        proposed.
+        proposed.  Optuna records each trial's best epoch (the leaderboard's
+        objective and the checkpoint the trial keeps), not its last one.
         """
 
         def __init__(self, searcher: Searcher, control: dict[str, Any] | None):
             self.searcher = searcher
             self.control = control
             self.control_trial_id: str | None = None
+            self.best_values: dict[str, float] = {}  # trial id -> best per-epoch objective so far
             super().__init__(metric=searcher.metric, mode=searcher.mode)
 
         def set_search_properties(self, metric, mode, config, **spec) -> bool:
@@ -138,20 +140,33 @@ def control_first_searcher(study: StudyConfig, storage_url: str, study_name: str
             return None
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
+            self.remember_best(trial_id, result)
             if trial_id != self.control_trial_id:
                 self.searcher.on_trial_result(trial_id, result)
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if result is not None and trial_id in self.best_values:
+                self.remember_best(trial_id, result)
+                result = {**result, self.metric: self.best_values[trial_id]}
             if trial_id != self.control_trial_id:
                 self.searcher.on_trial_complete(trial_id, result=result, error=error)
+
+        def remember_best(self, trial_id: str, result: dict) -> None:
+            value = result.get(self.metric)
+            if value is None:
+                return
+            best = self.best_values.get(trial_id)
+            better = best is None or (value > best if self.mode == "max" else value < best)
+            self.best_values[trial_id] = float(value) if better else best
 
         # Tune saves wrappers (objects with a ``searcher``) through get_state /
         # set_state and the wrapped OptunaSearch through its own save_to_dir.
         def get_state(self) -> dict:
-            return {"control": self.control, "control_trial_id": self.control_trial_id}
+            return {"control": self.control, "control_trial_id": self.control_trial_id, "best_values": self.best_values}
 
         def set_state(self, state: dict) -> None:
             self.control, self.control_trial_id = state["control"], state["control_trial_id"]
+            self.best_values = dict(state.get("best_values", {}))
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     searcher = OptunaSearch(

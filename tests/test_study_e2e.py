@@ -80,6 +80,7 @@ def test_optuna_storage_is_readable_by_optuna(smoke_study_results):
     trial = study.trials[0]
     assert trial.state == optuna.trial.TrialState.COMPLETE
     assert trial.params["lambda1"] == pytest.approx(float(searched["lambda1"].iloc[0]))
+    assert trial.value == pytest.approx(float(searched["val_acc"].iloc[0]))  # the best epoch, as ranked
 
 
 def test_leaderboard_command_formats(smoke_study_results):

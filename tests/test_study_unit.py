@@ -44,6 +44,19 @@ def test_control_first_then_optuna_which_never_sees_the_control(tmp_path):
     assert [(t.number, t.state, t.value) for t in trials] == [(0, optuna.trial.TrialState.COMPLETE, 0.8)]
 
 
+def test_optuna_records_the_best_epoch_like_the_leaderboard(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = control_first_searcher(_study(max_concurrent=4, include_control=False), url, "s-3")
+    searcher.suggest("t1")
+    for epoch, val_acc in enumerate([0.90, 0.95, 0.93], start=1):
+        searcher.on_trial_result("t1", {"val_acc": val_acc, "training_iteration": epoch})
+    assert searcher.searcher.get_state()["best_values"] == {"t1": 0.95}  # saved with Tune's experiment state
+    searcher.on_trial_complete("t1", {"val_acc": 0.93, "training_iteration": 3})
+    (trial,) = optuna.load_study(study_name="s-3", storage=url).trials
+    assert trial.value == 0.95
+    assert trial.intermediate_values == {1: 0.90, 2: 0.95, 3: 0.93}
+
+
 def test_seeded_search_proposes_the_same_points(tmp_path):
     points = []
     for run in ("a", "b"):
