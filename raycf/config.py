@@ -172,7 +172,7 @@ class AnalysisConfig(StrictModel):
     """Global MC filters and misclassification detection (METHOD §3–4)."""
 
     tau: float = Field(0.9, ge=0, le=1, description="confidence gate τ for accumulating training images")
-    freq_threshold: float = Field(0.15, ge=0, le=1, description="f: a filter is in G_c if seen in more than f·max of the class's images")
+    freq_threshold: float = Field(0.15, ge=0, le=1, description="f: a filter is in G_c if seen in more than f·max of the class's images; the G of the AUROC scores and of debug retraining (the reference retrains with 0)")
     skip_threshold: float = Field(0.9, ge=0, le=1, description="skip threshold of the study's own detection score")
     settings: tuple[DetectionSetting, ...] = Field(PAPER_DETECTION_SETTINGS, description="rows of the detection table")
 
