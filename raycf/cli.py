@@ -199,6 +199,11 @@ def _run_rerun_command(args: argparse.Namespace) -> int:
 
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is visible here (expected an NVIDIA GPU with a working driver, or --device cpu)")
     from raycf.study import rerun_trial
 
     report = rerun_trial(args.results, None if args.best else args.trial, args.device)

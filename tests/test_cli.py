@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import write_study
 from raycf.checkpoint import ClassifierCheckpoint, save_classifier_checkpoint, unwrap_state_dict
@@ -124,3 +125,9 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert completed.returncode == 2
     assert completed.stderr.strip().startswith("raycf: error: ") and "Traceback" not in completed.stderr
     assert len(completed.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_rerun_on_cuda_without_a_gpu_is_refused(tmp_path, capsys):
+    code, err = _run(capsys, "rerun", str(tmp_path), "--best", "--device", "cuda")
+    _assert_one_line_error(code, err, "--device cuda: no CUDA device is visible here")
