@@ -119,9 +119,9 @@ def measure() -> list[Ratio]:
     seconds = {"plain": [], "masks": [], "from_images": []}
     try:
         for run in range(2):
-            seconds["plain"].append(timed(lambda: plain(run)))
-            seconds["masks"].append(timed(lambda: masks(run)))
-            seconds["from_images"].append(timed(lambda: from_images(run)))
+            seconds["plain"].append(timed(lambda run=run: plain(run)))
+            seconds["masks"].append(timed(lambda run=run: masks(run)))
+            seconds["from_images"].append(timed(lambda run=run: from_images(run)))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     best = {name: min(values) for name, values in seconds.items()}

@@ -196,7 +196,7 @@ def pareto_front(frame: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
     valid = frame.dropna(subset=[x, y])
     values = valid[[x, y]].to_numpy(dtype=float)
     keep = []
-    for i, (xi, yi) in enumerate(values):
+    for xi, yi in values:
         dominated = np.any((values[:, 0] >= xi) & (values[:, 1] >= yi) & ((values[:, 0] > xi) | (values[:, 1] > yi)))
         keep.append(not dominated)
     return valid[np.array(keep, dtype=bool)].sort_values(x, ascending=False, kind="stable").reset_index(drop=True)
