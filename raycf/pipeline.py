@@ -10,6 +10,7 @@ only when complete, so a crash never leaves a folder a later stage trusts.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -117,8 +118,20 @@ def stage_hash(study: StudyConfig, name: str) -> str:
             "sections": study.section_hash(*stage.sections),
             "extra": extra,
             "upstream": [stage_hash(study, up) for up in stage.upstream],
+            "raycf": raycf_version(),  # a new release may compute a stage differently
         }
     )
+
+
+@functools.cache
+def raycf_version() -> str:
+    """The installed raycf's version ("unknown" when run from a bare source tree)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("raycf")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def read_marker(results: str, name: str) -> dict | None:

@@ -72,7 +72,7 @@ def test_two_worker_ddp_run_then_cache(ray_session, digits_study, capsys):
     assert "base: skipped, cached" in capsys.readouterr().err
 
 
-def test_plan_reruns_stale_and_forced_stages(digits_study):
+def test_plan_reruns_stale_and_forced_stages(digits_study, monkeypatch):
     study = load_study(digits_study)
     results = study.results_uri
     assert pipeline.plan(study, ["base"], set()) == [("base", "no finished result yet")]
@@ -85,6 +85,13 @@ def test_plan_reruns_stale_and_forced_stages(digits_study):
     # a section the stage does not read leaves it cached
     unrelated = load_study(digits_study, ["debug.lr=0.5"])
     assert pipeline.plan(unrelated, ["base"], set()) == [("base", "cached")]
+    # another raycf release recomputes every stage
+    pipeline.raycf_version.cache_clear()
+    monkeypatch.setattr("importlib.metadata.version", lambda package: "99.0" if package == "raycf" else "0")
+    try:
+        assert pipeline.plan(study, ["base"], set()) == [("base", "its inputs changed")]
+    finally:
+        pipeline.raycf_version.cache_clear()
 
 
 def test_failed_stage_leaves_no_folder(digits_study, monkeypatch):
