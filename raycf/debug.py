@@ -47,7 +47,7 @@ from raycf.checkpoint import CHECKPOINT_FILE, parse_classifier_checkpoint
 from raycf.config import StudyConfig
 from raycf.data import DataSplits, load_splits
 from raycf.losses import DebugLoss, FilterStats, global_filters_tensor
-from raycf.models import FilterClassifier
+from raycf.models import FilterClassifier, device_for
 from raycf.training import (
     TrainState,
     best_checkpoint,
@@ -284,9 +284,17 @@ class ModelEvaluation:
 
 @torch.no_grad()
 def evaluate_classifier(
-    study: StudyConfig, model_bytes: bytes, split_names: Iterable[str] = ("train", "val", "test"), device: str = "cpu", splits: DataSplits | None = None
+    study: StudyConfig,
+    model_bytes: bytes,
+    split_names: Iterable[str] = ("train", "val", "test"),
+    device: torch.device | str | None = None,
+    splits: DataSplits | None = None,
 ) -> ModelEvaluation:
-    """Accuracy and per-class recall of a ``model.pt`` (bytes) on unaugmented splits."""
+    """Accuracy and per-class recall of a ``model.pt`` (bytes) on unaugmented splits.
+
+    ``device`` defaults to a GPU of this process when ``debug.use_gpu``, else the CPU.
+    """
+    device = device or device_for(study.debug.use_gpu)
     splits = splits or load_splits(study.data, study.seed)
     checkpoint = parse_classifier_checkpoint(model_bytes, "model", study.model.arch, splits.num_classes)
     model = model_from_checkpoint(checkpoint, study).to(device).eval()
@@ -414,7 +422,6 @@ def format_table3(table: pd.DataFrame) -> str:
 def run_debug_stage(run: StageRun) -> dict:
     """Debug retraining and its control from the base model; Tables 2 and 3."""
     import pyarrow as pa
-    import ray
 
     from raycf import storage
     from raycf.analysis import global_mc_sets
@@ -439,10 +446,7 @@ def run_debug_stage(run: StageRun) -> dict:
             study, global_filters, base_bytes, lambda1=config.lambda1, lambda2=config.lambda2, name=f"debug-{run.stage_hash}", storage_path=run.ray_storage()
         )
 
-    evaluate_remote = ray.remote(_evaluate_remote).options(num_cpus=1, num_gpus=1 if config.use_gpu else 0)
-    base_eval, control_eval, debugged_eval = ray.get(
-        [evaluate_remote.remote(study, model, config.use_gpu) for model in (base_bytes, control.best_model_bytes, debugged.best_model_bytes)]
-    )
+    base_eval, control_eval, debugged_eval = evaluate_on_ray(study, (base_bytes, control.best_model_bytes, debugged.best_model_bytes))
     class_names = parse_classifier_checkpoint(base_bytes, "base model").class_names
     table2 = build_table2(
         base_eval,
@@ -477,9 +481,12 @@ def run_debug_stage(run: StageRun) -> dict:
     return summary
 
 
-def _evaluate_remote(study: StudyConfig, model_bytes: bytes, use_gpu: bool) -> ModelEvaluation:
-    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-    return evaluate_classifier(study, model_bytes, device=device)
+def evaluate_on_ray(study: StudyConfig, models: Iterable[bytes]) -> list[ModelEvaluation]:
+    """:func:`evaluate_classifier` for each ``model.pt`` (bytes), as parallel Ray tasks (on GPUs with ``debug.use_gpu``)."""
+    import ray
+
+    evaluate = ray.remote(evaluate_classifier).options(num_cpus=1, num_gpus=1 if study.debug.use_gpu else 0)
+    return ray.get([evaluate.remote(study, model) for model in models])
 
 
 def describe_debug(results: str) -> str:

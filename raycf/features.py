@@ -31,6 +31,7 @@ import torch
 from raycf import storage
 from raycf.config import StudyConfig
 from raycf.data import SPLITS
+from raycf.models import device_for
 
 if TYPE_CHECKING:
     import ray.data
@@ -135,7 +136,7 @@ class FeatureExtractor:
         self.seed = study.seed
         self.splits = load_splits(study.data, study.seed)
         checkpoint = load_classifier_checkpoint(model_location, study.model.arch, self.splits.num_classes)
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.device = device_for(use_gpu)
         self.model = model_from_checkpoint(checkpoint, study).to(self.device).eval()
         self.datasets = {name: getattr(self.splits, name) for name in SPLITS}
 

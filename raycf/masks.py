@@ -44,6 +44,7 @@ from raycf import storage
 from raycf.cfe import BANK_FILE, CfeBank, parse_bank
 from raycf.data import SPLITS
 from raycf.features import table_arrays, vector_column
+from raycf.models import device_for
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -109,7 +110,7 @@ class MaskComputer:
     """Ray Data actor: holds the CFE bank (read from ``bank_location``); cached vectors in, mask rows out."""
 
     def __init__(self, bank_location: str, topk: int, use_gpu: bool):
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.device = device_for(use_gpu)
         self.bank = parse_bank(storage.read_bytes(bank_location), bank_location).to(self.device)
         self.topk = topk
 

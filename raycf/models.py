@@ -32,6 +32,11 @@ IMAGENET_WEIGHTS = {
 }
 
 
+def device_for(use_gpu: bool) -> torch.device:
+    """CUDA when the study asks for GPUs and this process sees one, else the CPU."""
+    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+
 class FilterClassifier(nn.Module):
     """A CNN whose logits are a linear function of its pooled last-conv filters.
 

@@ -549,15 +549,13 @@ def trial_model_bytes(row: pd.Series) -> bytes | None:
 
 def run_final_stage(run: StageRun) -> dict:
     """Base, control and best trial on train/val/test; the test split is read here only (Tables 2 and 3)."""
-    import ray
-
     from raycf.analysis import global_mc_sets
     from raycf.checkpoint import parse_classifier_checkpoint
     from raycf.debug import (
         build_class_recall,
         build_table2,
         build_table3,
-        evaluate_classifier,
+        evaluate_on_ray,
         format_table2,
         format_table3,
         run_debug_training,
@@ -587,9 +585,7 @@ def run_final_stage(run: StageRun) -> dict:
         control_bytes, control_epoch = control_run.best_model_bytes, control_run.best_epoch
     else:
         control_epoch = int(control["best_epoch"])
-    evaluate = ray.remote(evaluate_classifier).options(num_cpus=1, num_gpus=1 if study.debug.use_gpu else 0)
-    device = "cuda" if study.debug.use_gpu else "cpu"
-    base_eval, control_eval, best_eval = ray.get([evaluate.remote(study, model, device=device) for model in (base_bytes, control_bytes, best_bytes)])
+    base_eval, control_eval, best_eval = evaluate_on_ray(study, (base_bytes, control_bytes, best_bytes))
 
     trial = trial_study(study, {name: best[name] for name in parameter_names(study)})
     table2 = build_table2(

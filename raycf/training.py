@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from raycf.checkpoint import CHECKPOINT_FILE, ClassifierCheckpoint, load_classifier_checkpoint, unwrap_state_dict
 from raycf.config import StudyConfig
 from raycf.data import DataSplits, load_splits
-from raycf.models import FilterClassifier, build_model
+from raycf.models import FilterClassifier, build_model, device_for
 
 if TYPE_CHECKING:
     from raycf.pipeline import StageRun
@@ -473,8 +473,7 @@ def _evaluate_base(study: StudyConfig, model_bytes: bytes, use_gpu: bool) -> dic
     splits = load_splits(study.data, study.seed)
     checkpoint = parse_classifier_checkpoint(model_bytes, "base model", study.model.arch, splits.num_classes)
     model = model_from_checkpoint(checkpoint, study)
-    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-    return accuracy_on_splits(model, splits, ("train", "val", "test"), batch_size=study.features.batch_size, device=device)
+    return accuracy_on_splits(model, splits, ("train", "val", "test"), batch_size=study.features.batch_size, device=device_for(use_gpu))
 
 
 def run_base_stage(run: StageRun) -> dict:
