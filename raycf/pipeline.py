@@ -125,13 +125,8 @@ def stage_hash(study: StudyConfig, name: str) -> str:
 
 @functools.cache
 def raycf_version() -> str:
-    """The installed raycf's version ("unknown" when run from a bare source tree)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("raycf")
-    except PackageNotFoundError:
-        return "unknown"
+    """The installed raycf's version, as the manifest records it (read once per process)."""
+    return versions()["raycf"]
 
 
 def read_marker(results: str, name: str) -> dict | None:
