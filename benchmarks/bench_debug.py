@@ -97,9 +97,10 @@ def bare_epoch_seconds(study, splits, global_filters, base_bytes: bytes) -> list
     """The debug epoch as a plain PyTorch loop: same model, data, loss, evaluation."""
     from raycf.checkpoint import parse_classifier_checkpoint
     from raycf.losses import DebugLoss
-    from raycf.training import evaluate, model_from_checkpoint, seed_everything, train_one_epoch
+    from raycf.models import classifier_from_checkpoint
+    from raycf.training import evaluate, seed_everything, train_one_epoch
 
-    model = model_from_checkpoint(parse_classifier_checkpoint(base_bytes), study)
+    model = classifier_from_checkpoint(study.model, parse_classifier_checkpoint(base_bytes))
     optimizer = torch.optim.SGD(model.set_trainable(study.debug.trainable), lr=study.debug.lr, momentum=study.debug.momentum)
     loss_fn = DebugLoss(torch.as_tensor(global_filters, dtype=torch.float32), study.debug.lambda1, study.debug.lambda2)
     generator = torch.Generator()

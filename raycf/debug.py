@@ -44,10 +44,10 @@ import ray.train
 import ray.train.torch
 
 from raycf.checkpoint import CHECKPOINT_FILE, parse_classifier_checkpoint
-from raycf.config import StudyConfig
+from raycf.config import DebugConfig, StudyConfig
 from raycf.data import DataSplits, load_splits
 from raycf.losses import DebugLoss, FilterStats, global_filters_tensor
-from raycf.models import FilterClassifier, device_for
+from raycf.models import FilterClassifier, classifier_from_checkpoint, device_for
 from raycf.training import (
     TrainState,
     best_checkpoint,
@@ -56,7 +56,6 @@ from raycf.training import (
     evaluate,
     fit,
     history_of,
-    model_from_checkpoint,
     print_epoch,
     quiet_worker_logs,
     report_epoch,
@@ -150,7 +149,7 @@ def debug_train_loop(loop_config: dict[str, Any]) -> list[dict[str, float]]:
 
     splits = load_splits(study.data, study.seed)
     base = parse_classifier_checkpoint(loop_config["base_model"], "base model", study.model.arch, splits.num_classes)
-    model = model_from_checkpoint(base, study).to(device)
+    model = classifier_from_checkpoint(study.model, base).to(device)
     info = classifier_info(study, splits, model)
     stats = None
     if config.indicator == "centred":  # from the base model, before any restored weights
@@ -297,7 +296,7 @@ def evaluate_classifier(
     device = device or device_for(study.debug.use_gpu)
     splits = splits or load_splits(study.data, study.seed)
     checkpoint = parse_classifier_checkpoint(model_bytes, "model", study.model.arch, splits.num_classes)
-    model = model_from_checkpoint(checkpoint, study).to(device).eval()
+    model = classifier_from_checkpoint(study.model, checkpoint).to(device)
     evaluation = ModelEvaluation(accuracy={}, recall={}, support={})
     for name in split_names:
         predictions, labels = [], []
@@ -446,24 +445,20 @@ def run_debug_stage(run: StageRun) -> dict:
             study, global_filters, base_bytes, lambda1=config.lambda1, lambda2=config.lambda2, name=f"debug-{run.stage_hash}", storage_path=run.ray_storage()
         )
 
-    base_eval, control_eval, debugged_eval = evaluate_on_ray(study, (base_bytes, control.best_model_bytes, debugged.best_model_bytes))
-    class_names = parse_classifier_checkpoint(base_bytes, "base model").class_names
-    table2 = build_table2(
-        base_eval,
-        control_eval,
-        debugged_eval,
-        lambda1=config.lambda1,
-        lambda2=config.lambda2,
-        indicator=config.indicator,
+    tables = treatment_tables(
+        study,
+        base_bytes,
+        control.best_model_bytes,
+        debugged.best_model_bytes,
+        debugged_config=config,
         control_best_epoch=control.best_epoch,
         debugged_best_epoch=debugged.best_epoch,
     )
-    class_recall = build_class_recall(class_names, base_eval, control_eval, debugged_eval)
-    table3 = build_table3(class_recall)
+    table2 = tables.table2
     epochs = pd.concat(
         [pd.DataFrame(control.history).assign(model="control"), pd.DataFrame(debugged.history).assign(model="debugged")], ignore_index=True
     )
-    for frame, file_name in ((table2, "table2.parquet"), (table3, "table3.parquet"), (class_recall, "class_recall.parquet"), (epochs, "epochs.parquet")):
+    for frame, file_name in ((table2, "table2.parquet"), (tables.table3, "table3.parquet"), (tables.class_recall, "class_recall.parquet"), (epochs, "epochs.parquet")):
         storage.write_table(pa.Table.from_pandas(frame, preserve_index=False), run.path(file_name))
     storage.write_bytes(run.path(CHECKPOINT_FILE), debugged.best_model_bytes)
     storage.write_bytes(run.path("control.pt"), control.best_model_bytes)
@@ -487,6 +482,46 @@ def evaluate_on_ray(study: StudyConfig, models: Iterable[bytes]) -> list[ModelEv
 
     evaluate = ray.remote(evaluate_classifier).options(num_cpus=1, num_gpus=1 if study.debug.use_gpu else 0)
     return ray.get([evaluate.remote(study, model) for model in models])
+
+
+@dataclass
+class TreatmentTables:
+    """Paper Tables 2 and 3 and every class's recall, from one evaluation of each model."""
+
+    table2: pd.DataFrame
+    class_recall: pd.DataFrame
+    table3: pd.DataFrame
+
+
+def treatment_tables(
+    study: StudyConfig,
+    base_bytes: bytes,
+    control_bytes: bytes,
+    debugged_bytes: bytes,
+    *,
+    debugged_config: DebugConfig,
+    control_best_epoch: int,
+    debugged_best_epoch: int,
+) -> TreatmentTables:
+    """Evaluate the base, control and debugged ``model.pt`` (bytes) once each (train/val/test) and tabulate them.
+
+    ``debugged_config`` is the debug section the debugged model was trained
+    with (its λ values and indicator go into Table 2).
+    """
+    base_eval, control_eval, debugged_eval = evaluate_on_ray(study, (base_bytes, control_bytes, debugged_bytes))
+    table2 = build_table2(
+        base_eval,
+        control_eval,
+        debugged_eval,
+        lambda1=debugged_config.lambda1,
+        lambda2=debugged_config.lambda2,
+        indicator=debugged_config.indicator,
+        control_best_epoch=control_best_epoch,
+        debugged_best_epoch=debugged_best_epoch,
+    )
+    class_names = parse_classifier_checkpoint(base_bytes, "base model").class_names
+    class_recall = build_class_recall(class_names, base_eval, control_eval, debugged_eval)
+    return TreatmentTables(table2=table2, class_recall=class_recall, table3=build_table3(class_recall))
 
 
 def describe_debug(results: str) -> str:

@@ -31,7 +31,7 @@ import torch
 from raycf import storage
 from raycf.config import StudyConfig
 from raycf.data import SPLITS
-from raycf.models import device_for
+from raycf.models import classifier_from_checkpoint, device_for
 
 if TYPE_CHECKING:
     import ray.data
@@ -131,13 +131,12 @@ class FeatureExtractor:
     def __init__(self, study: StudyConfig, model_location: str, use_gpu: bool):
         from raycf.checkpoint import load_classifier_checkpoint
         from raycf.data import load_splits
-        from raycf.training import model_from_checkpoint
 
         self.seed = study.seed
         self.splits = load_splits(study.data, study.seed)
         checkpoint = load_classifier_checkpoint(model_location, study.model.arch, self.splits.num_classes)
         self.device = device_for(use_gpu)
-        self.model = model_from_checkpoint(checkpoint, study).to(self.device).eval()
+        self.model = classifier_from_checkpoint(study.model, checkpoint).to(self.device)
         self.datasets = {name: getattr(self.splits, name) for name in SPLITS}
 
     def image(self, split: str, index: int, view: int) -> torch.Tensor:

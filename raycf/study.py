@@ -550,16 +550,7 @@ def trial_model_bytes(row: pd.Series) -> bytes | None:
 def run_final_stage(run: StageRun) -> dict:
     """Base, control and best trial on train/val/test; the test split is read here only (Tables 2 and 3)."""
     from raycf.analysis import global_mc_sets
-    from raycf.checkpoint import parse_classifier_checkpoint
-    from raycf.debug import (
-        build_class_recall,
-        build_table2,
-        build_table3,
-        evaluate_on_ray,
-        format_table2,
-        format_table3,
-        run_debug_training,
-    )
+    from raycf.debug import format_table2, format_table3, run_debug_training, treatment_tables
 
     study = run.study
     ensure_ray()
@@ -585,22 +576,16 @@ def run_final_stage(run: StageRun) -> dict:
         control_bytes, control_epoch = control_run.best_model_bytes, control_run.best_epoch
     else:
         control_epoch = int(control["best_epoch"])
-    base_eval, control_eval, best_eval = evaluate_on_ray(study, (base_bytes, control_bytes, best_bytes))
-
-    trial = trial_study(study, {name: best[name] for name in parameter_names(study)})
-    table2 = build_table2(
-        base_eval,
-        control_eval,
-        best_eval,
-        lambda1=trial.debug.lambda1,
-        lambda2=trial.debug.lambda2,
-        indicator=trial.debug.indicator,
+    tables = treatment_tables(
+        study,
+        base_bytes,
+        control_bytes,
+        best_bytes,
+        debugged_config=trial_study(study, {name: best[name] for name in parameter_names(study)}).debug,
         control_best_epoch=control_epoch,
         debugged_best_epoch=int(best["best_epoch"]),
     )
-    class_names = parse_classifier_checkpoint(base_bytes, "base model").class_names
-    class_recall = build_class_recall(class_names, base_eval, control_eval, best_eval)
-    table3 = build_table3(class_recall)
+    table2, table3, class_recall = tables.table2, tables.table3, tables.class_recall
     names = parameter_names(study)
     control_values = control_point(study) if control is None else {name: control[name] for name in names}
     parameters = pd.DataFrame(

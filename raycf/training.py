@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from raycf.checkpoint import CHECKPOINT_FILE, ClassifierCheckpoint, load_classifier_checkpoint, unwrap_state_dict
 from raycf.config import StudyConfig
 from raycf.data import DataSplits, load_splits
-from raycf.models import FilterClassifier, build_model, device_for
+from raycf.models import FilterClassifier, build_model, classifier_from_checkpoint, device_for
 
 if TYPE_CHECKING:
     from raycf.pipeline import StageRun
@@ -457,14 +457,7 @@ def load_base_model(results: str, study: StudyConfig, num_classes: int | None = 
 
     location = storage.join_uri(results, "base", CHECKPOINT_FILE)
     checkpoint = load_classifier_checkpoint(location, expected_arch=study.model.arch, expected_classes=num_classes)
-    return model_from_checkpoint(checkpoint, study), checkpoint
-
-
-def model_from_checkpoint(checkpoint: ClassifierCheckpoint, study: StudyConfig) -> FilterClassifier:
-    """A classifier built for ``checkpoint``'s class count, holding its weights."""
-    model = build_model(study.model, checkpoint.num_classes, load_weights=False)
-    model.load_state_dict(checkpoint.state_dict)
-    return model.eval()
+    return classifier_from_checkpoint(study.model, checkpoint), checkpoint
 
 
 def _evaluate_base(study: StudyConfig, model_bytes: bytes, use_gpu: bool) -> dict[str, float]:
@@ -472,7 +465,7 @@ def _evaluate_base(study: StudyConfig, model_bytes: bytes, use_gpu: bool) -> dic
 
     splits = load_splits(study.data, study.seed)
     checkpoint = parse_classifier_checkpoint(model_bytes, "base model", study.model.arch, splits.num_classes)
-    model = model_from_checkpoint(checkpoint, study)
+    model = classifier_from_checkpoint(study.model, checkpoint)
     return accuracy_on_splits(model, splits, ("train", "val", "test"), batch_size=study.features.batch_size, device=device_for(use_gpu))
 
 
