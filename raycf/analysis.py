@@ -56,7 +56,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from raycf import storage
 from raycf.config import DetectionSetting, StudyConfig
@@ -513,7 +512,7 @@ def run_analyze_stage(run: "StageRun") -> dict:
 
     tables = analyse(run.results, run.study)
     for name, frame in tables.items():
-        storage.write_table(pa.Table.from_pandas(frame, preserve_index=False), run.path(f"{name}.parquet"))
+        storage.write_frame(frame, run.path(f"{name}.parquet"))
     scores = tables["error_scores"].set_index(["split", "score"])
     summary: dict[str, float] = {}
     for split in EVALUATED_SPLITS:

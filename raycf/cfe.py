@@ -503,7 +503,6 @@ def _restore(model: CfeModel, optimizer: torch.optim.Optimizer) -> tuple[list[di
 def run_cfe_stage(run: "StageRun") -> dict:
     """Train the bank on Ray Train; write ``bank.pt``, ``epochs.parquet``, ``classes.parquet``."""
     import pandas as pd
-    import pyarrow as pa
 
     from raycf.checkpoint import CHECKPOINT_FILE, load_classifier_checkpoint
     from raycf.pipeline import ensure_ray, log
@@ -530,9 +529,9 @@ def run_cfe_stage(run: "StageRun") -> dict:
         metric="epoch",
     )
     outcome = result.return_value
-    storage.write_table(pa.Table.from_pandas(pd.DataFrame(outcome["history"]), preserve_index=False), run.path("epochs.parquet"))
+    storage.write_frame(pd.DataFrame(outcome["history"]), run.path("epochs.parquet"))
     classes = pd.DataFrame({"class": range(len(classifier.class_names)), "class_name": classifier.class_names, **outcome["classes"]})
-    storage.write_table(pa.Table.from_pandas(classes, preserve_index=False), run.path("classes.parquet"))
+    storage.write_frame(classes, run.path("classes.parquet"))
     _log_classes(classes, log)
     summary = {key: round(value, 6) for key, value in _summarise({k: np.asarray(v) for k, v in outcome["classes"].items()}).items()}
     log(

@@ -420,7 +420,6 @@ def format_table3(table: pd.DataFrame) -> str:
 
 def run_debug_stage(run: StageRun) -> dict:
     """Debug retraining and its control from the base model; Tables 2 and 3."""
-    import pyarrow as pa
 
     from raycf import storage
     from raycf.analysis import global_mc_sets
@@ -459,7 +458,7 @@ def run_debug_stage(run: StageRun) -> dict:
         [pd.DataFrame(control.history).assign(model="control"), pd.DataFrame(debugged.history).assign(model="debugged")], ignore_index=True
     )
     for frame, file_name in ((table2, "table2.parquet"), (tables.table3, "table3.parquet"), (tables.class_recall, "class_recall.parquet"), (epochs, "epochs.parquet")):
-        storage.write_table(pa.Table.from_pandas(frame, preserve_index=False), run.path(file_name))
+        storage.write_frame(frame, run.path(file_name))
     storage.write_bytes(run.path(CHECKPOINT_FILE), debugged.best_model_bytes)
     storage.write_bytes(run.path("control.pt"), control.best_model_bytes)
     summary = {

@@ -13,10 +13,14 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def is_uri(location: str) -> bool:
@@ -86,6 +90,11 @@ def write_table(table: pa.Table, location: str) -> None:
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     write_bytes(location, buffer.getvalue())
+
+
+def write_frame(frame: pd.DataFrame, location: str) -> None:
+    """Write a pandas frame as one Parquet file atomically (no index column)."""
+    write_table(pa.Table.from_pandas(frame, preserve_index=False), location)
 
 
 def read_table(location: str, columns: list[str] | None = None) -> pa.Table:

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import yaml
 
 from raycf import storage
@@ -599,7 +598,7 @@ def run_final_stage(run: StageRun) -> dict:
         (final, storage.join_uri(results, "final.parquet")),
         (class_recall, storage.join_uri(results, "class_recall.parquet")),
     ):
-        storage.write_table(pa.Table.from_pandas(frame, preserve_index=False), location)
+        storage.write_frame(frame, location)
     print(f"{format_table2(table2)}\n\n{format_table3(table3)}", flush=True)
     rows = table2.set_index("model")
     return {

@@ -474,7 +474,6 @@ def run_base_stage(run: StageRun) -> dict:
     import json
 
     import pandas as pd
-    import pyarrow as pa
     import ray
 
     from raycf import storage
@@ -501,7 +500,7 @@ def run_base_stage(run: StageRun) -> dict:
         history = []
     storage.write_bytes(run.path(CHECKPOINT_FILE), model_bytes)
     if history:
-        storage.write_table(pa.Table.from_pandas(pd.DataFrame(history), preserve_index=False), run.path("epochs.parquet"))
+        storage.write_frame(pd.DataFrame(history), run.path("epochs.parquet"))
     evaluate_remote = ray.remote(_evaluate_base).options(num_cpus=1, num_gpus=1 if study.base.use_gpu else 0)
     accuracies = ray.get(evaluate_remote.remote(study, model_bytes, study.base.use_gpu))
     best = max(history, key=lambda row: (row["val_acc"], -row["epoch"])) if history else {}
