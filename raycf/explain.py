@@ -328,23 +328,16 @@ def _input_record(item: ImageInput, names: list[str]) -> dict:
 def _debugged_model(results: str, study: StudyConfig) -> tuple[str, Any] | None:
     """The study's best trial (final.parquet's debugged row) as a classifier, when its checkpoint is there."""
     from raycf.checkpoint import parse_classifier_checkpoint
-    from raycf.leaderboard import read_leaderboard
     from raycf.models import classifier_from_checkpoint
-    from raycf.study import trial_model_bytes
+    from raycf.study import debugged_model_bytes
 
     location = storage.join_uri(results, "final.parquet")
     if not storage.exists(location):
         return None
-    final = storage.read_table(location).to_pandas()
-    debugged = final[final["model"] == "debugged"]
-    if debugged.empty:
+    found = debugged_model_bytes(results, storage.read_table(location).to_pandas())
+    if found is None:
         return None
-    trial_id = str(debugged["trial_id"].iloc[0])
-    board = read_leaderboard(results)
-    rows = board[board["trial_id"] == trial_id]
-    model_bytes = trial_model_bytes(rows.iloc[0]) if len(rows) else None
-    if model_bytes is None:
-        return None
+    trial_id, model_bytes = found
     return trial_id, classifier_from_checkpoint(study.model, parse_classifier_checkpoint(model_bytes, f"trial {trial_id}"))
 
 

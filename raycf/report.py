@@ -599,18 +599,15 @@ def gallery_images(context: ReportContext, final: pd.DataFrame) -> dict[str, lis
     from raycf.data import load_splits
     from raycf.features import load_features
     from raycf.gradcam import display_image, grad_cam
-    from raycf.leaderboard import read_leaderboard
     from raycf.masks import load_masks
     from raycf.models import classifier_from_checkpoint
-    from raycf.study import trial_model_bytes
+    from raycf.study import debugged_model_bytes
 
     study, results = context.study, context.results
-    debugged = final[final["model"] == "debugged"]
-    board = read_leaderboard(results)
-    row = board[board["trial_id"] == str(debugged["trial_id"].iloc[0])] if len(debugged) else board.iloc[0:0]
-    after_bytes = trial_model_bytes(row.iloc[0]) if len(row) else None
-    if after_bytes is None:
+    debugged = debugged_model_bytes(results, final)
+    if debugged is None:
         raise UserError("the best trial's checkpoint is not in the results folder any more")
+    after_bytes = debugged[1]
     splits = load_splits(study.data, study.seed)
     test = splits.split("test")
     before = classifier_from_checkpoint(study.model, parse_classifier_checkpoint(storage.read_bytes(storage.join_uri(results, "base", "model.pt")), "base model"))

@@ -546,6 +546,18 @@ def trial_model_bytes(row: pd.Series) -> bytes | None:
     return storage.read_bytes(location) if storage.exists(location) else None
 
 
+def debugged_model_bytes(results: str, final: pd.DataFrame) -> tuple[str, bytes] | None:
+    """The best trial of ``final`` (final.parquet's debugged row): its id and ``model.pt``, if its checkpoint is still there."""
+    debugged = final[final["model"] == "debugged"]
+    if debugged.empty:
+        return None
+    trial_id = str(debugged["trial_id"].iloc[0])
+    board = read_leaderboard(results)
+    rows = board[board["trial_id"] == trial_id]
+    model_bytes = trial_model_bytes(rows.iloc[0]) if len(rows) else None
+    return None if model_bytes is None else (trial_id, model_bytes)
+
+
 def run_final_stage(run: StageRun) -> dict:
     """Base, control and best trial on train/val/test; the test split is read here only (Tables 2 and 3)."""
     from raycf.analysis import global_mc_sets
