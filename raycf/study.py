@@ -101,8 +101,9 @@ def control_first_searcher(study: StudyConfig, storage_url: str, study_name: str
         objective and the checkpoint the trial keeps), not its last one.
         """
 
-        def __init__(self, searcher: Searcher, control: dict[str, Any] | None):
+        def __init__(self, searcher: Searcher, control: dict[str, Any] | None, space: dict[str, Any]):
             self.searcher = searcher
+            self.space = space
             self.control = control
             self.control_trial_id: str | None = None
             self.best_values: dict[str, float] = {}  # trial id -> best per-epoch objective so far
@@ -134,8 +135,10 @@ def control_first_searcher(study: StudyConfig, storage_url: str, study_name: str
             numbers = {trial.number for trial in known.values()}
             for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
                 if frozen.number not in numbers:
-                    known[trial_id] = optuna.trial.Trial(study, frozen._trial_id)
-                    return dict(frozen.params)
+                    trial = known[trial_id] = optuna.trial.Trial(study, frozen._trial_id)
+                    # Optuna writes a proposal one parameter at a time: a
+                    # driver killed midway leaves some unset, sampled now.
+                    return {name: suggest_again(trial, name, distribution) for name, distribution in self.space.items()}
             return None
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -168,8 +171,9 @@ def control_first_searcher(study: StudyConfig, storage_url: str, study_name: str
             self.best_values = dict(state.get("best_values", {}))
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = optuna_distributions(study.search.space)
     searcher = OptunaSearch(
-        space=optuna_distributions(study.search.space),
+        space=space,
         metric=study.search.metric,
         mode=study.search.mode,
         sampler=optuna.samplers.TPESampler(seed=study.seed),
@@ -177,7 +181,17 @@ def control_first_searcher(study: StudyConfig, storage_url: str, study_name: str
         storage=optuna.storages.RDBStorage(storage_url),
     )
     control = control_point(study) if study.search.include_control else None
-    return ConcurrencyLimiter(ControlFirst(searcher, control), max_concurrent=study.search.max_concurrent)
+    return ConcurrencyLimiter(ControlFirst(searcher, control, space), max_concurrent=study.search.max_concurrent)
+
+
+def suggest_again(trial, name: str, distribution) -> Any:
+    """An Optuna trial's value for ``name``: the stored one if set, else a new sample from ``distribution``."""
+    import optuna.distributions as od
+
+    if isinstance(distribution, od.CategoricalDistribution):
+        return trial.suggest_categorical(name, distribution.choices)
+    suggest = trial.suggest_int if isinstance(distribution, od.IntDistribution) else trial.suggest_float
+    return suggest(name, distribution.low, distribution.high, step=distribution.step, log=distribution.log)
 
 
 # ------------------------------------------------------------------ trials

@@ -78,6 +78,19 @@ def test_a_proposal_orphaned_by_a_killed_driver_is_adopted(tmp_path):
     assert [(t.number, t.state) for t in trials] == [(0, optuna.trial.TrialState.COMPLETE), (1, optuna.trial.TrialState.RUNNING)]
 
 
+def test_a_proposal_cut_short_by_a_killed_driver_gets_its_missing_values(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    cut_short = optuna.create_study(storage=url, study_name="s-4", direction="maximize").ask()
+    lambda1 = cut_short.suggest_float("lambda1", 1e-3, 1.0, log=True)  # then the driver dies
+    restored = control_first_searcher(_study(max_concurrent=4, include_control=False), url, "s-4")
+    adopted = restored.suggest("t9")
+    assert set(adopted) == set(SPACE) and adopted["lambda1"] == lambda1
+    assert 1e-5 <= adopted["lambda2"] <= 1e-1 and 0.5 <= adopted["tau"] <= 0.99 and adopted["debug.lr"] in (0.001, 0.01)
+    restored.on_trial_complete("t9", {"val_acc": 0.7})
+    (trial,) = optuna.load_study(study_name="s-4", storage=url).trials
+    assert trial.params == adopted and trial.state == optuna.trial.TrialState.COMPLETE
+
+
 def test_pick_trial():
     board = pd.DataFrame(
         {"trial_id": ["a", "b", "c"], "status": ["completed", "error", "stopped"], "val_acc": [0.8, None, 0.9], "val_loss": [0.2, None, 0.3]}
