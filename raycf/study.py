@@ -39,7 +39,7 @@ from raycf.leaderboard import (
     trial_row,
     write_leaderboard,
 )
-from raycf.pipeline import Stage, StageRun, ensure_ray, log, register, versions
+from raycf.pipeline import Stage, StageRun, clear_ray_runs, ensure_ray, log, register, versions
 
 CONTROL_LAMBDAS = {"lambda1": 0.0, "lambda2": 0.0}
 TRIAL_EXTRA_KEYS = ("det_auroc", "det_aupr", "maxsoftmax_auroc", "g_size")
@@ -294,9 +294,12 @@ def tune_callback(writer: LeaderboardWriter):
     from ray.tune import Callback
 
     class LeaderboardCallback(Callback):
+        """Tune saves its state (every trial's history) beside the experiment state, and restores it on resume."""
+
         def on_trial_start(self, iteration, trials, trial, **info):
             writer.order = [t.trial_id for t in trials]
-            writer.record(trial.trial_id, trial.config)
+            record = writer.record(trial.trial_id, trial.config)
+            record.status, record.error = "running", ""  # also a restarted one
             writer.write()
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -314,36 +317,21 @@ def tune_callback(writer: LeaderboardWriter):
             message = str(getattr(trial, "error_msg", "") or "trial failed").strip().splitlines()
             writer.finish(record, "error", message[-1][:300] if message else "trial failed")
 
+        def on_experiment_end(self, trials, **info):
+            writer.write()
+
+        def get_state(self) -> dict:
+            return {"records": writer.records, "order": writer.order}
+
+        def set_state(self, state: dict) -> None:
+            writer.records, writer.order = dict(state["records"]), list(state["order"])
+
     return LeaderboardCallback()
 
 
 def trial_dirname(trial) -> str:
     """A trial's folder under the Tune experiment: ``trial-<trial id>``."""
     return f"trial-{trial.trial_id}"
-
-
-def rebuild_from_results(writer: LeaderboardWriter, result_grid) -> None:
-    """Rebuild every row from Tune's stored results (exact after a resume)."""
-    writer.order = []
-    for result in result_grid:
-        config = {name: result.config.get(name) for name in writer.names if name in result.config}
-        record = writer.record(str(result.metrics.get("trial_id") or Path(result.path).name.removeprefix("trial-")), config)
-        writer.order.append(record.trial_id)
-        frame = result.metrics_dataframe
-        if frame is not None and len(frame):
-            keep = [c for c in frame.columns if c not in ("config",) and not c.startswith("config/")]
-            record.history = [
-                {key: value for key, value in row.items() if not (isinstance(value, float) and np.isnan(value))}
-                for row in frame[keep].to_dict("records")
-            ]
-            record.time_total_s = float(frame["time_total_s"].iloc[-1]) if "time_total_s" in frame else record.time_total_s
-        if result.error is not None:
-            lines = str(result.error).strip().splitlines()
-            record.status, record.error = "error", (lines[-1][:300] if lines else "trial failed")
-        else:
-            record.status = writer.status_of_finished(record)
-        record.finished_at = record.finished_at or _now()
-    writer.write()
 
 
 # ------------------------------------------------------------------ search
@@ -388,6 +376,8 @@ def run_search_stage(run: StageRun) -> dict:
     import ray.tune as tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from raycf.tune_state import DriverStateSnapshot, finished_trials, restore_driver_state
+
     study = run.study
     if not study.search.space:
         raise UserError("search.space: no searched parameters (expected e.g. lambda1: {loguniform: [1.0e-4, 1.0]})")
@@ -405,13 +395,16 @@ def run_search_stage(run: StageRun) -> dict:
     # Tune's console: what its status table and trial summaries show (a
     # trainable attribute Tune reads for this), and no per-epoch result dumps.
     trainable._progress_metrics = ("epoch", "val_acc", "train_loss", "det_auroc")
-    writer = LeaderboardWriter(study, results)
     url, upload = optuna_storage_url(study, results)
     experiment_path = storage.join_uri(tune_storage, experiment)
-    if tune.Tuner.can_restore(experiment_path):
-        log(f"search: resuming the interrupted search at {experiment_path} (finished trials are kept)")
+    snapshot = storage.join_uri(tune_storage, f"{experiment}-driver", "state.zip")
+    kept = finished_trials(snapshot)
+    if restore_driver_state(snapshot, experiment_path):
+        log(f"search: resuming the interrupted search at {experiment_path} (finished trials kept: {len(kept)})")
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=run.resume, restart_errored=False)
     else:
+        # Killed before its first trial existed (or never run): nothing to keep.
+        clear_ray_runs(results, experiment)
         forget_optuna_study(url, f"{study.name}-{run.stage_hash}")
         scheduler = None
         if study.search.scheduler.asha is not None:
@@ -435,13 +428,12 @@ def run_search_stage(run: StageRun) -> dict:
             run_config=tune.RunConfig(
                 name=experiment,
                 storage_path=tune_storage,
-                callbacks=[tune_callback(writer)],
+                callbacks=[tune_callback(LeaderboardWriter(study, results)), DriverStateSnapshot(snapshot)],
                 failure_config=tune.FailureConfig(max_failures=0),
                 verbose=1,
             ),
         )
-    result_grid = tuner.fit()
-    rebuild_from_results(writer, result_grid)
+    tuner.fit()  # the leaderboard callback wrote leaderboard.parquet
     if upload:
         storage.write_bytes(storage.join_uri(results, "optuna.db"), Path(upload).read_bytes())
     board = sort_by_objective(read_leaderboard(results), study.search.metric, study.search.mode)

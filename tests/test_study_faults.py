@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shutil
 import signal
@@ -29,19 +28,11 @@ def _copy_cached_stages(source: Path, target: Path) -> None:
         (shutil.copytree if path.is_dir() else shutil.copy2)(path, target / name)
 
 
-def _finished_trials(experiment_glob: str) -> list[str]:
-    """Trial ids that Tune's saved experiment state records as terminated."""
-    finished = []
-    for state_file in glob.glob(experiment_glob):
-        try:
-            state = json.loads(Path(state_file).read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        for trial_json, _runtime in state["trial_data"]:
-            trial = json.loads(trial_json)
-            if trial.get("status") == "TERMINATED":
-                finished.append(trial["trial_id"])
-    return finished
+def _finished_trials(results: Path) -> list[str]:
+    """Trial ids that the search's saved driver state records as finished."""
+    from raycf.tune_state import finished_trials
+
+    return [trial for snapshot in glob.glob(str(results / "_ray" / "search-*-driver" / "state.zip")) for trial in finished_trials(snapshot)]
 
 
 def test_resume_after_the_driver_is_killed(ray_session, smoke_study_results, tmp_path):
@@ -53,13 +44,12 @@ def test_resume_after_the_driver_is_killed(ray_session, smoke_study_results, tmp
     args = ["study", "studies/digits.yaml", "--smoke", "--set", f"storage_path={storage}", *SEARCH_SETTINGS]
     env = {**os.environ, "RAY_ADDRESS": ray_address(), "TUNE_GLOBAL_CHECKPOINT_S": "0"}
     driver = subprocess.Popen([sys.executable, "-m", "raycf.cli", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    experiment = str(results / "_ray" / "search-*" / "experiment_state-*.json")
     deadline = time.time() + 600
-    while not _finished_trials(experiment):
+    while not _finished_trials(results):
         assert driver.poll() is None, driver.stderr.read()[-3000:]
         assert time.time() < deadline, "no trial finished in time"
         time.sleep(0.5)
-    first = _finished_trials(experiment)
+    first = _finished_trials(results)
     driver.send_signal(signal.SIGKILL)
     driver.wait(timeout=60)
     killed_at = time.time()

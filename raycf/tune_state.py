@@ -1,0 +1,97 @@
+"""Tune's driver state, saved as one file, so a killed driver resumes from a consistent set.
+
+Tune writes its experiment state (the trial list), the searcher's state and
+the callbacks' state to a local staging folder at the end of a controller
+step, then copies them to the storage path in the background, file by file.
+A driver killed during that copy leaves a mixed or truncated set in the
+storage: a trial list from one step and a searcher from the next, or empty
+files.  ``Tuner.restore`` then reruns finished trials, loses proposals or
+stops short of ``num_samples``.
+
+The staging folder itself is consistent once a step has ended (Tune writes
+it synchronously).  :class:`DriverStateSnapshot` bundles it into one zip file
+written atomically, and :func:`restore_driver_state` puts the bundle back in
+the experiment folder before ``Tuner.restore`` reads it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import pyarrow.fs as pafs
+from ray.tune import Callback
+
+from raycf import storage
+
+TUNER_FILE = "tuner.pkl"  # written once when the Tuner is created; not part of a step's state
+
+
+def is_state_file(name: str) -> bool:
+    """The files ``Tuner.restore`` reads from an experiment folder, except the Tuner itself."""
+    return name.endswith((".json", ".pkl")) and name != TUNER_FILE and not name.startswith("tmp-")
+
+
+def bundle(folder: Path) -> bytes:
+    """The state files at the top of ``folder`` as one zip archive."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and is_state_file(path.name):
+                archive.writestr(path.name, path.read_bytes())
+    return buffer.getvalue()
+
+
+def _fingerprint(folder: Path) -> tuple:
+    paths = sorted(path for path in folder.iterdir() if path.is_file() and is_state_file(path.name))
+    return tuple((path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in paths)
+
+
+class DriverStateSnapshot(Callback):
+    """Writes the staging folder's state files to ``location`` after every step that changed them."""
+
+    def __init__(self, location: str):
+        self.location = location
+        self._saved: tuple | None = None
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        if not trials:  # nothing worth resuming before the first trial exists
+            return
+        staging = Path(trials[0].storage.experiment_driver_staging_path)
+        if not staging.is_dir():
+            return
+        fingerprint = _fingerprint(staging)
+        if fingerprint and fingerprint != self._saved:
+            storage.write_bytes(self.location, bundle(staging))
+            self._saved = fingerprint
+
+
+def restore_driver_state(location: str, experiment_path: str) -> bool:
+    """Replace the experiment folder's state files with the snapshot's; False when there is no snapshot."""
+    if not storage.exists(location):
+        return False
+    with zipfile.ZipFile(io.BytesIO(storage.read_bytes(location))) as archive:
+        files = {name: archive.read(name) for name in archive.namelist()}
+    filesystem, folder = storage.resolve(experiment_path)
+    if filesystem.get_file_info(folder).type == pafs.FileType.Directory:
+        for entry in filesystem.get_file_info(pafs.FileSelector(folder)):
+            if entry.type == pafs.FileType.File and is_state_file(entry.base_name):
+                filesystem.delete_file(entry.path)
+    for name, data in files.items():
+        storage.write_bytes(storage.join_uri(experiment_path, name), data)
+    return True
+
+
+def finished_trials(location: str) -> list[str]:
+    """Ids of the trials that the snapshot at ``location`` records as terminated (finished)."""
+    if not storage.exists(location):
+        return []
+    with zipfile.ZipFile(io.BytesIO(storage.read_bytes(location))) as archive:
+        states = sorted(name for name in archive.namelist() if name.startswith("experiment_state-"))
+        if not states:
+            return []
+        experiment = json.loads(archive.read(states[-1]))
+    trials = (json.loads(trial_json) for trial_json, _runtime in experiment["trial_data"])
+    return [trial["trial_id"] for trial in trials if trial.get("status") == "TERMINATED"]
