@@ -376,7 +376,7 @@ def run_search_stage(run: StageRun) -> dict:
     import ray.tune as tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from raycf.tune_state import DriverStateSnapshot, finished_trials, restore_driver_state
+    from raycf.tune_state import DriverStateSnapshot, finished_trials, read_snapshot, restore_driver_state
 
     study = run.study
     if not study.search.space:
@@ -398,9 +398,10 @@ def run_search_stage(run: StageRun) -> dict:
     url, upload = optuna_storage_url(study, results)
     experiment_path = storage.join_uri(tune_storage, experiment)
     snapshot = storage.join_uri(tune_storage, f"{experiment}-driver", "state.zip")
-    kept = finished_trials(snapshot)
-    if restore_driver_state(snapshot, experiment_path):
-        log(f"search: resuming the interrupted search at {experiment_path} (finished trials kept: {len(kept)})")
+    saved_state = read_snapshot(snapshot)
+    if saved_state:
+        restore_driver_state(saved_state, experiment_path)
+        log(f"search: resuming the interrupted search at {experiment_path} (finished trials kept: {len(finished_trials(saved_state))})")
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=run.resume, restart_errored=False)
     else:
         # Killed before its first trial existed (or never run): nothing to keep.

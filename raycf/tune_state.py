@@ -34,19 +34,18 @@ def is_state_file(name: str) -> bool:
     return name.endswith((".json", ".pkl")) and name != TUNER_FILE and not name.startswith("tmp-")
 
 
-def bundle(folder: Path) -> bytes:
-    """The state files at the top of ``folder`` as one zip archive."""
+def state_paths(folder: Path) -> list[Path]:
+    """The state files at the top of ``folder``, by name."""
+    return sorted(path for path in folder.iterdir() if path.is_file() and is_state_file(path.name))
+
+
+def bundle(paths: list[Path]) -> bytes:
+    """``paths`` as one zip archive of their names and contents."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(folder.iterdir()):
-            if path.is_file() and is_state_file(path.name):
-                archive.writestr(path.name, path.read_bytes())
+        for path in paths:
+            archive.writestr(path.name, path.read_bytes())
     return buffer.getvalue()
-
-
-def _fingerprint(folder: Path) -> tuple:
-    paths = sorted(path for path in folder.iterdir() if path.is_file() and is_state_file(path.name))
-    return tuple((path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in paths)
 
 
 class DriverStateSnapshot(Callback):
@@ -62,18 +61,23 @@ class DriverStateSnapshot(Callback):
         staging = Path(trials[0].storage.experiment_driver_staging_path)
         if not staging.is_dir():
             return
-        fingerprint = _fingerprint(staging)
+        paths = state_paths(staging)
+        fingerprint = tuple((path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in paths)
         if fingerprint and fingerprint != self._saved:
-            storage.write_bytes(self.location, bundle(staging))
+            storage.write_bytes(self.location, bundle(paths))
             self._saved = fingerprint
 
 
-def restore_driver_state(location: str, experiment_path: str) -> bool:
-    """Replace the experiment folder's state files with the snapshot's; False when there is no snapshot."""
+def read_snapshot(location: str) -> dict[str, bytes]:
+    """The snapshot's files by name; empty when there is none."""
     if not storage.exists(location):
-        return False
+        return {}
     with zipfile.ZipFile(io.BytesIO(storage.read_bytes(location))) as archive:
-        files = {name: archive.read(name) for name in archive.namelist()}
+        return {name: archive.read(name) for name in archive.namelist()}
+
+
+def restore_driver_state(files: dict[str, bytes], experiment_path: str) -> None:
+    """Replace the experiment folder's state files with a snapshot's ``files``."""
     filesystem, folder = storage.resolve(experiment_path)
     if filesystem.get_file_info(folder).type == pafs.FileType.Directory:
         for entry in filesystem.get_file_info(pafs.FileSelector(folder)):
@@ -81,17 +85,13 @@ def restore_driver_state(location: str, experiment_path: str) -> bool:
                 filesystem.delete_file(entry.path)
     for name, data in files.items():
         storage.write_bytes(storage.join_uri(experiment_path, name), data)
-    return True
 
 
-def finished_trials(location: str) -> list[str]:
-    """Ids of the trials that the snapshot at ``location`` records as terminated (finished)."""
-    if not storage.exists(location):
+def finished_trials(files: dict[str, bytes]) -> list[str]:
+    """Ids of the trials that a snapshot's ``files`` record as terminated (finished)."""
+    states = sorted(name for name in files if name.startswith("experiment_state-"))
+    if not states:
         return []
-    with zipfile.ZipFile(io.BytesIO(storage.read_bytes(location))) as archive:
-        states = sorted(name for name in archive.namelist() if name.startswith("experiment_state-"))
-        if not states:
-            return []
-        experiment = json.loads(archive.read(states[-1]))
+    experiment = json.loads(files[states[-1]])
     trials = (json.loads(trial_json) for trial_json, _runtime in experiment["trial_data"])
     return [trial["trial_id"] for trial in trials if trial.get("status") == "TERMINATED"]

@@ -30,9 +30,9 @@ def _copy_cached_stages(source: Path, target: Path) -> None:
 
 def _finished_trials(results: Path) -> list[str]:
     """Trial ids that the search's saved driver state records as finished."""
-    from raycf.tune_state import finished_trials
+    from raycf.tune_state import finished_trials, read_snapshot
 
-    return [trial for snapshot in glob.glob(str(results / "_ray" / "search-*-driver" / "state.zip")) for trial in finished_trials(snapshot)]
+    return [trial for snapshot in glob.glob(str(results / "_ray" / "search-*-driver" / "state.zip")) for trial in finished_trials(read_snapshot(snapshot))]
 
 
 def test_resume_after_the_driver_is_killed(ray_session, smoke_study_results, tmp_path):

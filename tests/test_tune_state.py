@@ -7,7 +7,7 @@ import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
-from raycf.tune_state import DriverStateSnapshot, finished_trials, restore_driver_state
+from raycf.tune_state import DriverStateSnapshot, finished_trials, read_snapshot, restore_driver_state
 
 
 def _experiment_state(*trials: tuple[str, str]) -> str:
@@ -43,7 +43,7 @@ def test_the_snapshot_holds_the_step_state_files_only(tmp_path):
             "searcher-state-2026-01-01_00-00-00.pkl",
         ]
         assert archive.read("searcher-state-2026-01-01_00-00-00.pkl") == b"optuna"
-    assert finished_trials(str(location)) == ["a"]
+    assert finished_trials(read_snapshot(str(location))) == ["a"]
 
 
 def test_the_snapshot_is_rewritten_only_when_the_state_changed(tmp_path):
@@ -56,13 +56,13 @@ def test_the_snapshot_is_rewritten_only_when_the_state_changed(tmp_path):
     assert not location.exists()
     (staging / "experiment_state-2026-01-01_00-00-00.json").write_text(_experiment_state(("a", "TERMINATED"), ("b", "TERMINATED")))
     _step_end(callback, staging)
-    assert finished_trials(str(location)) == ["a", "b"]
+    assert finished_trials(read_snapshot(str(location))) == ["a", "b"]
 
 
 def test_no_trial_yet_means_no_snapshot(tmp_path):
     location = tmp_path / "state.zip"
     DriverStateSnapshot(str(location)).on_step_end(iteration=1, trials=[])
-    assert not location.exists() and finished_trials(str(location)) == []
+    assert not location.exists() and finished_trials(read_snapshot(str(location))) == []
 
 
 def test_restore_replaces_a_torn_copy_and_keeps_the_tuner(tmp_path):
@@ -74,7 +74,7 @@ def test_restore_replaces_a_torn_copy_and_keeps_the_tuner(tmp_path):
     (experiment / "experiment_state-2026-01-01_00-00-00.json").write_bytes(b"")  # truncated by a killed copy
     (experiment / "searcher-state-2026-01-01_00-00-00.pkl").write_bytes(b"a newer step's searcher")
     (experiment / "search_gen_state-2025-12-31_00-00-00.json").write_bytes(b"an older session's")
-    assert restore_driver_state(str(location), str(experiment))
+    restore_driver_state(read_snapshot(str(location)), str(experiment))
     assert sorted(path.name for path in experiment.iterdir()) == [
         "experiment_state-2026-01-01_00-00-00.json",
         "search_gen_state-2026-01-01_00-00-00.json",
@@ -86,9 +86,6 @@ def test_restore_replaces_a_torn_copy_and_keeps_the_tuner(tmp_path):
     assert (experiment / "tuner.pkl").read_bytes() == b"the tuner"
 
 
-def test_restore_without_a_snapshot_changes_nothing(tmp_path):
-    experiment = tmp_path / "search-x"
-    experiment.mkdir()
-    (experiment / "experiment_state-2026-01-01_00-00-00.json").write_bytes(b"")
-    assert not restore_driver_state(str(tmp_path / "state.zip"), str(experiment))
-    assert [path.name for path in experiment.iterdir()] == ["experiment_state-2026-01-01_00-00-00.json"]
+def test_no_snapshot_reads_as_empty(tmp_path):
+    assert read_snapshot(str(tmp_path / "state.zip")) == {}
+    assert finished_trials({}) == []
