@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench bench-gpu venv system-packages clean
 
 venv: $(STAMP)
 
@@ -20,7 +20,10 @@ demo: $(STAMP)
 	$(BIN)/raycf study studies/digits.yaml
 	$(BIN)/raycf leaderboard results/digits --top 5
 
-test: $(STAMP)
+system-packages:
+	./.ci/system-packages.sh
+
+test: $(STAMP) system-packages
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

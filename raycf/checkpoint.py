@@ -64,6 +64,21 @@ class ClassifierCheckpoint:
         return buffer.getvalue()
 
 
+def checkpoint_of(model: torch.nn.Module, class_names: list[str], image_size: int, config_hash: str, metrics: dict[str, float] | None = None) -> ClassifierCheckpoint:
+    """The checkpoint of a :class:`~raycf.models.FilterClassifier` (possibly DDP-wrapped) as it is now."""
+    inner = getattr(model, "module", model)
+    return ClassifierCheckpoint(
+        arch=inner.arch,
+        num_filters=inner.num_filters,
+        num_classes=inner.num_classes,
+        class_names=list(class_names),
+        image_size=int(image_size),
+        config_hash=config_hash,
+        state_dict=unwrap_state_dict(inner),
+        metrics=dict(metrics or {}),
+    )
+
+
 def unwrap_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state dict of a model, without DDP's ``module.`` wrapper."""
     inner = getattr(model, "module", model)

@@ -16,16 +16,6 @@ from typing import Callable
 
 from raycf.errors import UserError, find_user_error
 
-# Command → the stage it produces (its upstream stages run first when stale).
-STAGE_COMMANDS = {
-    "train": ("base", "train (or adopt) the base classifier on Ray Train"),
-    "features": ("features", "pooled filter vectors and logits of every image (Ray Data actor pool)"),
-    "cfe": ("cfe", "train the MC and MI generator bank of all classes on the cached vectors (Ray Train)"),
-    "masks": ("masks", "per-image MC masks of the inferred and top-k classes (Ray Data)"),
-    "analyze": ("analyze", "global MC filters, misclassification detection (paper Table 1) and AUROC vs max-softmax"),
-    "debug": ("debug", "retrain with the debugging loss and its fine-tuning control on Ray Train; print Tables 2 and 3"),
-}
-
 STUDY_HELP = "the study file (YAML); see the README's study file reference"
 
 
@@ -47,6 +37,12 @@ def _add_study_options(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         help="rerun STAGE even if its cached result is up to date (repeatable)",
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's own console output too (its warnings and logs, its workers' output, Tune's status tables), as "
+        "RAYCF_VERBOSE=1 does; without it that output goes to <results>/logs/ray.log and only raycf's lines are shown",
     )
 
 
@@ -122,46 +118,51 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--out", metavar="DIR", default="explanations", help="where the bundles go (default: ./explanations)")
     explain.set_defaults(handler=_run_explain_command)
 
-    for command, (stage, summary) in STAGE_COMMANDS.items():
+    from raycf.stages import STAGES
+
+    for stage in (stage for stage in STAGES if stage.command):
+        command, summary = stage.command, stage.summary
         sub = add_command(
             command,
             help=summary,
             description=f"{summary[0].upper()}{summary[1:]}. Stages it depends on run first when their results are missing or stale.",
         )
         _add_study_options(sub)
-        sub.set_defaults(handler=_run_stage_command, stage=stage)
+        sub.set_defaults(handler=_run_stage_command, stage=stage.name)
     return parser
 
 
 def _load_checked_study(args: argparse.Namespace):
     """Validate the study, its data and its weights before anything is written."""
+    from raycf import console
     from raycf.config import load_study
     from raycf.data import load_splits
     from raycf.models import check_model_weights
 
     study = load_study(args.study, args.overrides, smoke=args.smoke)
+    console.configure(study.results_uri, verbose=args.verbose)  # before any stage starts Ray (cluster.ensure_ray)
     splits = load_splits(study.data, study.seed, verify_images=True)
     check_model_weights(study.model, splits.num_classes)
     return study
 
 
 def _run_stage_command(args: argparse.Namespace) -> int:
-    from raycf.pipeline import run_stages, stages
+    from raycf.pipeline import run_stages
+    from raycf.stages import stage_named
 
     study = _load_checked_study(args)
     run_stages(study, [args.stage], force=set(args.force), command=_command_line())
-    describe = stages()[args.stage].describe
+    describe = stage_named(args.stage).describe
     if describe is not None:  # the stage's result as a table (also when it was cached)
         print(describe(study.results_uri), flush=True)
     return 0
 
 
 def _run_study_command(args: argparse.Namespace) -> int:
-    from raycf.pipeline import run_stages, stages
+    from raycf.pipeline import run_stages
 
     study = _load_checked_study(args)
-    targets = [name for name in ("analyze", "final", "report") if name in stages()]
-    run_stages(study, targets, force=set(args.force), command=_command_line(), resume=args.resume)
+    run_stages(study, ["analyze", "final", "report"], force=set(args.force), command=_command_line(), resume=args.resume)
     return 0
 
 
@@ -204,7 +205,7 @@ def _run_rerun_command(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device is visible here (expected an NVIDIA GPU with a working driver, or --device cpu)")
-    from raycf.study import rerun_trial
+    from raycf.rerun import rerun_trial
 
     report = rerun_trial(args.results, None if args.best else args.trial, args.device)
     print(f"trial {report.trial_id} rerun on {args.device} (tolerance: one validation image = {report.tolerance:.4f} in accuracy)")

@@ -28,16 +28,36 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from raycf.errors import UserError
 
 ARCHITECTURES = ("vgg16", "resnet18", "resnet50", "vgg_tiny")
-DATASET_KINDS = ("digits", "cub200", "imagefolder")
+DATASET_KINDS = ("digits", "fashion_mnist", "cub200", "imagefolder")
 
 # Short names for the parameters the paper's method is searched over; any other
-# searched parameter is named by its dotted path in the study (``debug.lr``).
+# searched parameter is named by its dotted path in the study (``debug.lr``,
+# ``analysis.freq_threshold``).  ``freq_threshold`` is the f of retraining's
+# global sets (``debug.freq_threshold``), the f the search's objective depends on.
 PARAMETER_ALIASES = {
     "lambda1": "debug.lambda1",
     "lambda2": "debug.lambda2",
     "tau": "analysis.tau",
-    "freq_threshold": "analysis.freq_threshold",
+    "freq_threshold": "debug.freq_threshold",
 }
+
+# What --smoke applies before the study file's own smoke: block (tiny epochs and
+# trial counts), so that any study, even one that names only its data and model,
+# runs end to end on a CPU.
+DEFAULT_SMOKE = {"base.epochs": 1, "cfe.epochs": 1, "debug.epochs": 2, "search.num_samples": 2}
+
+UNHASHED = "not part of stage hashes"
+
+
+def resource_field(default: Any, description: str, **constraints: Any) -> Any:
+    """A field that changes where or how fast work runs, not its results: left out of every stage hash."""
+    return Field(default, description=f"{description} (resource only: {UNHASHED})", json_schema_extra={"hashed": False}, **constraints)
+
+
+def is_hashed(field: Any) -> bool:
+    """Whether a model field enters stage hashes (see :func:`resource_field`)."""
+    extra = field.json_schema_extra
+    return not (isinstance(extra, dict) and extra.get("hashed") is False)
 
 
 class StrictModel(BaseModel):
@@ -56,30 +76,45 @@ class AugmentConfig(StrictModel):
     hflip: bool = Field(False, description="random horizontal flips")
 
 
-class DataConfig(StrictModel):
-    """Where the images come from and how they are split and transformed."""
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist puts it
 
-    kind: Literal["digits", "cub200", "imagefolder"] = Field(
-        "digits", description="digits (embedded, scikit-learn), cub200 (official CUB_200_2011 folder) or imagefolder"
+
+class DataConfig(StrictModel):
+    """Where the images come from, how they are split, stored and augmented."""
+
+    kind: Literal["digits", "fashion_mnist", "cub200", "imagefolder"] = Field(
+        "digits",
+        description="digits (embedded, scikit-learn), fashion_mnist (IDX files, Debian's dataset-fashion-mnist), "
+        "cub200 (official CUB_200_2011 folder) or imagefolder",
     )
-    root: str | None = Field(None, description="dataset folder; required for cub200 and imagefolder")
-    image_size: int = Field(0, ge=0, description="side of the square input in pixels; 0 picks 32 for digits, 224 otherwise")
+    root: str | None = Field(
+        None, description=f"dataset folder; required for cub200 and imagefolder; fashion_mnist defaults to {FASHION_MNIST_ROOT}"
+    )
+    image_size: int = Field(0, ge=0, description="side of the square model input in pixels; 0 picks 32 for digits and fashion_mnist, 224 otherwise")
+    stored_side: int = Field(
+        0, ge=0, description="side of the decoded uint8 images the images stage stores; 0 picks image_size for digits and fashion_mnist, 8/7 of it otherwise (256 for 224)"
+    )
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share of the training split held out for validation, by seed")
     test_fraction: float = Field(
         0.6, gt=0, lt=1, description="digits only: share of the 1,797 images held out as the test split (stratified)"
     )
     bbox_crop: bool = Field(False, description="cub200 only: crop each image to its bounding_boxes.txt box")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="training augmentation")
-    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker")
+    decode_actors: int = resource_field(2, "CPU actors of the images stage that decode and resize the dataset", gt=0)
+    loader_workers: int = resource_field(0, "DataLoader worker processes per training worker (they only slice the uint8 store)", ge=0)
 
     @model_validator(mode="after")
     def _root_and_size(self) -> "DataConfig":
+        if self.kind == "fashion_mnist" and not self.root:
+            object.__setattr__(self, "root", FASHION_MNIST_ROOT)
         if self.kind != "digits" and not self.root:
             raise ValueError(f"data.root is required for data.kind={self.kind} (expected the dataset folder)")
         if self.image_size == 0:
-            object.__setattr__(self, "image_size", 32 if self.kind == "digits" else 224)
+            object.__setattr__(self, "image_size", 32 if self.kind in ("digits", "fashion_mnist") else 224)
         if self.image_size < 8:
             raise ValueError(f"data.image_size must be at least 8 pixels (got {self.image_size})")
+        if self.stored_side and self.stored_side < self.image_size:
+            raise ValueError(f"data.stored_side must be at least data.image_size ({self.image_size}; got {self.stored_side})")
         return self
 
 
@@ -93,6 +128,9 @@ class ModelConfig(StrictModel):
         "none", description="none (random init), imagenet (torchvision weights from the local cache), or a raycf checkpoint path"
     )
     dropout: float = Field(0.5, ge=0, lt=1, description="dropout before the linear head (training only)")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="arithmetic of training and inference: auto is bf16 on a CUDA device that supports it, fp32 on the CPU; fp16 adds a GradScaler"
+    )
 
 
 class BaseConfig(StrictModel):
@@ -108,16 +146,17 @@ class BaseConfig(StrictModel):
     head_epochs: int = Field(0, ge=0, description="epochs of head-only training before all layers (the CUB recipe: 50)")
     head_lr: float = Field(1e-3, gt=0, description="SGD learning rate of the head-only phase")
     workers: int = Field(2, ge=1, description="Ray Train data-parallel workers")
-    use_gpu: bool = Field(False, description="one GPU per worker")
-    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint before giving up")
+    eval_batch_size: int = resource_field(256, "images per validation batch", gt=0)
+    use_gpu: bool = resource_field(False, "one GPU per worker")
+    max_failures: int = resource_field(2, "worker-group restarts from the last checkpoint before giving up", ge=0)
 
 
 class FeaturesConfig(StrictModel):
     """Pooled vectors and logits for every image (Ray Data actor pool)."""
 
-    batch_size: int = Field(256, gt=0, description="images per inference batch")
-    actors: int = Field(2, gt=0, description="actors in the pool, each holding the classifier")
-    use_gpu: bool = Field(False, description="one GPU per actor")
+    batch_size: int = resource_field(256, "images per inference batch", gt=0)
+    actors: int = resource_field(2, "actors in the pool, each holding the classifier", gt=0)
+    use_gpu: bool = resource_field(False, "one GPU per actor")
 
 
 class CfeConfig(StrictModel):
@@ -133,18 +172,18 @@ class CfeConfig(StrictModel):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     batch_size: int = Field(32, gt=0, description="vectors per step")
     views: int = Field(4, ge=1, description="views per training image: view 0 plain, the rest augmented")
-    workers: int = Field(1, ge=0, description="Ray Train workers; 0: Ray Train's local mode (in the calling process, no worker start-up)")
-    use_gpu: bool = Field(False, description="one GPU per worker")
-    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint before giving up")
+    workers: int = Field(1, ge=0, description="Ray Train workers; 0: in the calling process, no worker start-up")
+    use_gpu: bool = resource_field(False, "one GPU per worker")
+    max_failures: int = resource_field(2, "worker-group restarts from the last checkpoint before giving up", ge=0)
 
 
 class MasksConfig(StrictModel):
     """Per-image MC masks (Ray Data over the cached vectors)."""
 
-    batch_size: int = Field(256, gt=0, description="vectors per batch")
-    actors: int = Field(2, gt=0, description="actors in the pool, each holding the generator bank")
+    batch_size: int = resource_field(256, "vectors per batch", gt=0)
+    actors: int = resource_field(2, "actors in the pool, each holding the generator bank", gt=0)
     topk: int = Field(5, gt=0, description="classes whose masks are computed per image")
-    use_gpu: bool = Field(False, description="one GPU per actor")
+    use_gpu: bool = resource_field(False, "one GPU per actor (vectors only: seconds of work, a GPU rarely pays)")
 
 
 DetectionMetric = Literal["recall", "precision", "f1", "magnitude", "head_weight"]
@@ -172,7 +211,7 @@ class AnalysisConfig(StrictModel):
     """Global MC filters and misclassification detection (METHOD §3–4)."""
 
     tau: float = Field(0.9, ge=0, le=1, description="confidence gate τ for accumulating training images")
-    freq_threshold: float = Field(0.15, ge=0, le=1, description="f: a filter is in G_c if seen in more than f·max of the class's images; the G of the AUROC scores and of debug retraining (the reference retrains with 0)")
+    freq_threshold: float = Field(0.15, ge=0, le=1, description="f of detection: a filter is in G_c if seen in more than f·max of the class's accepted images; the G of the AUROC scores and of the study's own detection row (retraining has debug.freq_threshold)")
     skip_threshold: float = Field(0.9, ge=0, le=1, description="skip threshold of the study's own detection score")
     settings: tuple[DetectionSetting, ...] = Field(PAPER_DETECTION_SETTINGS, description="rows of the detection table")
 
@@ -182,15 +221,29 @@ class DebugConfig(StrictModel):
 
     lambda1: float = Field(1.6e-2, ge=0, description="per-sample weight rewarding global-MC activity (reference: 1e-3 per batch of 16)")
     lambda2: float = Field(3.2e-4, ge=0, description="per-sample weight penalising non-MC activity (reference: 2e-5 per batch of 16)")
+    freq_threshold: float = Field(0.0, ge=0, le=1, description="f of retraining: G_c = filters seen in more than f·max of the class's accepted images (the reference retrains with 0: any filter seen once)")
     indicator: Literal["paper", "centred"] = Field("paper", description="paper: thresholded sigmoid of a; centred: standardised per filter first")
     trainable: Literal["last_conv_and_head", "head", "all"] = Field("last_conv_and_head", description="layers retrained")
     epochs: int = Field(20, gt=0, description="epochs")
+    views: int = Field(4, ge=1, description="views of each training image retraining draws from, one per image per epoch: view 0 plain, the rest augmented with fixed seeds (what the prefix cache holds)")
     lr: float = Field(1e-4, gt=0, description="SGD learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     batch_size: int = Field(16, gt=0, description="global batch size")
-    workers: int = Field(1, ge=1, description="Ray Train data-parallel workers")
-    use_gpu: bool = Field(False, description="one GPU per worker")
-    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
+    workers: int = Field(1, ge=1, description="data-parallel workers; 1: a search trial trains in its own Tune trial (no worker group), more: a TorchTrainer (DDP)")
+    eval_batch_size: int = resource_field(256, "images per batch of validation and of the final predictions", gt=0)
+    use_gpu: bool = resource_field(False, "one GPU per worker")
+    max_failures: int = resource_field(2, "retries of a failed run or trial from its last checkpoint", ge=0)
+
+
+class PrefixConfig(StrictModel):
+    """The frozen-prefix cache: what retraining's frozen layers compute, computed once per base model (Ray Data)."""
+
+    enabled: bool = Field(True, description="retrain on the cache when debug.trainable leaves layers frozen (last_conv_and_head, head); all trains without it")
+    dtype: Literal["float16", "float32"] = Field("float16", description="storage of the cached activations (float16: half the size, ~5e-4 relative error per value)")
+    max_gb: float = resource_field(20.0, "the largest cache a study may write; a larger one is refused before anything runs", gt=0)
+    batch_size: int = resource_field(128, "images per inference batch", gt=0)
+    actors: int = resource_field(2, "actors in the pool, each holding the classifier", gt=0)
+    use_gpu: bool = resource_field(False, "one GPU per actor")
 
 
 class Distribution(StrictModel):
@@ -236,19 +289,31 @@ class SearchConfig(StrictModel):
     max_concurrent: int = Field(2, gt=0, description="trials running at once")
     metric: str = Field("val_acc", description="objective reported per epoch")
     mode: Literal["max", "min"] = Field("max", description="direction of the objective")
-    space: dict[str, Distribution] = Field(default_factory=dict, description="searched parameters: lambda1, lambda2, tau, freq_threshold or a dotted path")
+    space: dict[str, Distribution] | None = Field(
+        None,
+        description="searched parameters: lambda1, lambda2, tau, freq_threshold (= debug.freq_threshold) or a dotted path; "
+        "left out: the default space (lambda1 loguniform [1e-4, 1], lambda2 loguniform [1e-6, 0.1], tau uniform [0.5, 0.99], freq_threshold uniform [0, 0.5])",
+    )
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="early stopping")
     storage: str | None = Field(None, description="Optuna storage URL (SQLAlchemy); default: sqlite optuna.db in the results folder")
     include_control: bool = Field(True, description="evaluate λ1 = λ2 = 0 as the first, fixed point")
-    pareto: tuple[str, str] = Field(("val_acc", "det_auroc"), description="the two metrics of `raycf leaderboard --pareto` (both maximised)")
-    driver_cpus: float = Field(0.1, gt=0, description="CPUs reserved by each trial's driver (it only waits on its TorchTrainer)")
-    driver_resources: dict[str, float] = Field(
-        default_factory=dict, description="extra Ray resources each trial's driver asks for (pins drivers to the head on a cluster)"
+    pareto: tuple[str, str] = Field(
+        ("val_acc", "det_auroc"),
+        description=f"the two metrics of `raycf leaderboard --pareto` (both maximised) (display only: {UNHASHED})",
+        json_schema_extra={"hashed": False},
+    )
+    driver_cpus: float = resource_field(0.1, "CPUs reserved by the driver of a multi-worker trial (it only waits on its TorchTrainer)", gt=0)
+    driver_resources: dict[str, float] = resource_field(
+        {}, "extra Ray resources the driver of a multi-worker trial asks for (pins such drivers to the head on a cluster)"
     )
 
     @field_validator("space")
     @classmethod
-    def _known_parameters(cls, space: dict[str, Distribution]) -> dict[str, Distribution]:
+    def _known_parameters(cls, space: dict[str, Distribution] | None) -> dict[str, Distribution] | None:
+        if space is None:
+            return None
+        if not space:
+            raise ValueError("no searched parameters (expected e.g. lambda1: {loguniform: [1.0e-4, 1.0]}; leave search.space out to search the default space)")
         for name in space:
             path = PARAMETER_ALIASES.get(name, name)
             if not _is_field_path(StudyConfig, path.split(".")):
@@ -256,6 +321,22 @@ class SearchConfig(StrictModel):
                     f"unknown searched parameter {name!r} (expected one of {', '.join(PARAMETER_ALIASES)} or a dotted study field)"
                 )
         return space
+
+
+    @property
+    def searched_space(self) -> dict[str, Distribution]:
+        """The space the search explores: ``space``, or :data:`DEFAULT_SPACE` when the study leaves it out."""
+        return dict(self.space) if self.space is not None else dict(DEFAULT_SPACE)
+
+
+# The search space of a study that names none: METHOD §5's λ (1.6e-2, 3.2e-4 per
+# image) and the paper's τ = 0.9 and f ∈ {0, 0.15} lie inside it.
+DEFAULT_SPACE = {
+    "lambda1": Distribution(loguniform=(1e-4, 1.0)),
+    "lambda2": Distribution(loguniform=(1e-6, 1e-1)),
+    "tau": Distribution(uniform=(0.5, 0.99)),
+    "freq_threshold": Distribution(uniform=(0.0, 0.5)),
+}
 
 
 class StudyConfig(StrictModel):
@@ -271,9 +352,13 @@ class StudyConfig(StrictModel):
     cfe: CfeConfig = Field(default_factory=CfeConfig)
     masks: MasksConfig = Field(default_factory=MasksConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+    prefix: PrefixConfig = Field(default_factory=PrefixConfig)
     debug: DebugConfig = Field(default_factory=DebugConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
-    smoke: dict[str, Any] = Field(default_factory=dict, description="overrides applied by --smoke (tiny epochs and trial counts)")
+    smoke: dict[str, Any] = Field(
+        default_factory=dict,
+        description="overrides applied by --smoke (tiny epochs and trial counts), after raycf's own: " + ", ".join(f"{key}={value}" for key, value in DEFAULT_SMOKE.items()),
+    )
 
     @field_validator("name")
     @classmethod
@@ -290,13 +375,40 @@ class StudyConfig(StrictModel):
         return join_uri(normalise_root(self.storage_path), self.name)
 
     def config_hash(self) -> str:
-        """Short hash of everything that defines the study's results (smoke block excluded)."""
-        return hash_object(self.model_dump(mode="json", exclude={"smoke"}))
+        """Short hash of everything that defines the study's results (smoke block and resource fields excluded)."""
+        return hash_object({key: value for key, value in result_fields(self).items() if key != "smoke"})
 
-    def section_hash(self, *sections: str) -> str:
-        """Short hash of some sections (plus the seed), used to cache stages."""
-        dumped = self.model_dump(mode="json")
-        return hash_object({"seed": self.seed, **{name: dumped[name] for name in sections}})
+    def section_hash(self, *reads: str) -> str:
+        """Short hash of some sections or dotted fields (plus the seed), resource fields excluded: a stage's inputs."""
+        dumped = result_fields(self)
+        values = {}
+        for path in reads:
+            value: Any = dumped
+            for part in path.split("."):
+                value = value[part]
+            values[path] = value
+        return hash_object({"seed": self.seed, **values})
+
+
+def result_fields(model: BaseModel) -> dict[str, Any]:
+    """``model`` as JSON-ready values without the fields that do not change results (:func:`resource_field`)."""
+    dumped = {}
+    for name, field in type(model).model_fields.items():
+        if not is_hashed(field):
+            continue
+        value = getattr(model, name)
+        dumped[name] = result_fields(value) if isinstance(value, BaseModel) else _json_ready(value)
+    return dumped
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _json_ready(item) for key, item in value.items()}
+    return value
 
 
 def hash_object(value: Any) -> str:
@@ -357,7 +469,7 @@ def study_from_mapping(
     study = _validate(raw, source)
     # The smoke variant is validated even when not applied, so a broken smoke
     # block is found before CI runs it.
-    smoke_raw = apply_overrides(copy.deepcopy(raw), _flatten(smoke_block), source=f"{source}: smoke")
+    smoke_raw = apply_overrides(copy.deepcopy(raw), list(DEFAULT_SMOKE.items()) + _flatten(smoke_block), source=f"{source}: smoke")
     smoke_study = _validate(smoke_raw, f"{source} (with its smoke block)")
     if smoke:
         raw, study = smoke_raw, smoke_study

@@ -1,13 +1,19 @@
-"""Datasets: the embedded digits default, the official CUB-200-2011 folder, and image folders.
+"""Datasets: the embedded digits default, Fashion-MNIST, the official CUB-200-2011 folder, and image folders.
 
-:func:`load_splits` returns train / val / test :class:`ImageDataset` objects
-with integer labels, stable image ids and the class names.  The validation
+:func:`load_splits` returns the train / val / test :class:`SplitImages` of a
+study: integer labels, stable image ids, the class names, and how to decode
+each image to an RGB uint8 square at the study's stored side.  The validation
 split is always carved from the training data by seed; the test split is only
-read by final evaluations.
+read by final evaluations.  Nothing here transforms images for a model: the
+``images`` stage decodes every split once into a uint8 store
+(:mod:`raycf.image_store`), and training and inference resize, augment and
+normalise batches on their own device (:mod:`raycf.augment`).
 """
 
 from __future__ import annotations
 
+import gzip
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -16,10 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
-from torchvision.transforms import v2
 
-from raycf.config import AugmentConfig, DataConfig
+from raycf.config import DataConfig
 from raycf.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -28,109 +32,113 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 CUB_REQUIRED_FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")
 SPLITS = ("train", "val", "test")
 
+# Set (tests, audits) to a file path: every image read from a split appends
+# "<split> <index>" to it, from whichever process reads it (raycf forwards
+# RAYCF_* variables to its Ray workers).  How the "test split read once per
+# model" promise is checked.
+READ_LOG = "RAYCF_READ_LOG"
 
-class ImageDataset(Dataset):
-    """Images with integer labels and stable string ids.
 
-    ``load(i)`` returns the raw image (a PIL image or a 3×H×W float tensor in
-    [0, 1]); ``transform`` turns it into the model's input.  Items are
-    ``(image_tensor, label)``.
-    """
+def log_read(split: str, index: int) -> None:
+    """Append one read to the read log, when :data:`READ_LOG` names one."""
+    location = os.environ.get(READ_LOG)
+    if location:
+        descriptor = os.open(location, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(descriptor, f"{split} {index}\n".encode())
+        finally:
+            os.close(descriptor)
 
-    def __init__(
-        self,
-        ids: Sequence[str],
-        labels: Sequence[int],
-        load: Callable[[int], object],
-        transform: Callable[[object], torch.Tensor],
-    ):
+
+def stored_side(config: DataConfig) -> int:
+    """The side of the decoded uint8 images: ``data.stored_side``, or by default the input side
+    (digits, Fashion-MNIST: small images) or 8/7 of it (256 for 224-pixel inputs, room for zoom and shift)."""
+    if config.stored_side:
+        return config.stored_side
+    if config.kind in ("digits", "fashion_mnist"):
+        return config.image_size
+    return round(config.image_size * 256 / 224)
+
+
+def decode_to_side(image: object, side: int) -> np.ndarray:
+    """An image (PIL, or a 3×H×W float tensor in [0, 1]) as an RGB uint8 side×side×3 array (antialiased resize)."""
+    if isinstance(image, torch.Tensor):
+        resized = F.interpolate(image[None].float(), size=(side, side), mode="bilinear", antialias=True, align_corners=False)[0]
+        return (resized.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    rgb = image.convert("RGB")
+    if rgb.size != (side, side):
+        rgb = rgb.resize((side, side), Image.Resampling.BILINEAR, reducing_gap=None)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+class SplitImages:
+    """The images of one split: integer labels, stable string ids, and their decoding."""
+
+    def __init__(self, split: str, ids: Sequence[str], labels: Sequence[int], load: Callable[[int], object], side: int):
+        self.split = split
         self.ids = list(ids)
         self.labels = np.asarray(labels, dtype=np.int64)
         self._load = load
-        self.transform = transform
+        self.side = side
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self._load(index)), int(self.labels[index])
-
     def raw(self, index: int) -> object:
-        """The untransformed image."""
+        """Image ``index`` as the source gives it: a PIL image, or a 3×H×W float tensor in [0, 1]."""
         return self._load(index)
 
-    def with_transform(self, transform: Callable[[object], torch.Tensor]) -> "ImageDataset":
-        """The same images under another transform."""
-        return ImageDataset(self.ids, self.labels, self._load, transform)
+    def decode(self, index: int) -> np.ndarray:
+        """Image ``index`` as RGB uint8, side×side×3 (decoding for the image store, not a model's read)."""
+        return decode_to_side(self._load(index), self.side)
+
+    def check_readable(self) -> None:
+        """Open every image once (a corrupt file raises :class:`UserError`); not a read of the split for a model."""
+        for index in range(len(self)):
+            self._load(index)
 
 
 @dataclass
 class DataSplits:
-    """The three splits (train with augmentation) and the class names."""
+    """The three splits and the class names."""
 
-    train: ImageDataset
-    val: ImageDataset
-    test: ImageDataset
+    train: SplitImages
+    val: SplitImages
+    test: SplitImages
     class_names: list[str]
-    eval_transform: Callable[[object], torch.Tensor]
-    train_transform: Callable[[object], torch.Tensor]
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def split(self, name: str, augment: bool = False) -> ImageDataset:
-        """One split by name; ``augment`` chooses the training transform."""
+    def split(self, name: str) -> SplitImages:
+        """One split by name."""
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}")
-        dataset = getattr(self, name)
-        return dataset.with_transform(self.train_transform if augment else self.eval_transform)
+        return getattr(self, name)
 
 
 def load_splits(config: DataConfig, seed: int, verify_images: bool = False) -> DataSplits:
     """Build the train / val / test splits that ``config`` describes.
 
-    ``verify_images`` opens every image file once (header only) so that a
-    corrupt file is reported before any work starts; the command line does
-    this at its edge, workers skip it.
+    ``verify_images`` opens every image file once so that a corrupt file is
+    reported before any work starts; the command line does this at its edge.
     """
     if config.kind == "digits":
         return _digits_splits(config, seed)
     root = Path(config.root or "")
     if not root.is_dir():
         raise UserError(f"data.root {root}: folder not found (expected the {config.kind} dataset folder)")
+    if config.kind == "fashion_mnist":
+        return _fashion_mnist_splits(config, root, seed)
     if config.kind == "cub200":
         splits = _cub_splits(config, root, seed)
     else:
         splits = _imagefolder_splits(config, root, seed)
     if verify_images:
         for name in SPLITS:
-            dataset = getattr(splits, name)
-            for index in range(len(dataset)):
-                dataset.raw(index)
+            getattr(splits, name).check_readable()
     return splits
-
-
-# ------------------------------------------------------------------ transforms
-
-
-def build_transforms(config: DataConfig, augment: AugmentConfig | None) -> Callable[[object], torch.Tensor]:
-    """Resize → (augmentation) → float tensor → ImageNet normalisation."""
-    steps: list[object] = [v2.ToImage(), v2.Resize((config.image_size, config.image_size), antialias=True)]
-    if augment is not None:
-        scale = (1 - augment.zoom, 1 + augment.zoom)
-        steps.append(
-            v2.RandomAffine(
-                degrees=augment.rotation,
-                translate=(augment.shift, augment.shift),
-                scale=scale,
-                shear=augment.shear,
-            )
-        )
-        if augment.hflip:
-            steps.append(v2.RandomHorizontalFlip())
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    return v2.Compose(steps)
 
 
 def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -154,21 +162,13 @@ def _make_splits(
     test_index: np.ndarray,
     class_names: list[str],
 ) -> DataSplits:
-    eval_transform = build_transforms(config, None)
-    train_transform = build_transforms(config, config.augment)
+    side = stored_side(config)
 
-    def subset(index: np.ndarray, transform: Callable[[object], torch.Tensor]) -> ImageDataset:
+    def subset(split: str, index: np.ndarray) -> SplitImages:
         positions = [int(i) for i in index]
-        return ImageDataset([ids[i] for i in positions], labels[positions], lambda k: load(positions[k]), transform)
+        return SplitImages(split, [ids[i] for i in positions], labels[positions], lambda k: load(positions[k]), side)
 
-    return DataSplits(
-        train=subset(train_index, train_transform),
-        val=subset(val_index, eval_transform),
-        test=subset(test_index, eval_transform),
-        class_names=class_names,
-        eval_transform=eval_transform,
-        train_transform=train_transform,
-    )
+    return DataSplits(train=subset("train", train_index), val=subset("val", val_index), test=subset("test", test_index), class_names=class_names)
 
 
 # ---------------------------------------------------------------------- digits
@@ -189,6 +189,58 @@ def _digits_splits(config: DataConfig, seed: int) -> DataSplits:
     return _make_splits(
         config, ids, labels, lambda i: images[i], rest[train_pos], rest[val_pos], test_index, [str(d) for d in range(10)]
     )
+
+
+# ---------------------------------------------------------------------- Fashion-MNIST
+
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (gzip-compressed or not) as a numpy array: the MNIST format of unsigned bytes."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as stream:
+            data = stream.read()
+    except (OSError, EOFError) as error:
+        raise UserError(f"{path}: unreadable IDX file ({error.__class__.__name__}; expected a gzip-compressed MNIST-format file)") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise UserError(f"{path}: not an IDX file of unsigned bytes (expected the magic 0x0000080N)")
+    dimensions = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dimensions))
+    values = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dimensions)
+    if values.size != int(np.prod(shape)):
+        raise UserError(f"{path}: truncated IDX file (expected {int(np.prod(shape))} values for shape {shape}, found {values.size})")
+    return values.reshape(shape)
+
+
+def _fashion_mnist_splits(config: DataConfig, root: Path, seed: int) -> DataSplits:
+    """Fashion-MNIST's official 60,000 / 10,000 train / test split (IDX files, as Debian's dataset-fashion-mnist ships them);
+    28×28 grey images, upscaled and repeated to 3 channels; val carved from train by seed."""
+    arrays = {}
+    for split, (images_file, labels_file) in FASHION_MNIST_FILES.items():
+        for name in (images_file, labels_file):
+            if not (root / name).is_file():
+                raise UserError(f"data.root {root}: missing {name} (expected Fashion-MNIST's IDX files: {', '.join(sum(FASHION_MNIST_FILES.values(), ()))})")
+        images, labels = read_idx(root / images_file), read_idx(root / labels_file)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise UserError(f"data.root {root}: {images_file} holds {images.shape}, {labels_file} {labels.shape} (expected N×28×28 images and N labels)")
+        arrays[split] = (images, labels.astype(np.int64))
+    images = np.concatenate([arrays["train"][0], arrays["test"][0]])
+    labels = np.concatenate([arrays["train"][1], arrays["test"][1]])
+    official_train = np.arange(len(arrays["train"][1]))
+    test_index = np.arange(len(official_train), len(labels))
+    train_pos, val_pos = stratified_holdout(labels[official_train], config.val_fraction, seed)
+
+    def load(index: int) -> torch.Tensor:
+        return torch.from_numpy(images[index].astype(np.float32) / 255.0)[None].expand(3, -1, -1)
+
+    ids = [f"fashion-{'train' if i < len(official_train) else 'test'}-{i if i < len(official_train) else i - len(official_train):05d}" for i in range(len(labels))]
+    return _make_splits(config, ids, labels, load, official_train[train_pos], official_train[val_pos], test_index, FASHION_MNIST_CLASSES)
 
 
 # ---------------------------------------------------------------------- files

@@ -36,8 +36,26 @@ import numpy as np
 import torch
 
 from raycf import storage
+from raycf.artefacts import debugged_model_bytes, load_bank, load_results_study, load_study_data, store_ref
+from raycf.checkpoint import load_classifier_checkpoint, parse_classifier_checkpoint
 from raycf.config import StudyConfig
+from raycf.data import SPLITS, decode_to_side, open_image, stored_side
 from raycf.errors import UserError
+from raycf.image_store import ImageStore, open_store
+from raycf.manifest import versions
+from raycf.method.detection import (
+    LOWER_AGREES,
+    agreement_scores,
+    class_thresholds,
+    detection_settings,
+    flag_images,
+    reference_for,
+    rerank,
+    setting_label,
+)
+from raycf.method.masks import compute_masks
+from raycf.models import classifier_from_checkpoint
+from raycf.views import model_inputs
 
 HEATMAP_FILTERS = 4  # top MC filters (by contribution to the predicted logit) drawn over the image
 BUNDLE_FILES = ("explanation.json", "explanation.md", "explanation.png", "manifest.json")
@@ -68,34 +86,39 @@ class ImageInput:
 
 
 class DatasetIndex:
-    """The study's dataset, loaded on first use, to look IMAGE arguments up as image ids."""
+    """The study's image store, opened on first use, to look IMAGE arguments up as image ids."""
 
-    def __init__(self, study: StudyConfig):
-        self.study = study
-        self._splits = None
+    def __init__(self, results: str):
+        self.results = results
+        self._store = None
         self._where: dict[str, tuple[str, int]] = {}
 
-    def find(self, image_id: str) -> tuple[Any, str, int] | None:
-        from raycf.data import SPLITS, load_splits
-
-        if self._splits is None:
-            self._splits = load_splits(self.study.data, self.study.seed)
-            self._where = {item: (split, index) for split in SPLITS for index, item in enumerate(getattr(self._splits, split).ids)}
+    def find(self, image_id: str) -> tuple[ImageStore, str, int] | None:
+        if self._store is None:
+            self._store = open_store(store_ref(self.results))
+            self._where = {item: (split, index) for split in SPLITS for index, item in enumerate(self._store.ids(split))}
         if image_id not in self._where:
             return None
         split, index = self._where[image_id]
-        return self._splits.split(split), split, index
+        return self._store, split, index
 
     def example_id(self) -> str:
         return next(iter(self._where), "digits-0042")
 
 
-def resolve_inputs(arguments: list[str], study: StudyConfig) -> list[ImageInput]:
-    """Open every IMAGE argument (files first, then dataset ids); any bad one is a UserError before work starts."""
-    from raycf.data import build_transforms, open_image
+def model_input(pixels: np.ndarray, image_size: int) -> torch.Tensor:
+    """A stored-side uint8 H×W×3 image as the model's 3×H×W input (the evaluation transform)."""
+    return model_inputs(torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None], image_size)[0]
 
-    transform = build_transforms(study.data, None)
-    dataset = DatasetIndex(study)
+
+def resolve_inputs(arguments: list[str], study: StudyConfig, results: str) -> list[ImageInput]:
+    """Open every IMAGE argument (files first, then dataset ids); any bad one is a UserError before work starts.
+
+    A file is decoded and resized to the stored side as the images stage does
+    for the study's own images, then put through the evaluation transform.
+    """
+    dataset = DatasetIndex(results)
+    side = stored_side(study.data)
     inputs = []
     for argument in arguments:
         path = Path(argument).expanduser()
@@ -104,17 +127,18 @@ def resolve_inputs(arguments: list[str], study: StudyConfig) -> list[ImageInput]
         if path.is_file():
             content = path.read_bytes()
             image = open_image(path)  # UserError (one line) for a corrupt or non-image file
-            inputs.append(ImageInput(argument, "file", transform(image), path=str(path.resolve()), sha256=hashlib.sha256(content).hexdigest()))
+            tensor = model_input(decode_to_side(image, side), study.data.image_size)
+            inputs.append(ImageInput(argument, "file", tensor, path=str(path.resolve()), sha256=hashlib.sha256(content).hexdigest()))
             continue
         try:
             found = dataset.find(argument)
         except UserError as error:
-            raise UserError(f"{argument}: no such image file, and the study's dataset cannot be read to look it up as an image id ({error})") from None
+            raise UserError(f"{argument}: no such image file, and the study's image store cannot be read to look it up as an image id ({error})") from None
         if found is None:
             raise UserError(f"{argument}: no such image file, nor an image id of the study's dataset (ids look like {dataset.example_id()})")
-        split_dataset, split, index = found
-        tensor, label = split_dataset[index]
-        inputs.append(ImageInput(argument, "dataset", tensor, image_id=argument, split=split, image_index=index, label=int(label)))
+        store, split, index = found
+        tensor = model_input(store.images(split)[index], study.data.image_size)
+        inputs.append(ImageInput(argument, "dataset", tensor, image_id=argument, split=split, image_index=index, label=int(store.labels(split)[index])))
     return inputs
 
 
@@ -136,25 +160,19 @@ class Explainer:
     model: Any  # FilterClassifier
     checkpoint: Any  # ClassifierCheckpoint
     bank: Any  # CfeBank
-    data: Any  # analysis.StudyData (training masks, head weights, class names)
+    data: Any  # method.detection.StudyData (training masks, head weights, class names)
     debugged: tuple[str, Any] | None  # (trial id, FilterClassifier) of the study's best trial
 
     @classmethod
     def load(cls, results: str, study: StudyConfig | None = None) -> "Explainer":
         """Read the base model, the CFE bank and the training masks of ``results`` (and its study, unless given)."""
-        from raycf.analysis import StudyData
-        from raycf.cfe import load_bank
-        from raycf.checkpoint import load_classifier_checkpoint
-        from raycf.models import classifier_from_checkpoint
-        from raycf.study import load_results_study
-
         results = storage.normalise_root(results)
         study = study or load_results_study(results)
         for needed in ("masks/train", "cfe/bank.pt", "base/model.pt"):
             if not storage.exists(storage.join_uri(results, needed)):
                 raise UserError(f"{results}: no {needed} (expected a study that ran its masks stage: `raycf masks STUDY`)")
         checkpoint = load_classifier_checkpoint(storage.join_uri(results, "base", "model.pt"), expected_arch=study.model.arch)
-        data = StudyData.load(results, splits=())
+        data = load_study_data(results, splits=())
         return cls(
             results=results,
             study=study,
@@ -171,9 +189,6 @@ class Explainer:
 
     def explain(self, item: ImageInput) -> tuple[dict, dict[str, np.ndarray]]:
         """The explanation of one image (JSON-ready dict) and the arrays its figure draws."""
-        from raycf.analysis import agreement_scores, class_thresholds, detection_settings, flag_images, reference_for, rerank
-        from raycf.masks import compute_masks
-
         study, names = self.study, self.class_names
         with torch.no_grad():
             maps = self.model.feature_maps(item.tensor[None])
@@ -193,7 +208,7 @@ class Explainer:
         topk_classes = np.asarray(row["topk_classes"])
 
         settings = []
-        for setting, label in detection_settings(study):
+        for setting, label in detection_settings(study.analysis):
             setting_reference, _ = reference_for(self.data, study.analysis.tau, setting.freq_threshold)
             metric = setting.metric
             score = agreement_scores(row["mc_mask"][None], a[None], np.array([pred]), setting_reference, (metric,))[metric]
@@ -311,8 +326,6 @@ class Explainer:
 
 
 def _setting_name(setting) -> str:
-    from raycf.analysis import setting_label
-
     return setting_label(setting)
 
 
@@ -327,14 +340,7 @@ def _input_record(item: ImageInput, names: list[str]) -> dict:
 
 def _debugged_model(results: str, study: StudyConfig) -> tuple[str, Any] | None:
     """The study's best trial (final.parquet's debugged row) as a classifier, when its checkpoint is there."""
-    from raycf.checkpoint import parse_classifier_checkpoint
-    from raycf.models import classifier_from_checkpoint
-    from raycf.study import debugged_model_bytes
-
-    location = storage.join_uri(results, "final.parquet")
-    if not storage.exists(location):
-        return None
-    found = debugged_model_bytes(results, storage.read_table(location).to_pandas())
+    found = debugged_model_bytes(results)
     if found is None:
         return None
     trial_id, model_bytes = found
@@ -401,7 +407,6 @@ def explanation_text(explanation: dict) -> str:
     elif own["threshold"] is None:
         reason = "the class has no average to compare with"
     else:
-        from raycf.analysis import LOWER_AGREES
 
         disagrees, agrees = (">", "≤") if own["metric"] in LOWER_AGREES else ("<", "≥")
         against = "the class average" if own["threshold_kind"] == "avg" else "the threshold"
@@ -427,8 +432,6 @@ def explanation_text(explanation: dict) -> str:
 
 
 def bundle_manifest(explainer: Explainer, item: ImageInput, command: str) -> dict:
-    from raycf.pipeline import versions
-
     return {
         "results": explainer.results,
         "study": explainer.study.name,
@@ -455,11 +458,9 @@ def explain_images(results: str, arguments: list[str], out: str, command: str = 
     """Write one bundle per IMAGE argument under ``out``; return the bundles' folders."""
     from tqdm.auto import tqdm
 
-    from raycf.study import load_results_study
-
     results = storage.normalise_root(results)
     study = load_results_study(results)
-    inputs = resolve_inputs(arguments, study)  # bad input fails here, before anything is loaded or written
+    inputs = resolve_inputs(arguments, study, results)  # bad input fails here, before anything is loaded or written
     explainer = Explainer.load(results, study)
     out = storage.normalise_root(out)
     folders, taken = [], set()

@@ -26,7 +26,8 @@ column                 meaning
 ``g_size``             mean size of the global MC sets G_c for the trial's τ and f
 ``control_val_acc``    the control's ``val_acc``; ``val_acc_gain`` = val_acc − that
 ``time_total_s``       wall time of the trial; ``started_at``, ``finished_at`` (UTC)
-``checkpoint_path``    folder of the best epoch's checkpoint (``model.pt`` inside)
+``checkpoint_path``    folder of the best epoch's checkpoint (``model.pt`` inside); the
+                       checkpoint the trial kept, so it exists (one tie rule everywhere)
 ``seed``               the study seed; ``config_hash``: hash of the trial's resolved study
 ``raycf_version``,     versions that produced the row
 ``ray_version``,
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -47,6 +49,7 @@ import pyarrow as pa
 
 from raycf import storage
 from raycf.errors import UserError
+from raycf.method.selection import best_epoch, rank_trials
 
 LEADERBOARD_FILE = "leaderboard.parquet"
 FIXED_COLUMNS = ("trial_id", "status", "is_control")
@@ -95,15 +98,6 @@ class TrialRecord:
     @property
     def is_control(self) -> bool:
         return self.params.get("lambda1") == 0 and self.params.get("lambda2") == 0
-
-
-def best_epoch(history: list[dict[str, Any]], metric: str = "val_acc", mode: str = "max") -> dict[str, Any]:
-    """The epoch with the best ``metric`` (the earliest on ties); {} without epochs."""
-    rows = [row for row in history if row.get(metric) is not None]
-    if not rows:
-        return {}
-    sign = 1 if mode == "max" else -1
-    return max(rows, key=lambda row: (sign * row[metric], -row.get("epoch", 0)))
 
 
 def trial_row(record: TrialRecord, parameter_names: list[str], metric: str, mode: str, seed: int, versions: dict[str, str]) -> dict[str, Any]:
@@ -179,16 +173,12 @@ def objective_of(results: str) -> tuple[str, str]:
 
 
 def sort_by_objective(frame: pd.DataFrame, metric: str = "val_acc", mode: str = "max") -> pd.DataFrame:
-    """Best first; trials without a value last.
+    """Best first under :mod:`raycf.method.selection`'s rule; trials without a value last.
 
     Ties of the objective (common: accuracy moves in steps of one validation
     image) go to the lower validation loss, then to the earlier trial.
     """
-    keys, ascending = [metric], [mode == "min"]
-    if metric != "val_loss" and "val_loss" in frame.columns:
-        keys.append("val_loss")
-        ascending.append(True)
-    return frame.sort_values(keys, ascending=ascending, na_position="last", kind="stable").reset_index(drop=True)
+    return rank_trials(frame, metric, mode)
 
 
 def pareto_front(frame: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
@@ -222,3 +212,55 @@ def _float(value: Any) -> float:
         return float(value)
     except (TypeError, ValueError):
         return float("nan")
+
+
+class LeaderboardWriter:
+    """Keeps one :class:`TrialRecord` per trial and rewrites ``leaderboard.parquet`` as they change."""
+
+    def __init__(self, results: str, parameter_names: list[str], metric: str, mode: str, epochs: int, seed: int, versions: dict[str, str]):
+        self.results = results
+        self.names = parameter_names
+        self.metric, self.mode = metric, mode
+        self.epochs = epochs  # a trial that ran fewer was stopped early
+        self.seed = seed
+        self.versions = versions
+        self.records: dict[str, TrialRecord] = {}
+        self.order: list[str] = []  # trial ids in creation order (the control first)
+
+    def record(self, trial_id: str, params: dict[str, Any], config_hash: str = "") -> TrialRecord:
+        """The record of a trial, created on first sight."""
+        if trial_id not in self.records:
+            self.records[trial_id] = TrialRecord(
+                trial_id=trial_id, params={name: params.get(name) for name in self.names}, started_at=_now(), config_hash=config_hash
+            )
+        return self.records[trial_id]
+
+    def add_epoch(self, record: TrialRecord, epoch: dict[str, Any]) -> None:
+        """An epoch's metrics; a rerun epoch (after a retry) replaces the earlier one."""
+        record.history = [row for row in record.history if row.get("epoch") != epoch.get("epoch")] + [epoch]
+
+    def add_checkpoint(self, record: TrialRecord, path: str) -> None:
+        """The checkpoint saved with the trial's latest epoch."""
+        if record.history:
+            record.history[-1]["checkpoint_path"] = path
+
+    def finish(self, record: TrialRecord, status: str, error: str = "") -> None:
+        record.status = status
+        record.error = error
+        record.finished_at = _now()
+        self.write()
+
+    def status_of_finished(self, record: TrialRecord) -> str:
+        """``completed`` if the trial ran every epoch, else ``stopped`` (ASHA)."""
+        epochs = record.history[-1].get("epoch", 0) if record.history else 0
+        return "completed" if epochs >= self.epochs else "stopped"
+
+    def write(self) -> None:
+        position = {trial_id: index for index, trial_id in enumerate(self.order)}
+        records = sorted(self.records.values(), key=lambda record: position.get(record.trial_id, len(position)))
+        rows = [trial_row(record, self.names, self.metric, self.mode, self.seed, self.versions) for record in records]
+        write_leaderboard(leaderboard_frame(rows, self.names), self.results, self.names)
+
+
+def _now() -> str:
+    return datetime.now(tz=timezone.utc).isoformat(timespec="seconds")

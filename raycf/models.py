@@ -33,8 +33,17 @@ IMAGENET_WEIGHTS = {
 
 
 def device_for(use_gpu: bool) -> torch.device:
-    """CUDA when the study asks for GPUs and this process sees one, else the CPU."""
-    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    """CUDA when the study asks for GPUs, else the CPU; never a silent CPU fallback.
+
+    A process that was given a GPU (``use_gpu: true``) but sees none is
+    misconfigured: computing on its CPU would be slow and report the wrong
+    hardware, so it fails instead.
+    """
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("use_gpu is true but this process sees no CUDA device (CUDA_VISIBLE_DEVICES, driver or a GPU-less node)")
+    return torch.device("cuda")
 
 
 class FilterClassifier(nn.Module):
@@ -100,6 +109,87 @@ class FilterClassifier(nn.Module):
         for parameter in self.parameters():
             parameter.requires_grad_(id(parameter) in chosen)
         return [p for p in self.parameters() if p.requires_grad]
+
+
+# ------------------------------------------------------------ the frozen prefix
+
+# Retraining scopes whose frozen layers can be computed once and cached (``all`` trains everything).
+CACHEABLE_SCOPES = ("last_conv_and_head", "head")
+
+
+class FrozenPrefix(nn.Module):
+    """What a retraining scope's frozen layers compute from an image: the inputs of its first trainable layer.
+
+    * VGG (and vgg_tiny), ``last_conv_and_head``: the input of the last conv layer;
+    * ResNet, ``last_conv_and_head``: the last block's input (its identity
+      branch) and the input of its last conv (after the block's frozen convs);
+    * ``head``: the pooled vector ``a``.
+
+    Frozen BatchNorm layers run in eval mode, as they do in retraining.
+    """
+
+    def __init__(self, model: "FilterClassifier", scope: str):
+        super().__init__()
+        if scope not in CACHEABLE_SCOPES:
+            raise ValueError(f"scope {scope!r} trains every layer: nothing to cache")
+        self.model, self.scope = model, scope
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        model = self.model
+        if self.scope == "head":
+            return (model.features(images),)
+        if model.arch.startswith("resnet"):
+            layer4 = model.trunk[-1]
+            x = model.trunk[:-1](images)
+            for block in layer4[:-1]:
+                x = block(x)
+            return x, _resnet_mid(layer4[-1], x)
+        return (model.trunk[: _last_conv_index(model)](images),)
+
+
+class TrainableTail(nn.Module):
+    """The layers a retraining scope trains, from the frozen prefix's outputs to ``(logits, a)``.
+
+    It shares its parameters with the classifier, so training it trains the
+    classifier; wrap it (not the classifier) in DDP when training on cached inputs.
+    """
+
+    def __init__(self, model: "FilterClassifier", scope: str):
+        super().__init__()
+        if scope not in CACHEABLE_SCOPES:
+            raise ValueError(f"scope {scope!r} trains every layer: nothing to cache")
+        self.model, self.scope = model, scope
+
+    def forward(self, *cached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.model
+        if self.scope == "head":
+            (activations,) = cached
+        elif model.arch.startswith("resnet"):
+            identity, mid = cached
+            activations = model.pool(_resnet_tail(model.trunk[-1][-1], identity, mid))
+        else:
+            activations = model.pool(model.trunk[_last_conv_index(model) :](cached[0]))
+        return model.head(activations), activations
+
+
+def _last_conv_index(model: "FilterClassifier") -> int:
+    first = model.last_conv[0] if isinstance(model.last_conv, nn.ModuleList) else model.last_conv
+    return next(index for index, layer in enumerate(model.trunk) if layer is first)
+
+
+def _resnet_mid(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input of a ResNet block's last conv (BasicBlock: conv2; Bottleneck: conv3)."""
+    out = block.relu(block.bn1(block.conv1(x)))
+    if hasattr(block, "conv3"):
+        out = block.relu(block.bn2(block.conv2(out)))
+    return out
+
+
+def _resnet_tail(block: nn.Module, identity: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
+    """The rest of a ResNet block from its last conv's input: last conv, its BatchNorm, the residual sum, ReLU."""
+    conv, norm = (block.conv3, block.bn3) if hasattr(block, "conv3") else (block.conv2, block.bn2)
+    shortcut = block.downsample(identity) if block.downsample is not None else identity
+    return block.relu(norm(conv(mid)) + shortcut)
 
 
 def _vgg16_trunk(pretrained: bool) -> tuple[nn.Module, nn.Module]:

@@ -1,10 +1,11 @@
 """Stage ``report`` and ``raycf report RESULTS``: the study's tables and figures in one HTML file.
 
 Everything comes from the results folder alone: ``config.yaml``,
-``manifest.json``, the Parquet tables, the ``model.pt`` checkpoints (the
-base model and the best trial's, for the gallery) and ``optuna.db``.
-Nothing is trained; the gallery runs the best trial's model once over the
-test split.  Output, ``<results>/report/``:
+``manifest.json``, the Parquet tables (the final stage's per-image
+predictions among them), the ``model.pt`` checkpoints (the base model and
+the best trial's, for the gallery's Grad-CAM) and ``optuna.db``.  Nothing is
+trained and no split is scored again: the gallery's few images are read
+only to draw them.  Output, ``<results>/report/``:
 
 * ``index.html``: one self-contained page (tables as HTML, figures as
   base64 PNG data URIs, no external resource);
@@ -41,13 +42,13 @@ import numpy as np
 import pandas as pd
 
 from raycf import storage
+from raycf.artefacts import PREDICTIONS_FILE, read_frame
 from raycf.config import StudyConfig
+from raycf.console import log, progress
 from raycf.errors import UserError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure as MplFigure
-
-    from raycf.pipeline import StageRun
 
 REPORT_FOLDER = "report"
 INDEX_FILE = "index.html"
@@ -126,14 +127,6 @@ def table_html(frame: pd.DataFrame, caption: str, index: bool = False) -> str:
     return f'<div class="table">{table}</div>'
 
 
-def read_frame(results: str, *parts: str) -> pd.DataFrame | None:
-    """A Parquet file (or folder) of the results folder as pandas, or None when it is missing."""
-    location = storage.join_uri(results, *parts)
-    if not storage.exists(location):
-        return None
-    return storage.read_table(location).to_pandas()
-
-
 def _percent(values: pd.Series) -> list[str]:
     return ["–" if pd.isna(v) else f"{100 * v:.2f}" for v in values]
 
@@ -194,7 +187,7 @@ def recall_change_figure(class_recall: pd.DataFrame) -> bytes:
 
 def auroc_figure(error_scores: pd.DataFrame) -> bytes:
     """AUROC of each error score (errors as positives) per split; the max-softmax baseline hatched."""
-    from raycf.analysis import error_quality_frame
+    from raycf.method.detection import error_quality_frame
 
     quality = error_quality_frame(error_scores)
     splits = [split for split in ("test", "val") if f"auroc {split}" in quality.columns]
@@ -286,21 +279,21 @@ def gallery_figure(images: list[GalleryImage], title: str) -> bytes:
     return png_bytes(figure)
 
 
-def pick_gallery(labels: np.ndarray, probs_before: np.ndarray, probs_after: np.ndarray, per_group: int = GALLERY_PER_GROUP) -> dict[str, np.ndarray]:
+def pick_gallery(
+    labels: np.ndarray, pred_before: np.ndarray, confidence_before: np.ndarray, pred_after: np.ndarray, confidence_after: np.ndarray, per_group: int = GALLERY_PER_GROUP
+) -> dict[str, np.ndarray]:
     """Indices of the gallery's images per group (see :data:`GALLERY_GROUPS`), most telling first.
 
-    ``fixed``: wrong before, right after, by the after-probability of the true
-    class; ``broken``: right before, wrong after, by the after-probability of
-    the new (wrong) class; ``confidence``: right both times, by the rise of the
-    true class's probability (rises only).
+    From each model's prediction and its probability: ``fixed``: wrong
+    before, right after, most confident fix first; ``broken``: right before,
+    wrong after, most confident new mistake first; ``confidence``: right both
+    times, by the rise of the (true) class's probability (rises only).
     """
-    rows = np.arange(len(labels))
-    before, after = probs_before.argmax(1), probs_after.argmax(1)
-    true_before, true_after = probs_before[rows, labels], probs_after[rows, labels]
+    right_before, right_after = pred_before == labels, pred_after == labels
     candidates = {
-        "fixed": ((before != labels) & (after == labels), -true_after),
-        "broken": ((before == labels) & (after != labels), -probs_after[rows, after]),
-        "confidence": ((before == labels) & (after == labels) & (true_after > true_before), true_before - true_after),
+        "fixed": (~right_before & right_after, -confidence_after),
+        "broken": (right_before & ~right_after, -confidence_after),
+        "confidence": (right_before & right_after & (confidence_after > confidence_before), confidence_before - confidence_after),
     }
     chosen = {}
     for group, (selected, order_key) in candidates.items():
@@ -325,7 +318,7 @@ class ReportContext:
 
 def study_section(context: ReportContext) -> Section:
     """Manifest, versions, stage timings and the resolved study file."""
-    from raycf.pipeline import MARKER_FILE, stage_folder, stages
+    from raycf.pipeline import FOLDERS, MARKER_FILE
 
     section = Section("study", f"Study {context.study.name}")
     manifest_location = storage.join_uri(context.results, "manifest.json")
@@ -347,8 +340,8 @@ def study_section(context: ReportContext) -> Section:
     if versions:
         section.table(pd.DataFrame(sorted(versions.items()), columns=["package", "version"]), "Versions that produced the results")
     rows = []
-    for name in stages():
-        location = storage.join_uri(context.results, stage_folder(name), MARKER_FILE)
+    for name, folder in FOLDERS.items():
+        location = storage.join_uri(context.results, folder, MARKER_FILE)
         if name != "report" and storage.exists(location):
             marker = json.loads(storage.read_text(location))
             rows.append({"stage": name, "hash": marker.get("hash"), "finished": marker.get("finished_at"), "duration (s)": marker.get("duration_s")})
@@ -361,7 +354,7 @@ def study_section(context: ReportContext) -> Section:
 
 def detection_section(context: ReportContext) -> Section:
     """Paper Table 1 and the threshold-free comparison with max softmax."""
-    from raycf.analysis import error_quality_frame, table1_frame
+    from raycf.method.detection import error_quality_frame, table1_frame
 
     section = Section("detection", "Misclassification detection (paper Table 1)")
     detection = context.frame("analysis", "detection.parquet")
@@ -415,6 +408,9 @@ def final_section(context: ReportContext) -> Section:
     if {"debugged", "control"} <= set(rows.index):
         change = 100 * (rows.loc["debugged", "test_acc"] - rows.loc["control", "test_acc"])
         section.paragraph(f"Debugged − control test accuracy: {change:+.2f} points.")
+    final = context.frame("final.parquet")
+    if final is not None and "verdict" in final and str(final["verdict"].iloc[0]):
+        section.paragraph(str(final["verdict"].iloc[0]))
     if table3 is not None:
         if table3.empty:
             section.note("Table 3 is empty: no class changed its test recall.")
@@ -550,105 +546,65 @@ def gallery_section(context: ReportContext) -> Section:
     return section
 
 
-def _progress(iterable, description: str, total: int | None = None):
-    """A tqdm progress bar on an interactive terminal, the bare iterable otherwise."""
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=description, total=total, disable=None, leave=False)
-
-
-def split_probabilities(study: StudyConfig, model_bytes: bytes, split: str = "test", device: str = "cpu") -> np.ndarray:
-    """Softmax probabilities (N×C, image order) of a ``model.pt`` on an unaugmented split."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from raycf.checkpoint import parse_classifier_checkpoint
-    from raycf.data import load_splits
-    from raycf.models import classifier_from_checkpoint
-
-    splits = load_splits(study.data, study.seed)
-    model = classifier_from_checkpoint(study.model, parse_classifier_checkpoint(model_bytes, "model", study.model.arch, splits.num_classes)).to(device)
-    loader = DataLoader(splits.split(split), batch_size=study.features.batch_size)
-    chunks = []
-    with torch.no_grad():
-        for images, _ in _progress(loader, f"report: {split} predictions", total=len(loader)):
-            chunks.append(torch.softmax(model(images.to(device)).float(), dim=1).cpu())
-    return torch.cat(chunks).numpy()
-
-
-def _debugged_probabilities(study: StudyConfig, model_bytes: bytes) -> np.ndarray:
-    """Test probabilities of the debugged model: on a GPU worker when the study trains on GPUs, else here."""
-    import torch
-
-    if study.debug.use_gpu:
-        import ray
-
-        from raycf.pipeline import ensure_ray
-
-        ensure_ray()
-        task = ray.remote(split_probabilities).options(num_cpus=1, num_gpus=1)
-        return ray.get(task.remote(study, model_bytes, "test", "cuda"))
-    return split_probabilities(study, model_bytes, "test", "cuda" if torch.cuda.is_available() else "cpu")
-
-
 def gallery_images(context: ReportContext, final: pd.DataFrame) -> dict[str, list[GalleryImage]]:
     """The gallery's images per group, with their Grad-CAM maps before and after."""
     import torch
 
+    from raycf.artefacts import base_model_bytes, class_names, debugged_model_bytes, load_masks, store_ref
     from raycf.checkpoint import parse_classifier_checkpoint
-    from raycf.data import load_splits
-    from raycf.features import load_features
     from raycf.gradcam import display_image, grad_cam
-    from raycf.masks import load_masks
+    from raycf.image_store import StoredImages, open_store
     from raycf.models import classifier_from_checkpoint
-    from raycf.study import debugged_model_bytes
+    from raycf.views import model_inputs
 
     study, results = context.study, context.results
-    debugged = debugged_model_bytes(results, final)
-    if debugged is None:
-        raise UserError("the best trial's checkpoint is not in the results folder any more")
-    after_bytes = debugged[1]
-    splits = load_splits(study.data, study.seed)
-    test = splits.split("test")
-    before = classifier_from_checkpoint(study.model, parse_classifier_checkpoint(storage.read_bytes(storage.join_uri(results, "base", "model.pt")), "base model"))
-    after = classifier_from_checkpoint(study.model, parse_classifier_checkpoint(after_bytes, "debugged model"))
-    logits = torch.from_numpy(load_features(results, "test").logits)
-    probs_before = torch.softmax(logits.float(), dim=1).numpy()
-    probs_after = _debugged_probabilities(study, after_bytes)
+    debugged = debugged_model_bytes(results)
+    predictions = context.frame("final", PREDICTIONS_FILE)
+    if debugged is None or predictions is None:
+        raise UserError("the best trial's checkpoint or final/predictions.parquet is not in the results folder any more")
+    test = {model: rows.sort_values("image_index") for model, rows in predictions[predictions["split"] == "test"].groupby("model")}
+    before_rows, after_rows = test["base"], test["debugged"]
+    store = open_store(store_ref(results))
+    dataset = StoredImages(store, "test")
+    if len(dataset) != len(before_rows):
+        raise UserError(f"the test split has {len(dataset)} images but the study's predictions {len(before_rows)}: the dataset changed since the study ran")
+    before = classifier_from_checkpoint(study.model, parse_classifier_checkpoint(base_model_bytes(results), "base model"))
+    after = classifier_from_checkpoint(study.model, parse_classifier_checkpoint(debugged[1], "debugged model"))
     masks = load_masks(results, "test", ["mc_mask", "a"])
     global_mc = context.frame("analysis", "global_mc.parquet")
     sets = None if global_mc is None else global_mc.pivot(index="class", columns="filter", values="in_global").sort_index().sort_index(axis=1).to_numpy(dtype=bool)
-    if not (len(probs_before) == len(probs_after) == len(test) == len(masks["mc_mask"])):
-        raise UserError(f"the test split has {len(test)} images but the cached features {len(probs_before)}: the dataset changed since the study ran")
-    names = splits.class_names
+    labels = before_rows["label"].to_numpy()
+    pred_before, confidence_before = before_rows["pred"].to_numpy(), before_rows["confidence"].to_numpy()
+    pred_after, confidence_after = after_rows["pred"].to_numpy(), after_rows["confidence"].to_numpy()
+    names = class_names(results)
+    ids = store.ids("test")
     groups: dict[str, list[GalleryImage]] = {}
-    for group, indices in pick_gallery(test.labels, probs_before, probs_after).items():
+    for group, indices in pick_gallery(labels, pred_before, confidence_before, pred_after, confidence_after).items():
         if len(indices) == 0:
             groups[group] = []
             continue
-        images = torch.stack([test[int(i)][0] for i in indices])
-        cams_before = grad_cam(before, images, probs_before[indices].argmax(1).tolist()).numpy()
-        cams_after = grad_cam(after, images, probs_after[indices].argmax(1).tolist()).numpy()
+        images = model_inputs(torch.stack([dataset[int(i)][0] for i in indices]), study.data.image_size)  # read only to draw them
+        cams_before = grad_cam(before, images, pred_before[indices].tolist()).numpy()
+        cams_after = grad_cam(after, images, pred_after[indices].tolist()).numpy()
         groups[group] = []
         for position, index in enumerate(indices):
             mask, activations = masks["mc_mask"][index], masks["a"][index]
             filters = [int(k) for k in np.flatnonzero(mask)[np.argsort(-activations[mask], kind="stable")]]
-            pred_before, pred_after = int(probs_before[index].argmax()), int(probs_after[index].argmax())
             groups[group].append(
                 GalleryImage(
-                    image_id=test.ids[index],
-                    label=names[int(test.labels[index])],
+                    image_id=ids[index],
+                    label=names[int(labels[index])],
                     image=display_image(images[position]),
                     cam_before=cams_before[position],
                     cam_after=cams_after[position],
-                    pred_before=names[pred_before],
-                    confidence_before=float(probs_before[index, pred_before]),
-                    pred_after=names[pred_after],
-                    confidence_after=float(probs_after[index, pred_after]),
+                    pred_before=names[int(pred_before[index])],
+                    confidence_before=float(confidence_before[index]),
+                    pred_after=names[int(pred_after[index])],
+                    confidence_after=float(confidence_after[index]),
                     mc_filters=filters,
                     mc_size=len(filters),
-                    in_global=None if sets is None else int((sets[pred_before] & mask).sum()),
-                    global_size=None if sets is None else int(sets[pred_before].sum()),
+                    in_global=None if sets is None else int((sets[int(pred_before[index])] & mask).sum()),
+                    global_size=None if sets is None else int(sets[int(pred_before[index])].sum()),
                 )
             )
     return groups
@@ -724,11 +680,9 @@ def render_page(title: str, subtitle: str, sections: list[Section]) -> str:
 
 def build_report(results: str, output: str, study: StudyConfig) -> dict:
     """Write ``index.html`` and the figures' PNG files into ``output``; return a summary."""
-    from raycf.pipeline import log
-
     context = ReportContext(results=results, study=study)
     sections = []
-    for build in _progress(SECTIONS, "report: sections"):
+    for build in progress(SECTIONS, "report: sections"):
         sections.append(build(context))
     figures = [figure for section in sections for figure in section.figures]
     for figure in figures:
@@ -744,34 +698,16 @@ def build_report(results: str, output: str, study: StudyConfig) -> dict:
 # ------------------------------------------------------------------ stage and command
 
 
-def run_report_stage(run: "StageRun") -> dict:
-    """The report of the study being run."""
-    return build_report(run.results, run.output, run.study)
-
-
 def write_report(results: str) -> str:
     """``raycf report RESULTS``: (re)build ``<results>/report/`` from the results folder alone; return index.html's location.
 
     The folder is written elsewhere and moved into place (atomic), with the
     stage's marker, exactly as when ``raycf study`` runs the report stage.
     """
+    from raycf.artefacts import load_results_study
     from raycf.pipeline import run_stage
-    from raycf.study import load_results_study
 
     results = storage.normalise_root(results)
     study = load_results_study(results)
     run_stage(study, "report", results=results)
     return storage.join_uri(results, REPORT_FOLDER, INDEX_FILE)
-
-
-def describe_report(results: str) -> str:
-    return f"report: {storage.join_uri(results, REPORT_FOLDER, INDEX_FILE)}"
-
-
-def _register() -> None:
-    from raycf.pipeline import Stage, register
-
-    register(Stage(name="report", sections=(), upstream=("final", "analyze"), run=run_report_stage, describe=describe_report))
-
-
-_register()

@@ -116,6 +116,17 @@ def read_table(location: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables, promote_options="default")
 
 
+def upload_file(local: Path, location: str) -> None:
+    """Put a local file at ``location``: moved there on a local disk, copied (streamed) to an object store."""
+    filesystem, path = resolve(location)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(local), path)
+        return
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem)
+
+
 def publish_folder(staging: str, target: str) -> None:
     """Move a fully written folder into place, replacing an older one.
 

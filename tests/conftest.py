@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,42 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# What tests find on the machine -> the Debian package that provides it.
+SYSTEM_TOOLS = {
+    "sshd": ("openssh-server", "/usr/sbin/sshd"),
+    "rsync": ("rsync", "rsync"),
+    "ip": ("iproute2", "ip"),
+    "unshare": ("util-linux", "unshare"),
+    "chromium": ("chromium", "chromium"),
+    "fashion-mnist": ("dataset-fashion-mnist", "/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz"),
+}
+
+
+def present(probe: str) -> bool:
+    """Whether a program (by name, on PATH) or a file (by absolute path) is on this machine."""
+    return Path(probe).exists() if probe.startswith("/") else shutil.which(probe) is not None
+
+
+def require_system(*tools: str, root: bool = False) -> None:
+    """Skip the calling test unless these programs (and root, when asked) are here; under CI=true, fail instead.
+
+    The message names the Debian packages and how to install them
+    (``make test`` as root installs them: .ci/system-packages.sh).
+    """
+    missing = sorted({SYSTEM_TOOLS[tool][0] for tool in tools if not present(SYSTEM_TOOLS[tool][1])})
+    needs = []
+    if missing:
+        needs.append(f"the Debian package(s) {' '.join(missing)} (install: sudo apt-get install -y {' '.join(missing)}, or run `make test` as root)")
+    if root and os.geteuid() != 0:
+        needs.append("root (Linux namespaces and an SSH server)")
+    if not needs:
+        return
+    message = "needs " + " and ".join(needs)
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message}; under CI every system package must be installed (.ci/system-packages.sh)")
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray cluster shared by every test that needs Ray (ray.init costs seconds)."""
@@ -28,6 +65,15 @@ def ray_session():
         ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def write_image_store(study, folder: Path):
+    """The study's uint8 image store written in this process (no Ray) into ``folder``; its StoreRef."""
+    from raycf.data import load_splits
+    from raycf.image_store import StoreRef, write_store_here
+
+    write_store_here(load_splits(study.data, study.seed), str(folder))
+    return StoreRef(str(folder), f"test-{folder.name}")
 
 
 def write_study(folder: Path, **sections) -> Path:
@@ -112,11 +158,17 @@ def run_cli(*args: str, env_extra: dict | None = None, timeout: float = 900) -> 
 def smoke_study_results(ray_session, tmp_path_factory) -> Path:
     """The digits study run once with ``--smoke`` through the command line (joining the session's cluster).
 
-    Returns the results folder (``<tmp>/results/digits``).  Tests must not modify it.
+    Returns the results folder (``<tmp>/results/digits``).  Tests must not
+    modify it.  Beside ``results/``: ``reads.log`` (every image read, see
+    ``raycf.data.READ_LOG``), ``stdout.txt`` and ``stderr.txt``.
     """
-    storage = tmp_path_factory.mktemp("smoke-study") / "results"
-    completed = run_cli("study", "studies/digits.yaml", "--smoke", "--set", f"storage_path={storage}", env_extra={"RAY_ADDRESS": ray_address()})
+    folder = tmp_path_factory.mktemp("smoke-study")
+    storage = folder / "results"
+    environment = {"RAY_ADDRESS": ray_address(), "RAYCF_READ_LOG": str(folder / "reads.log")}
+    completed = run_cli("study", "studies/digits.yaml", "--smoke", "--set", f"storage_path={storage}", env_extra=environment)
     assert completed.returncode == 0, completed.stderr[-3000:]
+    (folder / "stdout.txt").write_text(completed.stdout)
+    (folder / "stderr.txt").write_text(completed.stderr)
     return storage / "digits"
 
 

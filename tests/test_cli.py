@@ -60,7 +60,7 @@ def _checkpoint(path: Path, classes: int) -> Path:
     ("sections", "expected"),
     [
         ({"model": {"arch": "alexnet"}}, "model.arch: Input should be 'vgg16', 'resnet18', 'resnet50' or 'vgg_tiny' (got 'alexnet')"),
-        ({"data": {"kind": "svhn"}}, "data.kind: Input should be 'digits', 'cub200' or 'imagefolder' (got 'svhn')"),
+        ({"data": {"kind": "svhn"}}, "data.kind: Input should be 'digits', 'fashion_mnist', 'cub200' or 'imagefolder' (got 'svhn')"),
         ({"base": {"epochs": -2}}, "base.epochs: Input should be greater than 0 (got -2)"),
         ({"base": {"lr": 0}}, "base.lr: Input should be greater than 0 (got 0)"),
         ({"base": {"epochs": "many"}}, "base.epochs: Input should be a valid integer"),

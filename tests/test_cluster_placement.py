@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_system
+
 REPO = Path(__file__).resolve().parent.parent
 SANDBOX_SCRIPT = REPO / "tests" / "cluster" / "sandbox.sh"
 SIMULATION = REPO / "tests" / "cluster" / "simulate_placement.py"
@@ -21,6 +23,7 @@ SIMULATION = REPO / "tests" / "cluster" / "simulate_placement.py"
 
 @pytest.fixture(scope="module")
 def placement(tmp_path_factory) -> dict:
+    require_system("sshd", "ip", "unshare", root=True)  # tests/cluster/sandbox.sh starts an SSH server in new namespaces
     sandbox = tmp_path_factory.mktemp("placement-sandbox")
     command = [
         "unshare", "--pid", "--net", "--mount", "--fork", "--mount-proc", "--kill-child", "--",

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_system
 from raycf.checkpoint import load_classifier_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,20 +42,10 @@ EXPECTED_FILES = (
 )
 
 
-def _missing_tools() -> list[str]:
-    tools = {"sshd": "/usr/sbin/sshd", "rsync": shutil.which("rsync"), "ip": shutil.which("ip"), "unshare": shutil.which("unshare")}
-    missing = [name for name, path in tools.items() if not (path and Path(path).exists())]
-    if os.geteuid() != 0:
-        missing.append("root (namespaces and sshd need it)")
-    return missing
-
-
 @pytest.fixture(scope="module")
 def round_trip(tmp_path_factory) -> dict:
     """Run the round trip once; what it saw, plus the results folder."""
-    missing = _missing_tools()
-    if missing:
-        pytest.fail(f"the cluster round trip needs {', '.join(missing)}: see .ci/run (apt-get install openssh-server rsync iproute2)")
+    require_system("sshd", "rsync", "ip", "unshare", root=True)
     sandbox = tmp_path_factory.mktemp("cluster-sandbox")
     results = sandbox / "results"
     status_file = sandbox / "status.json"

@@ -1,4 +1,5 @@
-"""check_storage_for_cluster: a local storage_path only where all the work stays on this machine.
+"""What raycf checks about the cluster before a stage runs: a local storage_path only where all the work
+stays on this machine, and use_gpu only where a GPU can be had.
 
 The multi-node case runs on a simulated cluster in tests/test_cluster_placement.py.
 """
@@ -14,7 +15,8 @@ from ray.autoscaler._private.util import prepare_config
 
 from raycf.config import load_study
 from raycf.errors import UserError
-from raycf.pipeline import check_storage_for_cluster, launcher_worker_types, run_stages
+from raycf.cluster import check_gpus, check_storage_for_cluster, launcher_worker_types
+from raycf.pipeline import run_stages
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,3 +70,29 @@ def test_one_node_that_cannot_grow_keeps_a_local_folder(home, ray_session, tmp_p
     check_storage_for_cluster(study_with(str(tmp_path / "results")))
     write_launcher_config(home, REPO / "tests" / "cluster" / "local-cluster.yaml")
     check_storage_for_cluster(study_with(str(tmp_path / "results")))
+
+
+def test_use_gpu_without_any_gpu_is_refused_before_anything_runs(home, tmp_path, capsys):
+    from raycf.cli import main
+
+    study = load_study(REPO / "studies" / "digits.yaml", [f"storage_path={tmp_path / 'results'}", "debug.use_gpu=true"])
+    with pytest.raises(UserError, match=r"^debug.use_gpu: true, but no GPU is visible here .* --set debug.use_gpu=false"):
+        check_gpus(study)
+    check_gpus(load_study(REPO / "studies" / "digits.yaml"))  # nothing asked, nothing checked
+    code = main(["study", str(REPO / "studies" / "digits.yaml"), "--set", f"storage_path={tmp_path / 'results'}", "masks.use_gpu=true"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("raycf: error: masks.use_gpu: true, but no GPU is visible")
+    assert not (tmp_path / "results").exists()
+
+
+def test_use_gpu_is_accepted_where_the_launcher_can_add_gpu_nodes(home):
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    config["available_node_types"]["gpu_1x"]["resources"] = {"CPU": 4, "GPU": 1}  # as ray up fills them in
+    config["available_node_types"]["gpu_4x"]["resources"] = {"CPU": 48, "GPU": 4}
+    (home / "ray_bootstrap_config.yaml").write_text(json.dumps(prepare_config(config)))
+    check_gpus(load_study(REPO / "studies" / "digits.yaml", ["debug.use_gpu=true"]))
+    for node_type in ("gpu_1x", "gpu_4x"):
+        config["available_node_types"][node_type]["resources"] = {"CPU": 4}  # CPU workers only
+    (home / "ray_bootstrap_config.yaml").write_text(json.dumps(prepare_config(config)))
+    with pytest.raises(UserError, match="debug.use_gpu: true"):
+        check_gpus(load_study(REPO / "studies" / "digits.yaml", ["debug.use_gpu=true"]))

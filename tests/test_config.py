@@ -97,7 +97,7 @@ def _message(raw_text: str, tmp_path: Path, **kwargs) -> str:
         ("name: x\nbase: {lr: -0.1}\n", "base.lr: Input should be greater than 0 (got -0.1)"),
         ("name: x\ndebug: {lambda1: -1}\n", "debug.lambda1: Input should be greater than or equal to 0 (got -1)"),
         ("name: x\nmodel: {arch: vgg19}\n", "model.arch: Input should be 'vgg16', 'resnet18', 'resnet50' or 'vgg_tiny' (got 'vgg19')"),
-        ("name: x\ndata: {kind: mnist}\n", "data.kind: Input should be 'digits', 'cub200' or 'imagefolder' (got 'mnist')"),
+        ("name: x\ndata: {kind: mnist}\n", "data.kind: Input should be 'digits', 'fashion_mnist', 'cub200' or 'imagefolder' (got 'mnist')"),
         ("name: x\ndata: {kind: cub200}\n", "data.root is required for data.kind=cub200"),
         ("base: {epochs: 3}\n", "name: required field is missing"),
         ("- a\n- b\n", "expected a mapping of study fields"),
@@ -130,3 +130,34 @@ def test_readme_study_reference_is_current():
     readme = (REPO / "README.md").read_text()
     assert "| `debug.lambda1` |" in readme
     assert with_study_reference(readme) == readme, "run: python -m raycf.config README.md"
+
+
+def test_two_frequency_thresholds_one_per_job():
+    study = study_from_mapping({"name": "x"})
+    assert study.debug.freq_threshold == 0.0  # retraining: the reference's f = 0
+    assert study.analysis.freq_threshold == 0.15  # detection: the paper's f = 0.15
+    searched = with_values(study, {"freq_threshold": 0.3, "analysis.freq_threshold": 0.2})
+    assert (searched.debug.freq_threshold, searched.analysis.freq_threshold) == (0.3, 0.2)
+    both = study_from_mapping({"name": "x", "search": {"space": {"freq_threshold": {"uniform": [0, 0.5]}, "analysis.freq_threshold": {"uniform": [0, 0.3]}}}})
+    assert set(both.search.searched_space) == {"freq_threshold", "analysis.freq_threshold"}
+
+
+def test_a_study_without_a_search_space_searches_the_default_one():
+    from raycf.config import DEFAULT_SPACE
+    from raycf.searcher import parameter_names
+
+    study = study_from_mapping({"name": "x", "data": {"kind": "digits"}, "model": {"arch": "vgg_tiny"}})
+    assert study.search.space is None and study.search.searched_space == DEFAULT_SPACE
+    assert parameter_names(study) == ["lambda1", "lambda2", "tau", "freq_threshold"]
+    assert DEFAULT_SPACE["lambda1"].loguniform[0] < study.debug.lambda1 < DEFAULT_SPACE["lambda1"].loguniform[1]
+    assert DEFAULT_SPACE["lambda2"].loguniform[0] < study.debug.lambda2 < DEFAULT_SPACE["lambda2"].loguniform[1]
+    with pytest.raises(UserError, match=r"search.space: no searched parameters .*leave search.space out to search the default space"):
+        study_from_mapping({"name": "x", "search": {"space": {}}})
+
+
+def test_smoke_has_defaults_of_its_own_for_a_file_without_a_smoke_block():
+    from raycf.config import DEFAULT_SMOKE
+
+    smoke = study_from_mapping({"name": "x"}, smoke=True)
+    assert (smoke.base.epochs, smoke.cfe.epochs, smoke.debug.epochs, smoke.search.num_samples) == tuple(DEFAULT_SMOKE.values())
+    assert study_from_mapping({"name": "x", "smoke": {"debug": {"epochs": 3}}}, smoke=True).debug.epochs == 3  # the file's block wins

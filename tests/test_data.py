@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
+from pathlib import Path
+
 import numpy as np
 import pytest
-import torch
 
 from raycf.config import DataConfig
-from raycf.data import load_splits
+from raycf.data import load_splits, read_idx, stored_side
 from raycf.errors import UserError
 
 
@@ -24,19 +26,18 @@ def test_digits_split_is_stratified_deterministic_and_disjoint():
     for dataset in (splits.train, splits.val, splits.test):
         counts = np.bincount(dataset.labels, minlength=10)
         assert counts.min() >= 0.08 * len(dataset)
-    image, label = splits.split("val")[0]
-    assert image.shape == (3, 16, 16) and image.dtype == torch.float32 and 0 <= label < 10
+    image = splits.split("val").decode(0)
+    assert image.shape == (16, 16, 3) and image.dtype == np.uint8 and image.max() > 200  # white ink on black
+    assert np.array_equal(image[..., 0], image[..., 2])  # grey, repeated to three channels
     assert splits.class_names == [str(d) for d in range(10)]
 
 
-def test_augmented_and_plain_views_differ_only_for_augmentation():
-    splits = load_splits(DataConfig(kind="digits", image_size=16), seed=0)
-    plain_a, _ = splits.split("train", augment=False)[0]
-    plain_b, _ = splits.split("train", augment=False)[0]
-    torch.manual_seed(1)
-    augmented, _ = splits.split("train", augment=True)[0]
-    assert torch.equal(plain_a, plain_b)
-    assert not torch.equal(plain_a, augmented)
+def test_stored_side_leaves_room_for_augmentation_on_large_inputs(tmp_path):
+    assert stored_side(DataConfig(kind="digits", image_size=32)) == 32
+    assert stored_side(DataConfig(kind="cub200", root=str(tmp_path), image_size=224)) == 256
+    assert stored_side(DataConfig(kind="cub200", root=str(tmp_path), image_size=224, stored_side=300)) == 300
+    with pytest.raises(ValueError, match="stored_side must be at least data.image_size"):
+        DataConfig(kind="cub200", root=str(tmp_path), image_size=224, stored_side=200)
 
 
 def test_cub_reader_uses_the_official_split_and_carves_validation(cub_root):
@@ -44,8 +45,7 @@ def test_cub_reader_uses_the_official_split_and_carves_validation(cub_root):
     assert splits.class_names == ["Black_footed_Albatross", "Laysan_Albatross", "Sooty_Albatross"]
     assert len(splits.test) == 6 and len(splits.train) + len(splits.val) == 12 and len(splits.val) == 3
     assert sorted(np.bincount(splits.test.labels).tolist()) == [2, 2, 2]
-    image, label = splits.split("test")[0]
-    assert image.shape == (3, 24, 24) and label == 0
+    assert splits.split("test").decode(0).shape == (27, 27, 3) and splits.test.labels[0] == 0  # stored at 8/7 of 24
 
 
 def test_cub_bounding_box_crop(cub_root):
@@ -91,3 +91,34 @@ def test_corrupt_image_is_named(imagefolder_root):
             splits.train.raw(index)
     with pytest.raises(UserError, match=r"3\.png: corrupt or unreadable image"):
         load_splits(DataConfig(kind="imagefolder", root=str(imagefolder_root)), seed=0, verify_images=True)
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as stream:
+        stream.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reads_idx_files_with_the_official_split(tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, count in (("train", 40), ("t10k", 10)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, size=(count, 28, 28)))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(count) % 10)
+    assert read_idx(tmp_path / "t10k-images-idx3-ubyte.gz").shape == (10, 28, 28)
+    splits = load_splits(DataConfig(kind="fashion_mnist", root=str(tmp_path), val_fraction=0.25), seed=0)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (30, 10, 10)
+    assert splits.class_names[0] == "T-shirt/top" and splits.test.ids[0] == "fashion-test-00000"
+    assert splits.test.decode(0).shape == (32, 32, 3)  # 28 px upscaled to the default 32
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x09\x01"))
+    with pytest.raises(UserError, match="not an IDX file of unsigned bytes"):
+        load_splits(DataConfig(kind="fashion_mnist", root=str(tmp_path)), seed=0)
+
+
+def test_the_real_fashion_mnist_package():
+    from conftest import require_system
+
+    require_system("fashion-mnist")
+    splits = load_splits(DataConfig(kind="fashion_mnist"), seed=0)
+    assert (len(splits.train) + len(splits.val), len(splits.test)) == (60000, 10000)
+    assert sorted(np.bincount(splits.test.labels).tolist()) == [1000] * 10
+    assert splits.train.decode(0).shape == (32, 32, 3)

@@ -1,7 +1,7 @@
-"""Debug retraining (METHOD §5): the training loop, its control, recovery, and Tables 2 and 3.
+"""Debug retraining (METHOD §5, raycf.training.debug): the loop, its control, ties, recovery.
 
-Unit tests use Ray Train's local mode (``workers=0``) on 16-pixel digits and
-a random-init vgg_tiny; only the 2-worker DDP smoke run and the fault
+Unit tests run the loop in this process (``workers=0``) on 16-pixel digits and
+a random-init vgg_tiny; only the 2-worker DDP run, the tie run and the fault
 injection run use the shared Ray cluster.
 """
 
@@ -15,20 +15,22 @@ import pyarrow as pa
 import pytest
 import torch
 
-from raycf import debug, storage
+from conftest import write_image_store
 from raycf.checkpoint import ClassifierCheckpoint, parse_classifier_checkpoint
 from raycf.config import study_from_mapping, with_values
-from raycf.data import load_splits
-from raycf.losses import DebugLoss
+from raycf.image_store import StoredImages, open_store
+from raycf.method.debug_loss import DebugLoss
 from raycf.models import build_model
-from raycf.training import accuracy_on_splits, train_one_epoch
+from raycf.training import debug
+from raycf.training.loops import train_one_epoch
+from raycf.views import model_inputs
 
 METRICS = {"epoch", "train_loss", "train_ce", "train_mc", "train_nonmc", "train_acc", "val_loss", "val_acc", "active_mc", "active_nonmc"}
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny digits study (16 px, 288 training images), a random-init base model and random G."""
+    """A tiny digits study (16 px, 288 training images) with its image store, a random-init base model and random G."""
     folder = tmp_path_factory.mktemp("debug")
     study = study_from_mapping(
         {
@@ -39,15 +41,29 @@ def tiny(tmp_path_factory):
             "debug": {"epochs": 2, "batch_size": 32, "lr": 0.01, "workers": 1, "max_failures": 1},
         }
     )
-    splits = load_splits(study.data, study.seed)
+    images = write_image_store(study, folder / "images")
     torch.manual_seed(0)
-    model = build_model(study.model, splits.num_classes)
-    calibrate_batchnorm(model, splits.split("train"))
+    model = build_model(study.model, 10)
+    calibrate_batchnorm(model, PlainImages(images, "train", 16))
     base_bytes = ClassifierCheckpoint(
-        arch="vgg_tiny", num_filters=64, num_classes=10, class_names=splits.class_names, image_size=16, config_hash="x", state_dict=model.state_dict()
+        arch="vgg_tiny", num_filters=64, num_classes=10, class_names=[str(d) for d in range(10)], image_size=16, config_hash="x", state_dict=model.state_dict()
     ).to_bytes()
     global_filters = np.random.default_rng(0).random((10, 64)) < 0.4
-    return study, splits, base_bytes, global_filters, folder
+    return study, images, base_bytes, global_filters, folder
+
+
+class PlainImages(torch.utils.data.Dataset):
+    """A split of the image store as plain model inputs: ``(3×size×size float, label)``."""
+
+    def __init__(self, images, split: str, size: int):
+        self.stored, self.size = StoredImages(open_store(images), split), size
+
+    def __len__(self) -> int:
+        return len(self.stored)
+
+    def __getitem__(self, index: int):
+        image, label, _ = self.stored[index]
+        return model_inputs(image[None], self.size)[0], label
 
 
 @torch.no_grad()
@@ -65,21 +81,31 @@ def calibrate_batchnorm(model: torch.nn.Module, dataset) -> None:
     model.eval()
 
 
-def _run(tiny, lambdas, name, **options):
-    study, _, base_bytes, global_filters, folder = tiny
-    return debug.run_debug_training(
-        study, global_filters, base_bytes, lambda1=lambdas[0], lambda2=lambdas[1], name=name, storage_path=str(folder / "ray"), **options
+def _run(tiny, lambdas, name, workers=0, fail_once=None, prefix=None):
+    study, images, base_bytes, global_filters, folder = tiny
+    job = debug.DebugJob(
+        study=study, global_filters=global_filters, base_model=base_bytes, lambda1=lambdas[0], lambda2=lambdas[1], fail_once=fail_once, images=images, prefix=prefix
     )
+    return debug.run_debug_training(job, name=name, storage_path=str(folder / "ray"), workers=workers)
 
 
 # ------------------------------------------------------------- the training loop
+
+
+def _assert_best_is_the_highest_val_acc_then_the_lowest_val_loss(result) -> None:
+    """The run's best epoch, checked from its history without the code that chose it."""
+    top = max(row["val_acc"] for row in result.history)
+    lowest_loss = min(row["val_loss"] for row in result.history if row["val_acc"] == top)
+    chosen = next(row for row in result.history if row["epoch"] == result.best_epoch)
+    assert (chosen["val_acc"], chosen["val_loss"]) == (top, lowest_loss) and result.best_val_acc == top
+    assert parse_classifier_checkpoint(result.best_model_bytes).metrics["epoch"] == result.best_epoch  # the kept checkpoint is that epoch's
 
 
 def test_control_and_debugged_runs_see_the_same_batches(tiny, monkeypatch):
     seen: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
     real = debug.train_one_epoch
 
-    def recording(model, loader, optimizer, loss_fn, **options):
+    def recording(model, loader, optimizer, loss_fn, *args, **options):
         epoch: list[tuple[torch.Tensor, torch.Tensor]] = []
         seen.append(epoch)
 
@@ -88,11 +114,11 @@ def test_control_and_debugged_runs_see_the_same_batches(tiny, monkeypatch):
                 epoch.append((images.clone(), labels.clone()))
                 yield images, labels
 
-        return real(model, passthrough(), optimizer, loss_fn, **options)
+        return real(model, passthrough(), optimizer, loss_fn, *args, **options)
 
     monkeypatch.setattr(debug, "train_one_epoch", recording)
-    control = _run(tiny, (0.0, 0.0), "order-control", workers=0)
-    debugged = _run(tiny, (0.5, 0.5), "order-debug", workers=0)
+    control = _run(tiny, (0.0, 0.0), "order-control")
+    debugged = _run(tiny, (0.5, 0.5), "order-debug")
     assert len(seen) == 4  # two runs × two epochs
     for control_epoch, debugged_epoch in zip(seen[:2], seen[2:]):
         assert len(control_epoch) == len(debugged_epoch) == math.ceil(288 / 32)
@@ -108,24 +134,23 @@ def test_control_and_debugged_runs_see_the_same_batches(tiny, monkeypatch):
     assert debugged.history[-1]["train_nonmc"] < control.history[-1]["train_nonmc"]
 
 
-def test_local_mode_reports_every_metric_and_no_checkpoint(tiny):
+def test_in_process_run_reports_every_metric_and_keeps_the_best_checkpoint(tiny):
     result = _run(tiny, (0.016, 3.2e-4), "local", workers=0)
-    assert result.best_model_bytes is None
+    assert parse_classifier_checkpoint(result.best_model_bytes).metrics["epoch"] == result.best_epoch
     assert [row["epoch"] for row in result.history] == [1, 2]
     for row in result.history:
         assert METRICS <= set(row)
         assert 0 <= row["active_mc"] <= 64 and 0 <= row["active_nonmc"] <= 64
         assert row["active_mc"] + row["active_nonmc"] <= 64
         assert row["train_loss"] == pytest.approx(row["train_ce"] - 0.016 * row["train_mc"] + 3.2e-4 * row["train_nonmc"], rel=1e-6)
-    best = max(result.history, key=lambda row: (row["val_acc"], -row["epoch"]))
-    assert (result.best_epoch, result.best_val_acc) == (best["epoch"], best["val_acc"])
+    _assert_best_is_the_highest_val_acc_then_the_lowest_val_loss(result)
 
 
 def test_centred_indicator_counts_fewer_active_filters_than_the_paper_one(tiny):
     study = tiny[0]
     centred_study = with_values(study, {"debug.indicator": "centred", "debug.epochs": 1})
-    paper = _run((with_values(study, {"debug.epochs": 1}), *tiny[1:]), (0.016, 3.2e-4), "paper", workers=0)
-    centred = _run((centred_study, *tiny[1:]), (0.016, 3.2e-4), "centred", workers=0)
+    paper = _run((with_values(study, {"debug.epochs": 1}), *tiny[1:]), (0.016, 3.2e-4), "paper")
+    centred = _run((centred_study, *tiny[1:]), (0.016, 3.2e-4), "centred")
     paper_active = paper.history[0]["active_mc"] + paper.history[0]["active_nonmc"]
     centred_active = centred.history[0]["active_mc"] + centred.history[0]["active_nonmc"]
     # paper: every non-zero filter is active; centred: those above their training mean, about half
@@ -134,12 +159,12 @@ def test_centred_indicator_counts_fewer_active_filters_than_the_paper_one(tiny):
 
 
 def test_filter_statistics_are_the_training_mean_and_std(tiny):
-    study, splits, base_bytes, _, _ = tiny
+    study, images, base_bytes, _, _ = tiny
     checkpoint = parse_classifier_checkpoint(base_bytes)
     model = build_model(study.model, 10, load_weights=False)
     model.load_state_dict(checkpoint.state_dict)
-    loader = torch.utils.data.DataLoader(splits.split("train"), batch_size=100)
-    stats = debug.filter_statistics(model, loader)
+    loader = torch.utils.data.DataLoader(PlainImages(images, "train", 16), batch_size=100)
+    stats = debug.filter_statistics(model, loader, torch.device("cpu"))
     with torch.no_grad():
         activations = torch.cat([model.features(images) for images, _ in loader])
     assert torch.allclose(stats.mean, activations.mean(0), atol=1e-5)
@@ -148,14 +173,15 @@ def test_filter_statistics_are_the_training_mean_and_std(tiny):
 
 @pytest.mark.parametrize("scope", ["head", "last_conv_and_head", "all"])
 def test_gradients_reach_the_trainable_scope_only(tiny, scope):
-    study, splits, base_bytes, global_filters, _ = tiny
+    study, images, base_bytes, global_filters, _ = tiny
+    train = PlainImages(images, "train", 16)
     checkpoint = parse_classifier_checkpoint(base_bytes)
     model = build_model(study.model, 10, load_weights=False)
     model.load_state_dict(checkpoint.state_dict)
     trainable = {id(p) for p in model.set_trainable(scope)}
     before = {name: value.clone() for name, value in model.state_dict().items()}
-    images = torch.stack([splits.train[i][0] for i in range(32)])
-    labels = torch.tensor([splits.train[i][1] for i in range(32)])
+    images = torch.stack([train[i][0] for i in range(32)])
+    labels = torch.tensor([train[i][1] for i in range(32)])
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
     loss_fn = DebugLoss(torch.as_tensor(global_filters, dtype=torch.float32), 0.5, 0.05)
     train_one_epoch(model, [(images, labels)] * 2, optimizer, loss_fn, freeze_frozen_norms=True)
@@ -171,9 +197,10 @@ def test_gradients_reach_the_trainable_scope_only(tiny, scope):
 
 def test_head_only_debugging_equals_the_control(tiny):
     """The MC terms act on the pooled vector, which the head does not change: same update as λ = 0."""
-    study, splits, base_bytes, global_filters, _ = tiny
-    images = torch.stack([splits.train[i][0] for i in range(16)])
-    labels = torch.tensor([splits.train[i][1] for i in range(16)])
+    study, store, base_bytes, global_filters, _ = tiny
+    train = PlainImages(store, "train", 16)
+    images = torch.stack([train[i][0] for i in range(16)])
+    labels = torch.tensor([train[i][1] for i in range(16)])
     heads = []
     for lambdas in ((0.0, 0.0), (0.5, 0.05)):
         model = build_model(study.model, 10, load_weights=False)
@@ -193,8 +220,7 @@ def test_two_worker_ddp_run_keeps_the_best_validation_checkpoint(tiny, ray_sessi
     result = _run(tiny, (0.016, 3.2e-4), "ddp", workers=2)
     assert [row["epoch"] for row in result.history] == [1, 2]
     assert all(METRICS <= set(row) for row in result.history)
-    best = max(result.history, key=lambda row: (row["val_acc"], -row["epoch"]))
-    assert result.best_epoch == best["epoch"] and result.best_val_acc == best["val_acc"]
+    _assert_best_is_the_highest_val_acc_then_the_lowest_val_loss(result)
     saved = parse_classifier_checkpoint(result.best_model_bytes, expected_arch="vgg_tiny", expected_classes=10)
     assert saved.metrics["epoch"] == result.best_epoch
     # last_conv_and_head: the trunk below the last conv block is the base's, bit for bit
@@ -206,6 +232,15 @@ def test_two_worker_ddp_run_keeps_the_best_validation_checkpoint(tiny, ray_sessi
     frozen = [name for name in base if not name.startswith(in_scope)]
     assert all(torch.equal(base[name], saved.state_dict[name]) for name in frozen)
     assert all(not torch.equal(base[name], saved.state_dict[name]) for name in base if name.startswith(in_scope) and "num_batches" not in name)
+
+
+def test_a_run_whose_epochs_all_tie_keeps_its_first_epochs_checkpoint(tiny, ray_session):
+    # head only at a vanishing learning rate: the weights, hence val_acc and val_loss, never change
+    study = with_values(tiny[0], {"debug.epochs": 3, "debug.trainable": "head", "debug.lr": 1e-12})
+    result = _run((study, *tiny[1:]), (0.0, 0.0), "ties", workers=1)
+    assert len({(row["val_acc"], row["val_loss"]) for row in result.history}) == 1  # every epoch tied
+    assert result.best_epoch == 1  # the rule: the earlier epoch
+    assert parse_classifier_checkpoint(result.best_model_bytes).metrics["epoch"] == 1  # and Ray kept that one
 
 
 def test_worker_failure_resumes_from_the_checkpoint(tiny, ray_session, tmp_path):
@@ -220,83 +255,19 @@ def test_worker_failure_resumes_from_the_checkpoint(tiny, ray_session, tmp_path)
     assert result.best_model_bytes is not None
 
 
-# ------------------------------------------------------------------ evaluation
-
-
-def test_evaluate_classifier_accuracy_and_recall(tiny):
-    study, splits, base_bytes, _, _ = tiny
-    evaluation = debug.evaluate_classifier(study, base_bytes, ("val", "test"), splits=splits)
-    model = build_model(study.model, 10, load_weights=False)
-    model.load_state_dict(parse_classifier_checkpoint(base_bytes).state_dict)
-    expected = accuracy_on_splits(model, splits, ("val", "test"))
-    for name in ("val", "test"):
-        assert evaluation.accuracy[name] == pytest.approx(expected[f"{name}_acc"])
-        support = evaluation.support[name]
-        assert support.sum() == len(splits.split(name)) and support.shape == (10,)
-        assert np.nansum(evaluation.recall[name] * support) / support.sum() == pytest.approx(evaluation.accuracy[name])
-
-
-def _evaluation(recall: list[float], acc: tuple[float, float, float]) -> debug.ModelEvaluation:
-    return debug.ModelEvaluation(
-        accuracy=dict(zip(("train", "val", "test"), acc)), recall={"test": np.array(recall)}, support={"test": np.array([10, 10, 10, 10, 10])}
-    )
-
-
-def test_tables_2_and_3(tmp_path):
-    base = _evaluation([0.5, 0.6, 0.7, 0.8, 0.9], (0.99, 0.9, 0.7))
-    control = _evaluation([0.5, 0.6, 0.8, 0.8, 0.9], (0.995, 0.91, 0.72))
-    debugged = _evaluation([0.9, 0.4, 0.8, 0.8, 0.7], (0.993, 0.92, 0.73))
-    table2 = debug.build_table2(base, control, debugged, lambda1=0.016, lambda2=3.2e-4, indicator="paper", control_best_epoch=3, debugged_best_epoch=5)
-    assert list(table2["model"]) == ["base", "control", "debugged"]
-    assert list(table2.columns[:3]) == ["model", "lambda1", "lambda2"] and {"train_acc", "val_acc", "test_acc"} <= set(table2.columns)
-    assert math.isnan(table2.loc[0, "lambda1"]) and table2.loc[1, "lambda1"] == 0 and table2.loc[2, "lambda2"] == 3.2e-4
-    assert list(table2["test_acc"]) == [0.7, 0.72, 0.73] and table2.loc[2, "best_epoch"] == 5
-
-    names = ["zero", "one", "two", "three", "four"]
-    recall = debug.build_class_recall(names, base, control, debugged)
-    table3 = debug.build_table3(recall)
-    assert list(table3["class"]) == ["zero", "two", "four", "one"]  # +0.4, +0.1 | -0.2, -0.2 ; "three" did not change
-    assert list(table3["group"]) == ["improved", "improved", "worsened", "worsened"]
-    assert table3["change"].tolist() == pytest.approx([0.4, 0.1, -0.2, -0.2])
-    assert table3.loc[0, "recall_before"] == 0.5 and table3.loc[0, "recall_after"] == 0.9 and table3.loc[1, "recall_control"] == 0.8
-
-    folder = tmp_path / "results"
-    for frame, file_name in ((table2, "table2.parquet"), (table3, "table3.parquet")):
-        storage.write_table(pa.Table.from_pandas(frame, preserve_index=False), str(folder / "debug" / file_name))
-    schema = pa.parquet.read_schema(folder / "debug" / "table2.parquet")
-    assert not any(isinstance(field.type, pa.ExtensionType) for field in schema)
-    assert pd.read_parquet(folder / "debug" / "table3.parquet").equals(table3)
-    text = debug.describe_debug(str(folder))
-    assert "Table 2" in text and "Table 3" in text
-    assert "debugged - control test accuracy: +1.00 points" in text
-    assert "zero" in text and "+0.400" in text
-
-
-def test_table3_top_three_of_each_group():
-    changes = [0.3, 0.2, 0.1, 0.05, -0.05, -0.1, -0.2, -0.3]
-    count = len(changes)
-    ones = _recall_eval([0.5] * count, count)
-    after = _recall_eval([0.5 + c for c in changes], count)
-    table3 = debug.build_table3(debug.build_class_recall([f"c{i}" for i in range(count)], ones, ones, after))
-    assert list(table3["class"]) == ["c0", "c1", "c2", "c7", "c6", "c5"]
-
-
-def _recall_eval(recall: list[float], count: int) -> debug.ModelEvaluation:
-    return debug.ModelEvaluation(accuracy={}, recall={"test": np.array(recall)}, support={"test": np.full(count, 10)})
-
-
 # ---------------------------------------------------------------- stage and CLI
 
 
 def test_debug_stage_and_command_are_registered():
     from raycf.cli import build_parser
     from raycf.config import StudyConfig
-    from raycf.pipeline import stages
+    from raycf.stages import stage_named
 
-    stage = stages()["debug"]
-    assert stage.upstream == ("masks",) and stage.sections == ("debug",)
+    stage = stage_named("debug")
+    assert stage.upstream == ("masks", "prefix") and stage.reads == ("debug", "analysis.tau")
     study = StudyConfig(name="t")
-    assert stage.extra_hash(study) != stage.extra_hash(with_values(study, {"tau": 0.5}))
-    assert stage.extra_hash(study) != stage.extra_hash(with_values(study, {"freq_threshold": 0.0}))
+    assert study.section_hash(*stage.reads) != with_values(study, {"tau": 0.5}).section_hash(*stage.reads)
+    assert study.section_hash(*stage.reads) != with_values(study, {"freq_threshold": 0.1}).section_hash(*stage.reads)  # debug.freq_threshold
+    assert study.section_hash(*stage.reads) == with_values(study, {"analysis.freq_threshold": 0.3}).section_hash(*stage.reads)  # detection's f
     args = build_parser().parse_args(["debug", "s.yaml", "--set", "debug.lambda1=0.1", "analysis.tau=0.8"])
     assert args.stage == "debug" and args.overrides == ["debug.lambda1=0.1", "analysis.tau=0.8"]

@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import run_cli_without_ray
 from raycf.cli import main
 from raycf.explain import BUNDLE_FILES
-from raycf.masks import load_masks_frame
+from raycf.artefacts import load_masks_frame
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -119,8 +119,8 @@ def test_bundle_numbers_are_the_masks_parquet_rows(smoke_study_results, tmp_path
 
     manifest = json.loads((out / rows[0]["image_id"] / "manifest.json").read_text())
     from raycf.checkpoint import load_classifier_checkpoint
-    from raycf.pipeline import versions
-    from raycf.study import load_results_study
+    from raycf.artefacts import load_results_study
+    from raycf.manifest import versions
 
     assert manifest["checkpoint_config_hash"] == load_classifier_checkpoint(str(results / "base" / "model.pt")).config_hash
     assert manifest["study_config_hash"] == load_results_study(str(results)).config_hash()

@@ -10,12 +10,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raycf.cfe import CfeBank
+from conftest import write_image_store
+from raycf.arrow import column_array, vector_column
 from raycf.checkpoint import ClassifierCheckpoint
 from raycf.config import study_from_mapping
-from raycf.features import FeatureExtractor, column_array, feature_records, vector_column, view_seed
-from raycf.masks import compute_masks, masks_table
+from raycf.data import load_splits
+from raycf.method.bank import CfeBank
+from raycf.method.masks import compute_masks
 from raycf.models import build_model
+from raycf.stages.features import FeatureExtractor, feature_records
+from raycf.views import view_seed
+from raycf.stages.masks import masks_table
 
 
 def test_vector_columns_survive_parquet_as_plain_fixed_size_lists(tmp_path: Path):
@@ -50,7 +55,7 @@ def extractor_inputs(tmp_path_factory):
     model = build_model(study.model, 10)
     checkpoint = ClassifierCheckpoint("vgg_tiny", 64, 10, [str(d) for d in range(10)], 16, "test", model.state_dict())
     (folder / "model.pt").write_bytes(checkpoint.to_bytes())
-    return study, str(folder / "model.pt")
+    return study, str(folder / "model.pt"), write_image_store(study, folder / "images")
 
 
 def records_table(rows: list[tuple[str, int, int]]) -> pa.Table:
@@ -65,11 +70,12 @@ def records_table(rows: list[tuple[str, int, int]]) -> pa.Table:
 
 
 def test_augmented_views_depend_on_the_view_not_on_the_worker_or_the_batch(extractor_inputs):
-    study, model_location = extractor_inputs
+    study, model_location, images = extractor_inputs
     rows = [("train", 0, 0), ("train", 0, 1), ("train", 0, 2), ("train", 5, 1), ("test", 3, 0)]
-    first = FeatureExtractor(study, model_location, use_gpu=False)(records_table(rows))
-    other_worker = FeatureExtractor(study, model_location, use_gpu=False)
-    other_worker.image("train", 7, 3)  # a worker whose RNG has moved on
+    first = FeatureExtractor(study, model_location, images, use_gpu=False)(records_table(rows))
+    other_worker = FeatureExtractor(study, model_location, images, use_gpu=False)
+    other_worker(records_table([("train", 7, 3), ("val", 2, 0)]))  # a worker that has done other work
+    torch.manual_seed(123)  # and whose global RNG is elsewhere
     reversed_batch = other_worker(records_table(rows[::-1]))
     a_first, a_reversed = column_array(first.column("a")), column_array(reversed_batch.column("a"))[::-1]
     assert np.array_equal(a_first, a_reversed)
@@ -82,8 +88,6 @@ def test_augmented_views_depend_on_the_view_not_on_the_worker_or_the_batch(extra
 
 
 def extractor_inputs_ids(study) -> list[str]:
-    from raycf.data import load_splits
-
     return load_splits(study.data, study.seed).train.ids
 
 

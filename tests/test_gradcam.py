@@ -9,7 +9,7 @@ from PIL import Image
 from torch import nn
 
 from raycf.config import DataConfig
-from raycf.data import build_transforms
+from raycf.views import model_inputs
 from raycf.gradcam import display_image, filter_heatmaps, grad_cam
 from raycf.models import FilterClassifier
 
@@ -78,7 +78,6 @@ def test_filter_heatmaps_show_each_filter_where_it_fires():
 
 def test_display_image_undoes_the_evaluation_transform():
     pixels = np.random.default_rng(0).integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
-    transform = build_transforms(DataConfig(kind="digits", image_size=16), None)
-    shown = display_image(transform(Image.fromarray(pixels)))
+    shown = display_image(model_inputs(torch.from_numpy(pixels).permute(2, 0, 1)[None], 16)[0])
     assert shown.shape == (16, 16, 3)
     np.testing.assert_allclose(shown, pixels / 255.0, atol=1e-5)

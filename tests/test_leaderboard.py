@@ -11,7 +11,6 @@ import pytest
 from raycf.errors import UserError
 from raycf.leaderboard import (
     TrialRecord,
-    best_epoch,
     leaderboard_frame,
     pareto_front,
     read_leaderboard,
@@ -38,13 +37,6 @@ def _frame():
         trial_row(TrialRecord("e", {"lambda1": 0.3, "lambda2": 0.1, "tau": 0.5}, status="error", error="boom"), NAMES, "val_acc", "max", 0, VERSIONS),
     ]
     return leaderboard_frame(rows, NAMES)
-
-
-def test_best_epoch_is_earliest_maximum():
-    history = [{"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.7}, {"epoch": 3, "val_acc": 0.7}]
-    assert best_epoch(history)["epoch"] == 2
-    assert best_epoch(history, "val_acc", "min")["epoch"] == 1
-    assert best_epoch([]) == {}
 
 
 def test_rows_are_flat_with_control_reference():

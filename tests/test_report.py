@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import run_cli_without_ray
+from conftest import require_system, run_cli_without_ray
 from raycf.config import dump_yaml, study_from_mapping
 from raycf.report import (
     Figure,
@@ -49,11 +49,12 @@ def test_pick_gallery_groups_and_orders_images():
     labels = np.array([0, 0, 1, 1, 1, 0])
     before = np.array([[0.2, 0.8], [0.3, 0.7], [0.4, 0.6], [0.1, 0.9], [0.45, 0.55], [0.6, 0.4]])
     after = np.array([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.05, 0.95], [0.2, 0.8], [0.7, 0.3]])
-    groups = pick_gallery(labels, before, after, per_group=4)
+    predictions = (before.argmax(1), before.max(1), after.argmax(1), after.max(1))
+    groups = pick_gallery(labels, *predictions, per_group=4)
     assert groups["fixed"].tolist() == [0, 1]  # wrong → right; the more confident fix first
     assert groups["broken"].tolist() == [2]  # right → wrong
     assert groups["confidence"].tolist() == [4, 5, 3]  # rises 0.25, 0.10, 0.05
-    assert pick_gallery(labels, before, after, per_group=1)["confidence"].tolist() == [4]
+    assert pick_gallery(labels, *predictions, per_group=1)["confidence"].tolist() == [4]
 
 
 def _global_mc_frame(num_classes: int = 3, num_filters: int = 8) -> pd.DataFrame:
@@ -141,10 +142,8 @@ def test_report_of_an_unfinished_study_says_what_is_missing(tmp_path):
 
 
 def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if found := shutil.which(name):
-            return found
-    pytest.fail("the report's browser test needs Debian's chromium package: see .ci/run (apt-get install chromium)")
+    require_system("chromium")
+    return shutil.which("chromium")
 
 
 def _run_chromium(tmp_path: Path, *arguments: str) -> subprocess.CompletedProcess:

@@ -12,11 +12,10 @@ import pytest
 import torch
 
 from raycf import cli
-from raycf.analysis import detection_summary, global_mc_sets
-from raycf.cfe import load_bank
+from raycf.artefacts import global_mc_sets, load_bank, load_features, load_masks, load_study_data
 from raycf.config import load_study
-from raycf.features import load_features
-from raycf.masks import compute_masks, load_masks
+from raycf.method.detection import detection_quality
+from raycf.method.masks import compute_masks
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,7 +84,7 @@ def test_digits_smoke_study_features_to_analyze(smoke_study_results: Path, capsy
     # The functions the search calls agree with the stage's files.
     sets = global_mc_sets(results, study.analysis.tau, study.analysis.freq_threshold)
     assert sets.reshape(-1).tolist() == read["in_global"]
-    summary = detection_summary(results, study.analysis.tau, study.analysis.freq_threshold, split="val")
+    summary = detection_quality(load_study_data(results, splits=("val",), with_head=False), study.analysis.tau, study.analysis.freq_threshold, split="val")
     val_f1 = next(row for row in read["scores"] if row["split"] == "val" and row["score"] == "f1")
     assert summary["det_auroc"] == pytest.approx(val_f1["auroc"], nan_ok=True)
     assert 0.5 < summary["maxsoftmax_auroc"] <= 1.0

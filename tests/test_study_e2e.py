@@ -7,11 +7,15 @@ import subprocess
 import sys
 import textwrap
 
+from collections import Counter
+
 import pandas as pd
 import pytest
 
 from conftest import REPO, run_cli
-from raycf.leaderboard import METRIC_COLUMNS
+from raycf.checkpoint import load_classifier_checkpoint
+from raycf.leaderboard import METRIC_COLUMNS, sort_by_objective
+from raycf.report import GALLERY_GROUPS, GALLERY_PER_GROUP
 
 EXPECTED_FILES = [
     "config.yaml",
@@ -28,6 +32,7 @@ EXPECTED_FILES = [
     "search/_stage.json",
     "final.parquet",
     "class_recall.parquet",
+    "final/predictions.parquet",
     "final/table2.parquet",
     "final/table3.parquet",
 ]
@@ -64,8 +69,15 @@ def test_leaderboard_columns_and_types_without_ray(smoke_study_results):
     for column in ("best_epoch", "epochs", "seed"):
         assert dtypes[column] == "int64"
     assert dtypes["is_control"] == "bool"
-    assert all(0 <= row["val_acc"] <= 1 for row in rows)
-    assert all(row["checkpoint_path"] for row in rows)
+
+
+def test_every_leaderboard_checkpoint_exists_and_is_the_best_epochs(smoke_study_results):
+    board = pd.read_parquet(smoke_study_results / "leaderboard.parquet")
+    for row in board.to_dict("records"):
+        checkpoint = load_classifier_checkpoint(f"{row['checkpoint_path']}/model.pt", expected_arch="vgg_tiny", expected_classes=10)
+        assert checkpoint.metrics["epoch"] == row["best_epoch"]
+        assert checkpoint.metrics["val_acc"] == pytest.approx(row["val_acc"])
+        assert checkpoint.metrics["val_loss"] == pytest.approx(row["val_loss"])
 
 
 def test_optuna_storage_is_readable_by_optuna(smoke_study_results):
@@ -105,15 +117,36 @@ def test_rerun_best_reproduces_the_recorded_validation_accuracy(smoke_study_resu
     assert rerun == pytest.approx(recorded, abs=1e-9)
 
 
-def test_final_tables_use_the_test_split_once(smoke_study_results):
+def test_final_tables_compare_the_best_searched_trial_with_the_control(smoke_study_results):
     final = pd.read_parquet(smoke_study_results / "final.parquet")
     assert list(final["model"]) == ["base", "control", "debugged"]
     assert final[["train_acc", "val_acc", "test_acc"]].notna().all().all()
     board = pd.read_parquet(smoke_study_results / "leaderboard.parquet")
     assert "test_acc" not in board.columns  # the search never saw the test split
-    best = board.sort_values("val_acc", ascending=False, kind="stable").iloc[0]
-    assert final.loc[2, "trial_id"] == best["trial_id"]
+    best = sort_by_objective(board[~board["is_control"]]).iloc[0]
+    assert final.loc[2, "trial_id"] == best["trial_id"] != board.loc[board["is_control"], "trial_id"].iloc[0]
     assert final.loc[2, "val_acc"] == pytest.approx(best["val_acc"])
+    ranked = sort_by_objective(board)
+    control_won = bool(ranked["is_control"].iloc[0])
+    assert (final["control_beats_searched"] == control_won).all()
+    printed = (smoke_study_results.parent.parent / "stdout.txt").read_text()
+    assert ("The control (plain fine-tuning" in printed) == control_won == bool(final.loc[0, "verdict"])
+
+
+def test_the_test_split_is_read_once_per_model(smoke_study_results):
+    """Base (its features), control and debugged (the final stage) read every test image once; the report only draws a few."""
+    reads = Counter(line.split()[1] for line in (smoke_study_results.parent.parent / "reads.log").read_text().splitlines() if line.startswith("test "))
+    predictions = pd.read_parquet(smoke_study_results / "final" / "predictions.parquet")
+    test = predictions[predictions["split"] == "test"]
+    assert set(test["model"]) == {"base", "control", "debugged"}
+    images = test["image_index"].nunique()
+    assert len(reads) == images  # every test image was read ...
+    assert min(reads.values()) == 3  # ... once per model
+    drawn = [index for index, count in reads.items() if count == 4]  # the report's gallery
+    assert max(reads.values()) <= 4 and len(drawn) <= len(GALLERY_GROUPS) * GALLERY_PER_GROUP
+    table2 = pd.read_parquet(smoke_study_results / "final" / "table2.parquet").set_index("model")
+    for model, rows in test.groupby("model"):
+        assert table2.loc[model, "test_acc"] == pytest.approx((rows["pred"] == rows["label"]).mean())
 
 
 def test_a_cached_study_reruns_nothing(ray_session, smoke_study_results):

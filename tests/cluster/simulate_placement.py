@@ -75,7 +75,7 @@ def main() -> None:
 
     from raycf.config import load_study
     from raycf.errors import UserError
-    from raycf.pipeline import check_storage_for_cluster
+    from raycf.cluster import check_storage_for_cluster
 
     cluster_file = yaml.safe_load((REPO / "cluster.yaml").read_text())
     head_resources = cluster_file["available_node_types"]["head"]["resources"]

@@ -33,14 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from raycf.method.bank import thresholded_relu
+
 INDICATORS = ("paper", "centred")
-THRESHOLD = 0.5  # the reference's ThresholdedReLU θ
 MIN_STD = 1e-6  # a filter that never varies over the training split is not rescaled by 1/0
-
-
-def thresholded_relu(values: torch.Tensor, theta: float = THRESHOLD) -> torch.Tensor:
-    """``values`` where ``values > theta``, else 0 (Keras ``ThresholdedReLU``)."""
-    return torch.where(values > theta, values, torch.zeros_like(values))
 
 
 def paper_indicator(activations: torch.Tensor) -> torch.Tensor:
@@ -70,11 +66,11 @@ class FilterStats:
 
 @dataclass(frozen=True)
 class DebugLoss:
-    """``loss_fn(logits, activations, labels) -> (loss, parts)`` for :func:`raycf.training.train_one_epoch`.
+    """``loss_fn(logits, activations, labels) -> (loss, parts)`` for :func:`raycf.training.loops.train_one_epoch`.
 
-    Parts (batch means): ``loss``, ``ce``, ``mc`` = Σ_k s·G_y, ``nonmc`` =
-    Σ_k s·(1−G_y), and ``active_mc`` / ``active_nonmc``, the number of filters
-    with ``s > 0`` in and out of G_y.  With λ1 = λ2 = 0 the loss is exactly
+    Parts (batch means, detached tensors on the loss's device): ``loss``,
+    ``ce``, ``mc`` = Σ_k s·G_y, ``nonmc`` = Σ_k s·(1−G_y), and ``active_mc`` /
+    ``active_nonmc``, the number of filters with ``s > 0`` in and out of G_y.  With λ1 = λ2 = 0 the loss is exactly
     the cross-entropy (the control), and the same parts are reported.
     """
 
@@ -101,20 +97,24 @@ class DebugLoss:
             return paper_indicator(activations)
         return centred_indicator(activations, self.stats.mean, self.stats.std)
 
-    def __call__(self, logits: torch.Tensor, activations: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        ce = F.cross_entropy(logits, labels)
-        s = self.active(activations)
+    def __call__(self, logits: torch.Tensor, activations: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ce = F.cross_entropy(logits.float(), labels)
+        s = self.active(activations.float())
         in_global = self.global_filters[labels]  # G_y, B×K
         mc = (s * in_global).sum(1).mean()
         nonmc = (s * (1.0 - in_global)).sum(1).mean()
         loss = ce - self.lambda1 * mc + self.lambda2 * nonmc
-        with torch.no_grad():
+        with torch.no_grad():  # parts stay on the device: the caller reads them once per epoch
             on = (s > 0).to(in_global.dtype)
-            active_mc = (on * in_global).sum(1).mean()
-            active_nonmc = (on * (1.0 - in_global)).sum(1).mean()
-            # One device→host copy for all parts (one sync per step on a GPU).
-            values = torch.stack([loss, ce, mc, nonmc, active_mc, active_nonmc]).detach().cpu().tolist()
-        return loss, dict(zip(("loss", "ce", "mc", "nonmc", "active_mc", "active_nonmc"), values))
+            parts = {
+                "loss": loss.detach(),
+                "ce": ce.detach(),
+                "mc": mc.detach(),
+                "nonmc": nonmc.detach(),
+                "active_mc": (on * in_global).sum(1).mean(),
+                "active_nonmc": (on * (1.0 - in_global)).sum(1).mean(),
+            }
+        return loss, parts
 
 
 def global_filters_tensor(global_filters, num_classes: int, num_filters: int) -> torch.Tensor:

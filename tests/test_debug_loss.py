@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raycf.losses import DebugLoss, FilterStats, centred_indicator, global_filters_tensor, paper_indicator, thresholded_relu
+from raycf.method.bank import thresholded_relu
+from raycf.method.debug_loss import DebugLoss, FilterStats, centred_indicator, global_filters_tensor, paper_indicator
 
 
 def sigmoid(x: float) -> float:

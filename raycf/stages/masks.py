@@ -41,44 +41,21 @@ import pyarrow as pa
 import torch
 
 from raycf import storage
-from raycf.cfe import BANK_FILE, CfeBank, parse_bank
+from raycf.arrow import table_arrays, vector_column
+from raycf.artefacts import BANK_FILE
+from raycf.cluster import ensure_ray
+from raycf.console import log
 from raycf.data import SPLITS
-from raycf.features import table_arrays, vector_column
+from raycf.method.bank import parse_bank
+from raycf.method.masks import compute_masks
 from raycf.models import device_for
+from raycf.ray_data import data_context, write_folders
 
 if TYPE_CHECKING:
-    import pandas as pd
-
-    from raycf.pipeline import StageRun
+    from raycf.stages.stage import StageRun
 
 # Columns of the features Parquet a mask computation needs.
 INPUT_COLUMNS = ["image_index", "image_id", "split", "label", "logits", "a"]
-
-
-@torch.no_grad()
-def compute_masks(bank: CfeBank, activations: torch.Tensor, logits: torch.Tensor, topk: int) -> dict[str, np.ndarray]:
-    """The per-image mask columns (see the module docstring) for B vectors and their logits."""
-    probabilities = torch.softmax(logits.float(), dim=1)
-    k = min(topk, bank.num_classes)
-    topk_probs, topk_classes = probabilities.topk(k, dim=1)
-    masks = bank.mc_masks(activations, topk_classes)  # B×k×K
-    masked = torch.softmax(bank.masked_logits(activations, masks), dim=2)  # B×k×C
-    masked_preds = masked.argmax(dim=2)
-    pred = topk_classes[:, 0]
-    return {
-        "pred": pred.cpu().numpy(),
-        "confidence": topk_probs[:, 0].cpu().numpy(),
-        "topk_classes": topk_classes.cpu().numpy(),
-        "topk_probs": topk_probs.cpu().numpy(),
-        "mc_mask": masks[:, 0].cpu().numpy(),
-        "mc_size": masks[:, 0].sum(dim=1).cpu().numpy(),
-        "masked_pred": masked_preds[:, 0].cpu().numpy(),
-        "masked_confidence": masked[:, 0].gather(1, pred[:, None])[:, 0].cpu().numpy(),
-        "topk_mc_masks": masks.cpu().numpy(),
-        "topk_mc_sizes": masks.sum(dim=2).cpu().numpy(),
-        "topk_masked_preds": masked_preds.cpu().numpy(),
-        "empty_pred": np.full(len(activations), bank.empty_mask_prediction(), dtype=np.int64),
-    }
 
 
 def masks_table(inputs: dict[str, np.ndarray], computed: dict[str, np.ndarray]) -> pa.Table:
@@ -121,12 +98,9 @@ class MaskComputer:
         return masks_table(inputs, compute_masks(self.bank, activations, logits, self.topk))
 
 
-def run_masks_stage(run: "StageRun") -> dict:
+def run(run: "StageRun") -> dict:
     """Compute and write ``masks/<split>/`` for every split (see the module docstring)."""
     import ray
-
-    from raycf.features import data_context, write_folders
-    from raycf.pipeline import ensure_ray, log
 
     study = run.study
     settings = study.masks
@@ -158,26 +132,3 @@ def run_masks_stage(run: "StageRun") -> dict:
             f"{100 * summary[f'{split}_masked_agreement']:.1f} %"
         )
     return summary
-
-
-def load_masks(results: str, split: str, columns: list[str] | None = None) -> dict[str, np.ndarray]:
-    """``masks/<split>/`` as numpy arrays sorted by image_index (masks as N×K / N×k×K booleans)."""
-    table = storage.read_table(storage.join_uri(results, "masks", split), columns=None if columns is None else sorted({*columns, "image_index"}))
-    arrays = table_arrays(table)
-    order = np.argsort(arrays["image_index"], kind="stable")
-    return {name: values[order] for name, values in arrays.items()}
-
-
-def load_masks_frame(results: str, split: str) -> "pd.DataFrame":
-    """``masks/<split>/`` as a pandas DataFrame (vector columns hold numpy arrays), sorted by image_index."""
-    table = storage.read_table(storage.join_uri(results, "masks", split))
-    return table.to_pandas().sort_values("image_index", kind="stable").reset_index(drop=True)
-
-
-def _register() -> None:
-    from raycf.pipeline import Stage, register
-
-    register(Stage(name="masks", sections=("masks",), upstream=("cfe",), run=run_masks_stage))
-
-
-_register()

@@ -8,7 +8,8 @@ import pytest
 
 from raycf.config import study_from_mapping
 from raycf.errors import UserError
-from raycf.study import control_first_searcher, control_point, optuna_distributions, parameter_names, pick_trial
+from raycf.rerun import pick_trial
+from raycf.searcher import control_first_searcher, control_point, optuna_distributions, parameter_names
 
 SPACE = {
     "lambda1": {"loguniform": [1e-3, 1.0]},
@@ -24,7 +25,7 @@ def _study(**search):
 
 def test_space_and_control_point():
     study = _study()
-    distributions = optuna_distributions(study.search.space)
+    distributions = optuna_distributions(study.search.searched_space)
     assert distributions["lambda1"].log and distributions["lambda1"].low == 1e-3
     assert not distributions["tau"].log and distributions["debug.lr"].choices == (0.001, 0.01)
     assert parameter_names(study) == ["lambda1", "lambda2", "tau", "debug.lr"]
@@ -50,7 +51,7 @@ def test_optuna_records_the_best_epoch_like_the_leaderboard(tmp_path):
     searcher.suggest("t1")
     for epoch, val_acc in enumerate([0.90, 0.95, 0.93], start=1):
         searcher.on_trial_result("t1", {"val_acc": val_acc, "training_iteration": epoch})
-    assert searcher.searcher.get_state()["best_values"] == {"t1": 0.95}  # saved with Tune's experiment state
+    assert searcher.searcher.get_state()["best_epochs"]["t1"]["val_acc"] == 0.95  # saved with Tune's experiment state
     searcher.on_trial_complete("t1", {"val_acc": 0.93, "training_iteration": 3})
     (trial,) = optuna.load_study(study_name="s-3", storage=url).trials
     assert trial.value == 0.95

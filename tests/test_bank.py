@@ -1,4 +1,4 @@
-"""The CFE generator bank: loss terms, binarisation, the bank file, training on cached vectors."""
+"""The CFE generator bank (raycf.method.bank) and its training on cached vectors (raycf.training.cfe)."""
 
 from __future__ import annotations
 
@@ -11,24 +11,24 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raycf.cfe import (
+from raycf.arrow import vector_column
+from raycf.artefacts import AUGMENTED_FOLDER, EMPTY_MARKER, load_bank
+from raycf.config import CfeConfig, study_from_mapping
+from raycf.errors import UserError
+from raycf.method.bank import (
     CfeBank,
     CfeModel,
     LossWeights,
+    bank_from_model,
     bank_loss,
-    cfe_train_loop,
     class_statistics,
-    epoch_order,
-    load_bank,
     mc_loss,
     mi_loss,
     parse_bank,
-    report_epochs,
     thresholded_relu,
 )
-from raycf.config import CfeConfig, study_from_mapping
-from raycf.errors import UserError
-from raycf.features import AUGMENTED_FOLDER, EMPTY_MARKER, vector_column
+from raycf.training.cfe import CfeJob, cfe_train_loop, epoch_order, report_epochs
+from raycf.training.trainer import run_local
 
 # Two filters, two classes; the weights are zero so the masks come from the biases alone:
 # generator 0: s = sigmoid([2, -2]) = [0.881, 0.119] -> m = [0.881, 0]
@@ -79,9 +79,9 @@ def test_mc_loss_terms_match_a_hand_computation():
     ce0, ce1 = math.log(1 + math.exp(-z0)), math.log(1 + math.exp(-z1))
     expected = (ce0 + 0.064 * sigmoid(2) - 0.032 * z0) + (ce1 + 0.064 * sigmoid(1) - 0.032 * z1)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
-    assert parts["mc_ce"] == pytest.approx((ce0 + ce1) / 2, rel=1e-6)
-    assert parts["mc_l1"] == pytest.approx((sigmoid(2) + sigmoid(1)) / 2, rel=1e-6)
-    assert parts["mc_logit"] == pytest.approx((z0 + z1) / 2, rel=1e-6)
+    assert float(parts["mc_ce"]) == pytest.approx((ce0 + ce1) / 2, rel=1e-6)
+    assert float(parts["mc_l1"]) == pytest.approx((sigmoid(2) + sigmoid(1)) / 2, rel=1e-6)
+    assert float(parts["mc_logit"]) == pytest.approx((z0 + z1) / 2, rel=1e-6)
 
 
 def test_mc_loss_is_a_per_sample_mean_so_it_does_not_depend_on_the_batch_size():
@@ -113,12 +113,10 @@ def test_mi_loss_terms_match_a_hand_computation():
     # generator 0: logits a + δ = [1.5, 2] target 0; generator 1: [1, 4] target 1
     ce0, ce1 = math.log(1 + math.exp(0.5)), math.log(1 + math.exp(-3.0))
     assert loss.item() == pytest.approx(ce0 + 0.064 * 0.5 + ce1 + 0.064 * 2.0, rel=1e-6)
-    assert parts["mi_l1"] == pytest.approx(1.25)
+    assert float(parts["mi_l1"]) == pytest.approx(1.25)
 
 
 def bank_of(model: CfeModel) -> CfeBank:
-    from raycf.cfe import bank_from_model
-
     return bank_from_model(model, HEAD_W, HEAD_B, ["zero", "one"])
 
 
@@ -212,22 +210,11 @@ def synthetic_results(folder: Path) -> tuple[str, torch.Tensor, torch.Tensor]:
 
 
 def train_bank(results: str, head_weight: torch.Tensor, head_bias: torch.Tensor, out: Path, seed: int = 0) -> dict:
-    from raycf.training import fit
-
     study = study_from_mapping(
         {"name": "t", "seed": seed, "cfe": {"epochs": 30, "lr": 0.05, "batch_size": 8, "sparsity": 2.0, "workers": 0}}
     )
-    result = fit(
-        cfe_train_loop,
-        {"study": study, "results": results, "head_weight": head_weight, "head_bias": head_bias, "class_names": ["a", "b", "c"], "bank_location": str(out)},
-        name="cfe-test",
-        storage_path=str(out.parent / "ray"),
-        workers=0,
-        use_gpu=False,
-        max_failures=0,
-        metric="epoch",
-    )
-    return result.return_value
+    job = CfeJob(study=study, results=results, head_weight=head_weight, head_bias=head_bias, class_names=["a", "b", "c"], bank_location=str(out))
+    return run_local(cfe_train_loop, job, out.parent / f"run-{out.stem}").return_value
 
 
 def test_bank_training_on_cached_vectors_learns_sparse_masks_and_is_deterministic(tmp_path: Path):

@@ -1,4 +1,4 @@
-"""Stage ``cfe``: the counterfactual filter generators of every class, trained as one bank (METHOD §2).
+"""The counterfactual filter generators of every class, as one bank (METHOD §2).
 
 One MC ("minimum correct") generator per class ``c`` maps a pooled vector
 ``a`` (K) to a mask::
@@ -8,9 +8,8 @@ One MC ("minimum correct") generator per class ``c`` maps a pooled vector
     masked logits = W (a ⊙ m) + b       W, b: the classifier's frozen head
 
 All C generators live in one tensor (C×K×K weights, C×K biases) and are
-trained together on the cached training vectors (every view of every
-image), each with its own class as the target of every image.  The loss of
-generator ``c`` on one vector is::
+trained together, each with its own class as the target of every vector.
+The loss of generator ``c`` on one vector is::
 
     CE(masked logits, c) + μ1 ‖m‖₁ − μ2 · z_c(masked)
     μ1 = 0.001 · λ · B_ref,   μ2 = logits_weight · B_ref
@@ -25,10 +24,7 @@ The MI ("minimum incorrect") bank is the additive counterpart:
 ``δ = ReLU(V'_c a + β'_c)``, logits ``W (a + δ) + b``, loss
 ``CE(·, c) + μ1' ‖δ‖₁``; MI filters = ``{k : δ_k > 0}``.
 
-Output ``<results>/cfe/``: ``bank.pt`` (see :class:`CfeBank`; loads with
-``weights_only=True``), ``epochs.parquet`` (one row per epoch) and
-``classes.parquet`` (per class: MC agreement and mask size, MI agreement
-and size, on the plain training images).
+Pure torch: no Ray, no files (``bank.pt`` bytes in and out).
 """
 
 from __future__ import annotations
@@ -36,27 +32,20 @@ from __future__ import annotations
 import io
 import math
 import pickle
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raycf import storage
-from raycf.config import CfeConfig, StudyConfig
+from raycf.config import CfeConfig
 from raycf.errors import UserError
-
-if TYPE_CHECKING:
-    from raycf.pipeline import StageRun
 
 THRESHOLD = 0.5  # θ of the thresholded ReLU
 BANK_FORMAT = "raycf.cfe/1"
 BANK_FILE = "bank.pt"
-TRAIN_STATE_FILE = "train_state.pt"
 EVAL_CHUNK = 256  # vectors per chunk when a whole split is pushed through the bank
 
 
@@ -64,7 +53,7 @@ EVAL_CHUNK = 256  # vectors per chunk when a whole split is pushed through the b
 
 
 def thresholded_relu(values: torch.Tensor, threshold: float = THRESHOLD) -> torch.Tensor:
-    """``values`` where they exceed ``threshold``, else 0 (gradient only where kept)."""
+    """``values`` where they exceed ``threshold``, else 0, with gradient only where kept (Keras ``ThresholdedReLU``)."""
     return values * (values > threshold).to(values.dtype)
 
 
@@ -112,8 +101,9 @@ def mc_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The MC bank's loss for B×C×K masks of B vectors: per-vector mean, summed over generators.
 
-    Parts (means over vectors and generators): ``mc_ce``, ``mc_l1`` (mask
-    mass ‖m‖₁), ``mc_logit`` (z_c under the mask).
+    Parts (means over vectors and generators, detached tensors: read them
+    once per epoch, not per step): ``mc_ce``, ``mc_l1`` (mask mass ‖m‖₁),
+    ``mc_logit`` (z_c under the mask).
     """
     batch, num_classes, _ = masks.shape
     logits = head_logits(activations[:, None, :] * masks, head_weight, head_bias)  # B×C(generator)×C(class)
@@ -122,7 +112,7 @@ def mc_loss(
     mass = masks.sum(dim=2)
     target_logit = logits.diagonal(dim1=1, dim2=2)
     per_sample = cross_entropy + weights.mc_sparsity * mass - weights.mc_logits * target_logit
-    parts = {"mc_ce": float(cross_entropy.detach().mean()), "mc_l1": float(mass.detach().mean()), "mc_logit": float(target_logit.detach().mean())}
+    parts = {"mc_ce": cross_entropy.detach().mean(), "mc_l1": mass.detach().mean(), "mc_logit": target_logit.detach().mean()}
     return per_sample.mean(dim=0).sum(), parts
 
 
@@ -136,7 +126,7 @@ def mi_loss(
     cross_entropy = F.cross_entropy(logits.reshape(batch * num_classes, -1), targets.reshape(-1), reduction="none").reshape(batch, num_classes)
     mass = deltas.sum(dim=2)
     per_sample = cross_entropy + weights.mi_sparsity * mass
-    return per_sample.mean(dim=0).sum(), {"mi_ce": float(cross_entropy.detach().mean()), "mi_l1": float(mass.detach().mean())}
+    return per_sample.mean(dim=0).sum(), {"mi_ce": cross_entropy.detach().mean(), "mi_l1": mass.detach().mean()}
 
 
 # ------------------------------------------------------------- the module
@@ -185,7 +175,7 @@ def bank_loss(
     if deltas is not None:
         extra, mi_parts = mi_loss(deltas, activations, head_weight, head_bias, weights)
         loss, parts = loss + extra, {**parts, **mi_parts}
-    return loss, {"loss": float(loss.detach()) / masks.shape[1], **parts}
+    return loss, {"loss": loss.detach() / masks.shape[1], **parts}
 
 
 # --------------------------------------------------------------- the bank
@@ -305,13 +295,6 @@ def parse_bank(data: bytes, source: str = "bank") -> CfeBank:
     )
 
 
-def load_bank(results: str) -> CfeBank:
-    """The trained bank of a study (``<results>/cfe/bank.pt``)."""
-    location = storage.join_uri(results, "cfe", BANK_FILE)
-    if not storage.exists(location):
-        raise UserError(f"{location}: CFE bank not found (run `raycf cfe STUDY` first)")
-    return parse_bank(storage.read_bytes(location), location)
-
 
 def bank_from_model(model: CfeModel, head_weight: torch.Tensor, head_bias: torch.Tensor, class_names: list[str] | None = None) -> CfeBank:
     """Freeze a trained :class:`CfeModel` into a :class:`CfeBank` (CPU tensors)."""
@@ -350,98 +333,8 @@ def class_statistics(bank: CfeBank, activations: torch.Tensor) -> dict[str, np.n
     return {key: (value / count).cpu().numpy() for key, value in sums.items()}
 
 
-# --------------------------------------------------------- Ray Train loop
-
-
-def epoch_order(num_vectors: int, seed: int, epoch: int, rank: int, world_size: int) -> torch.Tensor:
-    """This rank's vectors for an epoch: a permutation fixed by (seed, epoch), padded to equal shards."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(num_vectors, generator=generator)
-    per_rank = math.ceil(num_vectors / world_size)
-    padded = torch.cat([order, order[: per_rank * world_size - num_vectors]])
-    return padded[rank::world_size]
-
-
-def report_epochs(epochs: int, reports: int = 5) -> set[int]:
-    """The (1-based) epochs that report and checkpoint: about ``reports`` of them, always the last.
-
-    Each ``ray.train.report`` waits for the Train controller's poll (about
-    2 s), far longer than an epoch over cached vectors, so not every epoch
-    reports.
-    """
-    every = max(1, epochs // reports)
-    return {epoch for epoch in range(1, epochs + 1) if epoch % every == 0 or epoch == epochs}
-
-
-def cfe_train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train function: train the bank of ``loop_config["study"]`` on cached vectors.
-
-    ``loop_config``: ``study``, ``results`` (the study's results folder,
-    holding ``features/``), ``head_weight``, ``head_bias`` (the frozen head),
-    ``class_names`` and ``bank_location`` (where rank 0 writes the final
-    ``bank.pt``).  On the epochs of :func:`report_epochs` every rank reports
-    epoch, loss parts, mean and minimum MC agreement over classes and mean MC
-    size (and MI values); rank 0 attaches ``bank.pt`` and ``train_state.pt``
-    to resume from.  Returns ``{"history": [...], "classes": {statistic:
-    per-class list}}`` (statistics of the final bank on the plain training
-    vectors).
-    """
-    import ray.train
-    import ray.train.torch
-
-    from raycf.features import load_features
-    from raycf.training import quiet_worker_logs, world
-
-    study: StudyConfig = loop_config["study"]
-    config = study.cfe
-    quiet_worker_logs()
-    rank, world_size = world()
-    device = ray.train.torch.get_device()
-    train = load_features(loop_config["results"], "train", views="all")
-    vectors = torch.from_numpy(train.a.copy()).float().to(device)
-    plain = vectors[torch.from_numpy(train.view == 0).to(device)]
-    head_weight = loop_config["head_weight"].float().to(device)
-    head_bias = loop_config["head_bias"].float().to(device)
-    class_names = loop_config.get("class_names")
-    weights = LossWeights.from_config(config)
-
-    model = CfeModel(head_weight.shape[0], head_weight.shape[1], config.train_mi, study.seed).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
-    history, next_epoch = _restore(model, optimizer)
-    wrapped = ray.train.torch.prepare_model(model, move_to_device=False)
-    step = max(1, config.batch_size // world_size)
-    reporting = report_epochs(config.epochs)
-    sums: dict[str, float] = {}
-    batches = 0
-    for epoch in range(next_epoch, config.epochs):
-        wrapped.train()
-        order = epoch_order(len(vectors), study.seed, epoch, rank, world_size).to(device)
-        for start in range(0, len(order), step):
-            loss, parts = bank_loss(wrapped, vectors[order[start : start + step]], head_weight, head_bias, weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            batches += 1
-            for key, value in parts.items():
-                sums[key] = sums.get(key, 0.0) + value
-        if epoch + 1 not in reporting:
-            continue
-        statistics = class_statistics(bank_from_model(model, head_weight, head_bias).to(device), plain)
-        metrics = {"epoch": epoch + 1, **{f"train_{key}": value / max(batches, 1) for key, value in sums.items()}, **_summarise(statistics)}
-        sums, batches = {}, 0
-        history.append(metrics)
-        _report(metrics, model, optimizer, history, head_weight, head_bias, class_names)
-        if rank == 0:
-            shown = "  ".join(f"{key} {value:.4f}" for key, value in metrics.items() if key != "epoch")
-            print(f"[raycf] cfe epoch {epoch + 1}/{config.epochs}  {shown}", flush=True)
-    final = bank_from_model(model, head_weight, head_bias, class_names)
-    if rank == 0:
-        storage.write_bytes(loop_config["bank_location"], final.to_bytes())
-    statistics = class_statistics(final.to(device), plain)
-    return {"history": history, "classes": {key: value.tolist() for key, value in statistics.items()}}
-
-
-def _summarise(statistics: dict[str, np.ndarray]) -> dict[str, float]:
+def summarise_statistics(statistics: dict[str, np.ndarray]) -> dict[str, float]:
+    """Means over classes of :func:`class_statistics` (and the worst class's MC agreement)."""
     summary = {
         "mc_agreement": float(statistics["mc_agreement"].mean()),
         "mc_agreement_min": float(statistics["mc_agreement"].min()),
@@ -450,113 +343,3 @@ def _summarise(statistics: dict[str, np.ndarray]) -> dict[str, float]:
     if "mi_agreement" in statistics:
         summary.update(mi_agreement=float(statistics["mi_agreement"].mean()), mi_size=float(statistics["mi_size"].mean()))
     return summary
-
-
-def _report(
-    metrics: dict[str, float],
-    model: CfeModel,
-    optimizer: torch.optim.Optimizer,
-    history: list[dict[str, float]],
-    head_weight: torch.Tensor,
-    head_bias: torch.Tensor,
-    class_names: list[str] | None,
-) -> None:
-    import ray.train
-
-    from raycf.training import world
-
-    if world()[0] != 0:
-        ray.train.report(metrics, checkpoint=None)
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        Path(folder, BANK_FILE).write_bytes(bank_from_model(model, head_weight, head_bias, class_names).to_bytes())
-        buffer = io.BytesIO()
-        torch.save({"next_epoch": int(metrics["epoch"]), "optimizer": optimizer.state_dict(), "history": history}, buffer)
-        Path(folder, TRAIN_STATE_FILE).write_bytes(buffer.getvalue())
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-
-
-def _restore(model: CfeModel, optimizer: torch.optim.Optimizer) -> tuple[list[dict[str, float]], int]:
-    """Resume from the checkpoint Ray Train hands a restarted worker group, if any."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return [], 0
-    with checkpoint.as_directory() as folder:
-        bank = parse_bank(Path(folder, BANK_FILE).read_bytes(), "cfe checkpoint")
-        state = torch.load(Path(folder, TRAIN_STATE_FILE), map_location="cpu", weights_only=True)
-    device = model.mc.weight.device
-    with torch.no_grad():
-        model.mc.weight.copy_(bank.mc_weight.to(device))
-        model.mc.bias.copy_(bank.mc_bias.to(device))
-        if model.mi is not None and bank.has_mi:
-            model.mi.weight.copy_(bank.mi_weight.to(device))
-            model.mi.bias.copy_(bank.mi_bias.to(device))
-    optimizer.load_state_dict(state["optimizer"])
-    return list(state["history"]), int(state["next_epoch"])
-
-
-# ------------------------------------------------------------ the stage
-
-
-def run_cfe_stage(run: "StageRun") -> dict:
-    """Train the bank on Ray Train; write ``bank.pt``, ``epochs.parquet``, ``classes.parquet``."""
-    import pandas as pd
-
-    from raycf.checkpoint import CHECKPOINT_FILE, load_classifier_checkpoint
-    from raycf.pipeline import ensure_ray, log
-    from raycf.training import fit
-
-    study = run.study
-    ensure_ray()
-    classifier = load_classifier_checkpoint(run.upstream("base", CHECKPOINT_FILE), expected_arch=study.model.arch)
-    result = fit(
-        cfe_train_loop,
-        {
-            "study": study,
-            "results": run.results,
-            "head_weight": classifier.state_dict["fc.weight"],
-            "head_bias": classifier.state_dict["fc.bias"],
-            "class_names": list(classifier.class_names),
-            "bank_location": run.path(BANK_FILE),
-        },
-        name=f"cfe-{run.stage_hash}",
-        storage_path=run.ray_storage(),
-        workers=study.cfe.workers,
-        use_gpu=study.cfe.use_gpu,
-        max_failures=study.cfe.max_failures,
-        metric="epoch",
-    )
-    outcome = result.return_value
-    storage.write_frame(pd.DataFrame(outcome["history"]), run.path("epochs.parquet"))
-    classes = pd.DataFrame({"class": range(len(classifier.class_names)), "class_name": classifier.class_names, **outcome["classes"]})
-    storage.write_frame(classes, run.path("classes.parquet"))
-    _log_classes(classes, log)
-    summary = {key: round(value, 6) for key, value in _summarise({k: np.asarray(v) for k, v in outcome["classes"].items()}).items()}
-    log(
-        f"cfe: {len(classes)} MC generators: masked prediction = target class for {100 * summary['mc_agreement']:.1f} % of "
-        f"training images (worst class {100 * summary['mc_agreement_min']:.1f} %) at {summary['mc_size']:.1f} of "
-        f"{classifier.num_filters} filters on average"
-    )
-    return {"epochs": study.cfe.epochs, **summary}
-
-
-def _log_classes(classes, log) -> None:
-    """One line per class (only the 5 worst when there are more than 20)."""
-    rows = classes.to_dict("records")
-    if len(rows) > 20:
-        log(f"cfe: the 5 classes with the lowest MC agreement (all {len(rows)} are in cfe/classes.parquet):")
-        rows = sorted(rows, key=lambda row: row["mc_agreement"])[:5]
-    for row in rows:
-        mi = f"; MI {100 * row['mi_agreement']:.1f} % at {row['mi_size']:.1f} filters" if "mi_agreement" in row else ""
-        log(f"cfe: class {row['class']} ({row['class_name']}): MC {100 * row['mc_agreement']:.1f} % at {row['mc_size']:.1f} filters{mi}")
-
-
-def _register() -> None:
-    from raycf.pipeline import Stage, register
-
-    register(Stage(name="cfe", sections=("cfe",), upstream=("features",), run=run_cfe_stage))
-
-
-_register()

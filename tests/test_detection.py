@@ -1,4 +1,4 @@
-"""Global MC filters, agreement metrics, Table 1 counting and error scores on tiny hand-made cases."""
+"""Global MC filters (raycf.method.global_mc), agreement metrics, Table 1 counting and error scores (raycf.method.detection) on tiny hand-made cases."""
 
 from __future__ import annotations
 
@@ -6,11 +6,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from raycf.analysis import (
+from raycf.method.detection import (
     Reference,
     StudyData,
-    accepted_images,
-    accumulate_global_mc,
     agreement_scores,
     auroc,
     average_precision,
@@ -19,12 +17,12 @@ from raycf.analysis import (
     error_score_rows,
     flag_images,
     format_tables,
-    global_sets,
     rerank,
     setting_label,
     table1_counts,
 )
 from raycf.config import DetectionSetting
+from raycf.method.global_mc import accepted_images, accumulate_global_mc, global_sets
 
 
 def mask(filters, width=6):

@@ -1,15 +1,4 @@
-"""Stage ``analyze``: global MC filters, misclassification detection (paper Table 1), error scores.
-
-Everything here is pandas/numpy over the ``masks/<split>/`` Parquet (no Ray).
-
-**Global MC filters** (METHOD §3).  A training image of class c is
-*accepted* when it passes three gates: the base prediction is correct, its
-confidence is at least τ, and the prediction with its binary MC mask applied
-is still c.  Over accepted images, ``count[c, k]`` counts how often filter k
-is in the MC set and ``magnitude[c, k]`` sums ``a_k`` over those images.
-The global set at frequency threshold f is
-``G_c = {k : count[c, k] > f · max_k count[c, k]}`` (f = 0: seen once).
-The normalised magnitude is ``magnitude / max_k count``.
+"""Misclassification detection (METHOD §4, paper Table 1) from MC masks: numpy and pandas only.
 
 **Agreement scores** of an image with inferred class ĉ, local MC set L (its
 ``mc_mask``) and G = G_ĉ:
@@ -43,113 +32,24 @@ version always kept the top-1 class).
 threshold-free detector of "is an error" (AUROC, AUPR with errors as
 positives), every score oriented so that higher means more suspicious, plus
 ``max_softmax_x_f1`` = 1 − confidence · f1.
-
-Outputs under ``<results>/analysis/``: ``global_mc.parquet``,
-``detection.parquet`` and ``error_scores.parquet`` (columns in the README).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import average_precision_score, roc_auc_score
 
-from raycf import storage
-from raycf.config import DetectionSetting, StudyConfig
-
-if TYPE_CHECKING:
-    from raycf.pipeline import StageRun
+from raycf.config import AnalysisConfig, DetectionSetting
+from raycf.method.global_mc import GlobalMC, accepted_images, global_mc_frame, global_mc_of, global_sets
 
 METRICS = ("recall", "precision", "f1", "magnitude", "head_weight")
 LOWER_AGREES = frozenset({"magnitude"})  # distances: a lower value means more agreement
 METRIC_NAMES = {"recall": "Recall", "precision": "Precision", "f1": "F1", "magnitude": "Magnitude distance", "head_weight": "Head weight"}
 EVALUATED_SPLITS = ("test", "val")
-TRAIN_COLUMNS = ["label", "pred", "confidence", "masked_pred", "mc_mask", "a"]
 SPLIT_COLUMNS = ["label", "pred", "confidence", "mc_mask", "a", "topk_classes", "topk_mc_masks"]
-
-
-# ------------------------------------------------------------ global MC
-
-
-@dataclass
-class GlobalMC:
-    """Accumulated MC statistics of every class over its accepted training images."""
-
-    counts: np.ndarray  # C×K: images whose MC set holds filter k
-    magnitude: np.ndarray  # C×K: Σ a_k over those images
-    images: np.ndarray  # C: accepted images
-
-    def normalised_magnitude(self) -> np.ndarray:
-        """``magnitude / max_k count`` per class (0 for a class without accepted images)."""
-        peak = self.counts.max(axis=1, keepdims=True).astype(np.float64)
-        return np.divide(self.magnitude, peak, out=np.zeros_like(self.magnitude, dtype=np.float64), where=peak > 0)
-
-
-def accepted_images(labels: np.ndarray, preds: np.ndarray, confidences: np.ndarray, masked_preds: np.ndarray, tau: float) -> np.ndarray:
-    """The three gates: correct, confidence ≥ τ, and the MC-masked prediction still the class."""
-    return (preds == labels) & (confidences >= tau) & (masked_preds == labels)
-
-
-def accumulate_global_mc(
-    labels: np.ndarray,
-    preds: np.ndarray,
-    confidences: np.ndarray,
-    masked_preds: np.ndarray,
-    masks: np.ndarray,
-    activations: np.ndarray,
-    num_classes: int,
-    tau: float,
-) -> GlobalMC:
-    """Count MC filters and their magnitudes per class over the accepted training images.
-
-    ``masks`` N×K booleans (each image's MC mask of its inferred class),
-    ``activations`` N×K.  Pure function.
-    """
-    accepted = accepted_images(labels, preds, confidences, masked_preds, tau)
-    one_hot = np.zeros((num_classes, len(labels)), dtype=np.float64)
-    one_hot[labels[accepted], np.flatnonzero(accepted)] = 1.0
-    binary = np.asarray(masks, dtype=np.float64)
-    return GlobalMC(
-        counts=np.rint(one_hot @ binary).astype(np.int64),
-        magnitude=one_hot @ (binary * activations),
-        images=one_hot.sum(axis=1).astype(np.int64),
-    )
-
-
-def global_sets(hist: np.ndarray, freq_threshold: float) -> np.ndarray:
-    """``G_c = {k : hist[c, k] > f · max_k hist[c, k]}`` as a C×K boolean array (a class never seen: empty)."""
-    hist = np.asarray(hist)
-    return hist > freq_threshold * hist.max(axis=1, keepdims=True)
-
-
-def load_split(results: str, split: str, columns: list[str]) -> dict[str, np.ndarray]:
-    """Columns of ``masks/<split>/`` as arrays sorted by image index (pyarrow only)."""
-    from raycf.masks import load_masks
-
-    return load_masks(results, split, columns)
-
-
-def global_mc_of(train: dict[str, np.ndarray], num_classes: int, tau: float) -> GlobalMC:
-    return accumulate_global_mc(
-        train["label"], train["pred"], train["confidence"], train["masked_pred"], train["mc_mask"], train["a"], num_classes, tau
-    )
-
-
-def global_mc_sets(results: str, tau: float, freq_threshold: float) -> np.ndarray:
-    """G (C×K booleans) from ``<results>/masks/train`` for any τ and f."""
-    train = load_split(results, "train", TRAIN_COLUMNS)
-    return global_sets(global_mc_of(train, len(class_names_of(results)), tau).counts, freq_threshold)
-
-
-def class_names_of(results: str) -> list[str]:
-    """The class names, in class order (from ``cfe/classes.parquet``)."""
-    table = storage.read_table(storage.join_uri(results, "cfe", "classes.parquet"), columns=["class", "class_name"])
-    frame = table.to_pandas().sort_values("class")
-    return [str(name) for name in frame["class_name"]]
-
 
 # ------------------------------------------------------------ agreement
 
@@ -259,7 +159,7 @@ def setting_label(setting: DetectionSetting) -> str:
 
 @dataclass
 class StudyData:
-    """The arrays an analysis needs: masks of the training split and of the evaluated splits."""
+    """The arrays an analysis needs: masks of the training split and of the evaluated splits, and the head's weights."""
 
     train: dict[str, np.ndarray]
     splits: dict[str, dict[str, np.ndarray]]
@@ -270,23 +170,9 @@ class StudyData:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    @classmethod
-    def load(cls, results: str, splits=EVALUATED_SPLITS, with_head: bool = True) -> "StudyData":
-        """Read the masks (and, ``with_head``, the head's weights from the CFE bank)."""
-        head = None
-        if with_head:
-            from raycf.cfe import load_bank
-
-            head = load_bank(results).head_weight.double().numpy()
-        return cls(
-            train=load_split(results, "train", TRAIN_COLUMNS),
-            splits={split: load_split(results, split, SPLIT_COLUMNS) for split in splits},
-            class_names=class_names_of(results),
-            head_weight=head,
-        )
-
 
 def reference_for(data: StudyData, tau: float, freq_threshold: float) -> tuple[Reference, GlobalMC]:
+    """The global sets (τ, f), magnitudes and head weights images are compared with, and the accumulation behind them."""
     global_mc = global_mc_of(data.train, data.num_classes, tau)
     return Reference(global_sets(global_mc.counts, freq_threshold), global_mc.normalised_magnitude(), data.head_weight), global_mc
 
@@ -341,33 +227,19 @@ def detection_row(data: StudyData, split: str, setting: DetectionSetting, tau: f
 
 
 def auroc(is_positive: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (ties count half); NaN without both classes."""
+    """Area under the ROC curve (scikit-learn; ties count half); NaN without both classes."""
     is_positive = np.asarray(is_positive, dtype=bool)
-    positives = int(is_positive.sum())
-    negatives = len(is_positive) - positives
-    if positives == 0 or negatives == 0:
+    if is_positive.all() or not is_positive.any():
         return float("nan")
-    _, inverse, counts = np.unique(np.asarray(scores, dtype=np.float64), return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    average_rank = ends - (counts - 1) / 2.0  # 1-based average rank of each distinct value
-    rank_sum = average_rank[inverse][is_positive].sum()
-    return float((rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives))
+    return float(roc_auc_score(is_positive, np.asarray(scores, dtype=np.float64)))
 
 
 def average_precision(is_positive: np.ndarray, scores: np.ndarray) -> float:
-    """AUPR as average precision: Σ (R_n − R_{n−1}) P_n over distinct thresholds (scikit-learn's definition)."""
+    """AUPR as scikit-learn's average precision; NaN without a positive."""
     is_positive = np.asarray(is_positive, dtype=bool)
-    positives = int(is_positive.sum())
-    if positives == 0:
+    if not is_positive.any():
         return float("nan")
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    sorted_scores = np.asarray(scores, dtype=np.float64)[order]
-    hits = is_positive[order].astype(np.float64)
-    last_of_value = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(sorted_scores) - 1]
-    true_positives = np.cumsum(hits)[last_of_value]
-    precision = true_positives / (last_of_value + 1)
-    recall = true_positives / positives
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return float(average_precision_score(is_positive, np.asarray(scores, dtype=np.float64)))
 
 
 def error_score_rows(data: StudyData, split: str, tau: float, freq_threshold: float) -> list[dict]:
@@ -396,14 +268,13 @@ def error_score_rows(data: StudyData, split: str, tau: float, freq_threshold: fl
     ]
 
 
-def detection_summary(results: str, tau: float, freq_threshold: float, split: str = "val") -> dict[str, float]:
+def detection_quality(data: StudyData, tau: float, freq_threshold: float, split: str = "val") -> dict[str, float]:
     """Threshold-free detection quality of the F1 agreement on ``split`` (errors as positives).
 
     Keys: ``det_auroc``, ``det_aupr`` (F1 agreement), ``maxsoftmax_auroc``,
     ``maxsoftmax_aupr``, ``combined_auroc``, ``combined_aupr``
     (``max_softmax_x_f1``), ``errors``, ``images``.
     """
-    data = StudyData.load(results, splits=(split,), with_head=False)
     rows = {row["score"]: row for row in error_score_rows(data, split, tau, freq_threshold)}
     return {
         "det_auroc": rows["f1"]["auroc"],
@@ -417,41 +288,20 @@ def detection_summary(results: str, tau: float, freq_threshold: float, split: st
     }
 
 
-# ------------------------------------------------------------ the stage
+# ------------------------------------------------------------ tables
 
 
-def global_mc_frame(global_mc: GlobalMC, freq_threshold: float, tau: float, class_names: list[str]) -> pd.DataFrame:
-    """One row per (class, filter): count, normalised magnitude, in G at ``freq_threshold``."""
-    num_classes, num_filters = global_mc.counts.shape
-    return pd.DataFrame(
-        {
-            "class": np.repeat(np.arange(num_classes), num_filters),
-            "class_name": np.repeat(np.asarray(class_names, dtype=object), num_filters),
-            "filter": np.tile(np.arange(num_filters), num_classes),
-            "count": global_mc.counts.reshape(-1),
-            "magnitude": global_mc.normalised_magnitude().reshape(-1),
-            "in_global": global_sets(global_mc.counts, freq_threshold).reshape(-1),
-            "images": np.repeat(global_mc.images, num_filters),
-            "tau": tau,
-            "freq_threshold": freq_threshold,
-        }
-    )
-
-
-def detection_settings(study: StudyConfig) -> list[tuple[DetectionSetting, str | None]]:
+def detection_settings(analysis: AnalysisConfig) -> list[tuple[DetectionSetting, str | None]]:
     """The configured rows, then the study's own row (Avg. F1 at the study's skip threshold and f)."""
-    analysis = study.analysis
     own = DetectionSetting(metric="f1", threshold="avg", skip_threshold=analysis.skip_threshold, freq_threshold=analysis.freq_threshold)
     return [(setting, None) for setting in analysis.settings] + [(own, f"study: {setting_label(own)}")]
 
 
-def analyse(results: str, study: StudyConfig) -> dict[str, pd.DataFrame]:
+def analyse(data: StudyData, analysis: AnalysisConfig) -> dict[str, pd.DataFrame]:
     """The three tables of the analysis (``global_mc``, ``detection``, ``error_scores``)."""
-    analysis = study.analysis
-    data = StudyData.load(results)
     _, global_mc = reference_for(data, analysis.tau, analysis.freq_threshold)
     detection = [
-        detection_row(data, split, setting, analysis.tau, label) for split in EVALUATED_SPLITS for setting, label in detection_settings(study)
+        detection_row(data, split, setting, analysis.tau, label) for split in EVALUATED_SPLITS for setting, label in detection_settings(analysis)
     ]
     scores = [row for split in EVALUATED_SPLITS for row in error_score_rows(data, split, analysis.tau, analysis.freq_threshold)]
     return {
@@ -496,48 +346,3 @@ def format_tables(detection: pd.DataFrame, error_scores: pd.DataFrame) -> str:
         + f"\n\nError detection without thresholds (errors as positives; τ = {tau:g}, f = {freq:g})\n"
         + error_quality_frame(error_scores).to_string(float_format=lambda v: f"{v:.3f}")
     )
-
-
-def describe(results: str) -> str:
-    """The analysis tables of a results folder, as printed by ``raycf analyze``."""
-    folder = storage.join_uri(results, "analysis")
-    detection = storage.read_table(storage.join_uri(folder, "detection.parquet")).to_pandas()
-    error_scores = storage.read_table(storage.join_uri(folder, "error_scores.parquet")).to_pandas()
-    return format_tables(detection, error_scores)
-
-
-def run_analyze_stage(run: "StageRun") -> dict:
-    """Write ``global_mc.parquet``, ``detection.parquet``, ``error_scores.parquet``, ``summary.json``."""
-    from raycf.pipeline import log
-
-    tables = analyse(run.results, run.study)
-    for name, frame in tables.items():
-        storage.write_frame(frame, run.path(f"{name}.parquet"))
-    scores = tables["error_scores"].set_index(["split", "score"])
-    summary: dict[str, float] = {}
-    for split in EVALUATED_SPLITS:
-        summary[f"{split}_errors"] = int(scores.loc[(split, "f1"), "errors"])
-        for name, key in (("f1", "det"), ("max_softmax", "maxsoftmax"), ("max_softmax_x_f1", "combined")):
-            summary[f"{split}_{key}_auroc"] = _rounded(scores.loc[(split, name), "auroc"])
-            summary[f"{split}_{key}_aupr"] = _rounded(scores.loc[(split, name), "aupr"])
-        log(
-            f"analyze: {split}: {summary[f'{split}_errors']} errors; AUROC of F1 agreement {summary[f'{split}_det_auroc']}, "
-            f"max softmax {summary[f'{split}_maxsoftmax_auroc']}, combined {summary[f'{split}_combined_auroc']}"
-        )
-    global_mc = tables["global_mc"]
-    summary["global_set_size"] = _rounded(global_mc.groupby("class")["in_global"].sum().mean())
-    storage.write_text(run.path("summary.json"), json.dumps(summary, indent=2))
-    return summary
-
-
-def _rounded(value: float) -> float | None:
-    return None if value is None or np.isnan(value) else round(float(value), 6)
-
-
-def _register() -> None:
-    from raycf.pipeline import Stage, register
-
-    register(Stage(name="analyze", sections=("analysis",), upstream=("masks",), run=run_analyze_stage, describe=describe, folder="analysis"))
-
-
-_register()

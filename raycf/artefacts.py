@@ -1,0 +1,207 @@
+"""Reading a study's results folder (local path or ``s3://`` URI) back: pyarrow, pandas and torch, never Ray.
+
+Every artefact a later stage, the report, ``raycf explain`` or ``raycf
+rerun`` reads comes through here, so each format is read one way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import yaml
+
+from raycf import storage
+from raycf.arrow import table_arrays
+from raycf.checkpoint import CHECKPOINT_FILE
+from raycf.config import StudyConfig
+from raycf.data import SPLITS
+from raycf.errors import UserError
+from raycf.image_store import StoreRef
+from raycf.method.bank import CfeBank, parse_bank
+from raycf.method.detection import EVALUATED_SPLITS, SPLIT_COLUMNS, StudyData
+from raycf.method.global_mc import TRAIN_COLUMNS, global_mc_of, global_sets
+from raycf.prefix_cache import PrefixRef, uses_cache
+
+BANK_FILE = "bank.pt"
+AUGMENTED_FOLDER = "train_augmented"  # features/: views 1… of the training images
+EMPTY_MARKER = "_empty"  # written instead of Parquet files into a folder with no rows
+PREDICTIONS_FILE = "predictions.parquet"
+
+
+def load_results_study(results: str) -> StudyConfig:
+    """The resolved study saved in a results folder (``config.yaml``)."""
+    location = storage.join_uri(storage.normalise_root(results), "config.yaml")
+    if not storage.exists(location):
+        raise UserError(f"{results}: no config.yaml (expected the results folder of a study, e.g. results/digits)")
+    return StudyConfig.model_validate(yaml.safe_load(storage.read_text(location)))
+
+
+def read_frame(results: str, *parts: str) -> pd.DataFrame | None:
+    """A Parquet file (or folder) of the results folder as pandas, or None when it is missing."""
+    location = storage.join_uri(results, *parts)
+    if not storage.exists(location):
+        return None
+    return storage.read_table(location).to_pandas()
+
+
+def stage_marker(results: str, folder: str) -> dict:
+    """The ``_stage.json`` of a finished stage's folder (its hash, times and summary)."""
+    location = storage.join_uri(results, folder, "_stage.json")
+    if not storage.exists(location):
+        raise UserError(f"{results}: no finished {folder}/ stage (expected a study that ran it)")
+    return json.loads(storage.read_text(location))
+
+
+def store_ref(results: str) -> StoreRef:
+    """The study's image store: its folder and content address (the images stage's hash)."""
+    return StoreRef(storage.join_uri(results, "images"), stage_marker(results, "images")["hash"])
+
+
+def prefix_ref(results: str, study: StudyConfig) -> PrefixRef | None:
+    """The study's frozen-prefix cache, or None when its retraining runs the whole network."""
+    if not uses_cache(study):
+        return None
+    return PrefixRef(storage.join_uri(results, "prefix"), stage_marker(results, "prefix")["hash"])
+
+
+def base_model_bytes(results: str) -> bytes:
+    """The base stage's ``model.pt``."""
+    return storage.read_bytes(storage.join_uri(results, "base", CHECKPOINT_FILE))
+
+
+# ------------------------------------------------------------------ features
+
+
+@dataclass
+class FeatureSet:
+    """Cached vectors of one split, sorted by (image_index, view)."""
+
+    image_index: np.ndarray
+    image_id: np.ndarray
+    label: np.ndarray
+    view: np.ndarray
+    pred: np.ndarray
+    confidence: np.ndarray
+    logits: np.ndarray  # N×C
+    a: np.ndarray  # N×K
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+
+def load_features(results: str, split: str, views: str = "plain") -> FeatureSet:
+    """The cached features of ``split`` (``train``, ``val``, ``test``).
+
+    ``views="plain"`` gives one row per image (view 0); ``views="all"`` adds,
+    for ``train``, the augmented views.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+    if views not in ("plain", "all"):
+        raise ValueError(f"views must be 'plain' or 'all' (got {views!r})")
+    folders = [split] + ([AUGMENTED_FOLDER] if split == "train" and views == "all" else [])
+    locations = [storage.join_uri(results, "features", folder) for folder in folders]
+    tables = [storage.read_table(location) for location in locations if not storage.exists(storage.join_uri(location, EMPTY_MARKER))]
+    arrays = table_arrays(pa.concat_tables(tables))
+    order = np.lexsort((arrays["view"], arrays["image_index"]))
+    return FeatureSet(**{name: arrays[name][order] for name in FeatureSet.__dataclass_fields__})
+
+
+def base_predictions(results: str) -> pd.DataFrame:
+    """The base model's per-image predictions on every split, from its plain-view features (the base model's one read of each split)."""
+    frames = []
+    for split in SPLITS:
+        features = load_features(results, split)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "split": split,
+                    "image_index": features.image_index.astype(np.int64),
+                    "image_id": features.image_id.astype(str),
+                    "label": features.label.astype(np.int64),
+                    "model": "base",
+                    "pred": features.pred.astype(np.int64),
+                    "confidence": features.confidence.astype(np.float32),
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+# ------------------------------------------------------------------ CFE bank and masks
+
+
+def load_bank(results: str) -> CfeBank:
+    """The trained bank of a study (``<results>/cfe/bank.pt``)."""
+    location = storage.join_uri(results, "cfe", BANK_FILE)
+    if not storage.exists(location):
+        raise UserError(f"{location}: CFE bank not found (run `raycf cfe STUDY` first)")
+    return parse_bank(storage.read_bytes(location), location)
+
+
+def class_names(results: str) -> list[str]:
+    """The class names, in class order (from ``cfe/classes.parquet``)."""
+    table = storage.read_table(storage.join_uri(results, "cfe", "classes.parquet"), columns=["class", "class_name"])
+    frame = table.to_pandas().sort_values("class")
+    return [str(name) for name in frame["class_name"]]
+
+
+def load_masks(results: str, split: str, columns: list[str] | None = None) -> dict[str, np.ndarray]:
+    """``masks/<split>/`` as numpy arrays sorted by image_index (masks as N×K / N×k×K booleans)."""
+    table = storage.read_table(storage.join_uri(results, "masks", split), columns=None if columns is None else sorted({*columns, "image_index"}))
+    arrays = table_arrays(table)
+    order = np.argsort(arrays["image_index"], kind="stable")
+    return {name: values[order] for name, values in arrays.items()}
+
+
+def load_masks_frame(results: str, split: str) -> pd.DataFrame:
+    """``masks/<split>/`` as a pandas DataFrame (vector columns hold numpy arrays), sorted by image_index."""
+    table = storage.read_table(storage.join_uri(results, "masks", split))
+    return table.to_pandas().sort_values("image_index", kind="stable").reset_index(drop=True)
+
+
+def load_study_data(results: str, splits: tuple[str, ...] = EVALUATED_SPLITS, with_head: bool = True) -> StudyData:
+    """The masks an analysis needs (and, ``with_head``, the head's weights from the CFE bank)."""
+    return StudyData(
+        train=load_masks(results, "train", TRAIN_COLUMNS),
+        splits={split: load_masks(results, split, SPLIT_COLUMNS) for split in splits},
+        class_names=class_names(results),
+        head_weight=load_bank(results).head_weight.double().numpy() if with_head else None,
+    )
+
+
+def global_mc_sets(results: str, tau: float, freq_threshold: float) -> np.ndarray:
+    """G (C×K booleans) from ``<results>/masks/train`` for any τ and f."""
+    train = load_masks(results, "train", TRAIN_COLUMNS)
+    return global_sets(global_mc_of(train, len(class_names(results)), tau).counts, freq_threshold)
+
+
+# ------------------------------------------------------------------ search results
+
+
+def trial_model_bytes(row: pd.Series) -> bytes | None:
+    """The best epoch's ``model.pt`` of a leaderboard row, if its checkpoint is still there."""
+    folder = str(row.get("checkpoint_path") or "")
+    if not folder:
+        return None
+    location = storage.join_uri(folder, CHECKPOINT_FILE)
+    return storage.read_bytes(location) if storage.exists(location) else None
+
+
+def debugged_model_bytes(results: str) -> tuple[str, bytes] | None:
+    """The study's debugged model (``final.parquet``'s debugged row): its trial id and ``model.pt``, if still there."""
+    from raycf.leaderboard import read_leaderboard
+
+    final = read_frame(results, "final.parquet")
+    debugged = final[final["model"] == "debugged"] if final is not None else None
+    if debugged is None or debugged.empty:
+        return None
+    trial_id = str(debugged["trial_id"].iloc[0])
+    board = read_leaderboard(results)
+    rows = board[board["trial_id"] == trial_id]
+    model_bytes = trial_model_bytes(rows.iloc[0]) if len(rows) else None
+    return None if model_bytes is None else (trial_id, model_bytes)

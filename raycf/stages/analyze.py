@@ -1,0 +1,56 @@
+"""Stage ``analyze``: global MC filters, misclassification detection (paper Table 1), error scores.
+
+pandas and numpy over the ``masks/<split>/`` Parquet (no Ray): the method is
+:mod:`raycf.method.global_mc` and :mod:`raycf.method.detection`.  Outputs
+under ``<results>/analysis/``: ``global_mc.parquet``, ``detection.parquet``,
+``error_scores.parquet`` (columns in the README) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from raycf import storage
+from raycf.artefacts import load_study_data
+from raycf.console import log
+from raycf.method.detection import EVALUATED_SPLITS, analyse, format_tables
+
+if TYPE_CHECKING:
+    from raycf.stages.stage import StageRun
+
+
+def describe(results: str) -> str:
+    """The analysis tables of a results folder, as printed by ``raycf analyze``."""
+    folder = storage.join_uri(results, "analysis")
+    detection = storage.read_table(storage.join_uri(folder, "detection.parquet")).to_pandas()
+    error_scores = storage.read_table(storage.join_uri(folder, "error_scores.parquet")).to_pandas()
+    return format_tables(detection, error_scores)
+
+
+def run(run: "StageRun") -> dict:
+    """Write ``global_mc.parquet``, ``detection.parquet``, ``error_scores.parquet``, ``summary.json``."""
+    tables = analyse(load_study_data(run.results), run.study.analysis)
+    for name, frame in tables.items():
+        storage.write_frame(frame, run.path(f"{name}.parquet"))
+    scores = tables["error_scores"].set_index(["split", "score"])
+    summary: dict[str, float] = {}
+    for split in EVALUATED_SPLITS:
+        summary[f"{split}_errors"] = int(scores.loc[(split, "f1"), "errors"])
+        for name, key in (("f1", "det"), ("max_softmax", "maxsoftmax"), ("max_softmax_x_f1", "combined")):
+            summary[f"{split}_{key}_auroc"] = _rounded(scores.loc[(split, name), "auroc"])
+            summary[f"{split}_{key}_aupr"] = _rounded(scores.loc[(split, name), "aupr"])
+        log(
+            f"analyze: {split}: {summary[f'{split}_errors']} errors; AUROC of F1 agreement {summary[f'{split}_det_auroc']}, "
+            f"max softmax {summary[f'{split}_maxsoftmax_auroc']}, combined {summary[f'{split}_combined_auroc']}"
+        )
+    global_mc = tables["global_mc"]
+    summary["global_set_size"] = _rounded(global_mc.groupby("class")["in_global"].sum().mean())
+    storage.write_text(run.path("summary.json"), json.dumps(summary, indent=2))
+    return summary
+
+
+def _rounded(value: float) -> float | None:
+    return None if value is None or np.isnan(value) else round(float(value), 6)

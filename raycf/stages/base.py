@@ -1,0 +1,66 @@
+"""Stage ``base``: train (or adopt) the classifier on Ray Train, data-parallel.
+
+Output ``<results>/base/``: ``model.pt`` (the best validation epoch, raycf's
+classifier format), ``epochs.parquet`` (one row per epoch) and
+``summary.json`` (best epoch, train and val accuracy; the test split is not
+read here: the base model's one pass over it is the features stage's).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from raycf import storage
+from raycf.artefacts import store_ref
+from raycf.checkpoint import CHECKPOINT_FILE, load_classifier_checkpoint
+from raycf.cluster import ensure_ray
+from raycf.console import log
+from raycf.data import load_splits
+from raycf.method.selection import best_epoch
+from raycf.predict import predict_splits
+from raycf.training.base import BaseJob, base_train_loop
+from raycf.training.trainer import fit
+
+if TYPE_CHECKING:
+    from raycf.stages.stage import StageRun
+
+
+def run(run: "StageRun") -> dict:
+    """Train (or adopt) the base classifier; write ``model.pt``, ``epochs.parquet``, ``summary.json``."""
+    import ray
+
+    study = run.study
+    ensure_ray()
+    if study.base.train:
+        class_names = load_splits(study.data, study.seed).class_names
+        outcome = fit(
+            base_train_loop,
+            BaseJob(study, store_ref(run.results), class_names),
+            name=f"base-{run.stage_hash}",
+            storage_path=run.ray_storage(),
+            workers=study.base.workers,
+            use_gpu=study.base.use_gpu,
+            max_failures=study.base.max_failures,
+        )
+        model_bytes, history = outcome.best_files[CHECKPOINT_FILE], list(outcome.return_value)
+    else:
+        splits = load_splits(study.data, study.seed)
+        model_bytes = load_classifier_checkpoint(study.model.weights, study.model.arch, splits.num_classes).to_bytes()
+        history = []
+    storage.write_bytes(run.path(CHECKPOINT_FILE), model_bytes)
+    if history:
+        storage.write_frame(pd.DataFrame(history), run.path("epochs.parquet"))
+    predict = ray.remote(predict_splits).options(num_cpus=1, num_gpus=1 if study.base.use_gpu else 0)
+    predictions = ray.get(predict.remote(study, store_ref(run.results), model_bytes, "base", ("train", "val"), study.base.use_gpu))
+    accuracies = {f"{split}_acc": float((rows["pred"] == rows["label"]).mean()) for split, rows in predictions.groupby("split")}
+    best = best_epoch(history)
+    summary = {"best_epoch": int(best.get("epoch", 0)), "epochs": len(history), **{key: round(value, 6) for key, value in sorted(accuracies.items())}}
+    storage.write_text(run.path("summary.json"), json.dumps(summary, indent=2))
+    log(
+        f"base model: train_acc {summary['train_acc']:.4f}  val_acc {summary['val_acc']:.4f}"
+        + (f"  (best epoch {summary['best_epoch']} of {summary['epochs']})" if history else "  (adopted from model.weights)")
+    )
+    return summary

@@ -1,0 +1,75 @@
+"""Stage ``cfe``: train the MC (and MI) generator bank of every class on the cached vectors (METHOD §2).
+
+Output ``<results>/cfe/``: ``bank.pt`` (see :class:`raycf.method.bank.CfeBank`;
+loads with ``weights_only=True``), ``epochs.parquet`` (one row per reporting
+epoch) and ``classes.parquet`` (per class: MC agreement and mask size, MI
+agreement and size, on the plain training images).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from raycf import storage
+from raycf.artefacts import BANK_FILE
+from raycf.checkpoint import CHECKPOINT_FILE, load_classifier_checkpoint
+from raycf.cluster import ensure_ray
+from raycf.console import log
+from raycf.training.cfe import CfeJob, cfe_summary, cfe_train_loop
+from raycf.training.trainer import fit, run_local
+
+if TYPE_CHECKING:
+    from raycf.stages.stage import StageRun
+
+
+def run(run: "StageRun") -> dict:
+    """Train the bank (Ray Train, or this process with ``cfe.workers: 0``); write its three files."""
+    study = run.study
+    classifier = load_classifier_checkpoint(run.upstream("base", CHECKPOINT_FILE), expected_arch=study.model.arch)
+    job = CfeJob(
+        study=study,
+        results=run.results,
+        head_weight=classifier.state_dict["fc.weight"],
+        head_bias=classifier.state_dict["fc.bias"],
+        class_names=list(classifier.class_names),
+        bank_location=run.path(BANK_FILE),
+    )
+    if study.cfe.workers == 0:
+        with tempfile.TemporaryDirectory() as folder:
+            outcome = run_local(cfe_train_loop, job, folder, use_gpu=study.cfe.use_gpu).return_value
+    else:
+        ensure_ray()
+        outcome = fit(
+            cfe_train_loop,
+            job,
+            name=f"cfe-{run.stage_hash}",
+            storage_path=run.ray_storage(),
+            workers=study.cfe.workers,
+            use_gpu=study.cfe.use_gpu,
+            max_failures=study.cfe.max_failures,
+        ).return_value
+    storage.write_frame(pd.DataFrame(outcome["history"]), run.path("epochs.parquet"))
+    classes = pd.DataFrame({"class": range(len(classifier.class_names)), "class_name": classifier.class_names, **outcome["classes"]})
+    storage.write_frame(classes, run.path("classes.parquet"))
+    log_classes(classes)
+    summary = {key: round(value, 6) for key, value in cfe_summary(outcome["classes"]).items()}
+    log(
+        f"cfe: {len(classes)} MC generators: masked prediction = target class for {100 * summary['mc_agreement']:.1f} % of "
+        f"training images (worst class {100 * summary['mc_agreement_min']:.1f} %) at {summary['mc_size']:.1f} of "
+        f"{classifier.num_filters} filters on average"
+    )
+    return {"epochs": study.cfe.epochs, **summary}
+
+
+def log_classes(classes: pd.DataFrame) -> None:
+    """One line per class (only the 5 worst when there are more than 20)."""
+    rows = classes.to_dict("records")
+    if len(rows) > 20:
+        log(f"cfe: the 5 classes with the lowest MC agreement (all {len(rows)} are in cfe/classes.parquet):")
+        rows = sorted(rows, key=lambda row: row["mc_agreement"])[:5]
+    for row in rows:
+        mi = f"; MI {100 * row['mi_agreement']:.1f} % at {row['mi_size']:.1f} filters" if "mi_agreement" in row else ""
+        log(f"cfe: class {row['class']} ({row['class_name']}): MC {100 * row['mc_agreement']:.1f} % at {row['mc_size']:.1f} filters{mi}")

@@ -1,0 +1,26 @@
+"""Stage ``images``: decode every image of every split once, on CPUs, into the uint8 image store (:mod:`raycf.image_store`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from raycf.cluster import ensure_ray
+from raycf.console import log
+from raycf.data import stored_side
+from raycf.image_store import write_store
+from raycf.ray_data import data_context
+
+if TYPE_CHECKING:
+    from raycf.stages.stage import StageRun
+
+
+def run(run: "StageRun") -> dict:
+    """Write ``<split>.npy`` and ``<split>.parquet`` for train, val and test."""
+    study = run.study
+    ensure_ray()
+    data_context()
+    counts = write_store(study.data, study.seed, run.output, study.data.decode_actors)
+    side = stored_side(study.data)
+    size = sum(counts.values()) * side * side * 3
+    log(f"images: {', '.join(f'{split} {count}' for split, count in counts.items())} images decoded at {side}×{side} ({size / 1e6:.1f} MB)")
+    return {**{f"{split}_images": count for split, count in counts.items()}, "side": side, "bytes": size}

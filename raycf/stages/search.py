@@ -1,0 +1,300 @@
+"""Stage ``search``: Ray Tune + Optuna over λ1, λ2, τ and f (and whatever else the study file searches).
+
+A Ray Tune ``Tuner`` over a function trainable.  Each trial recomputes the
+global MC filters G from the masks with its own τ and f, then retrains the
+base model with L_d (:mod:`raycf.training.debug`), reporting every epoch:
+
+* a single-worker trial (``debug.workers: 1``) runs its training loop inside
+  its own Tune trial: no worker group to start, Tune keeps its checkpoints,
+  retries it from the latest one when it fails (``debug.max_failures``) and
+  ASHA stops it early when it is weak;
+* a multi-worker trial drives a ``TorchTrainer`` (DDP) from a light driver
+  that may be pinned to the head (``search.driver_resources``).
+
+The searcher (:mod:`raycf.searcher`) proposes the control first, then
+Optuna's TPE points; ``leaderboard.parquet`` is rewritten atomically as
+trials finish, and Tune's driver state is bundled after every step
+(:mod:`raycf.tune_state`) so a killed driver resumes.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from raycf import storage
+from raycf.artefacts import global_mc_sets, load_study_data, prefix_ref, store_ref
+from raycf.cluster import ensure_ray
+from raycf.config import StudyConfig
+from raycf.console import log, verbose
+from raycf.errors import UserError
+from raycf.image_store import StoreRef
+from raycf.leaderboard import LeaderboardWriter, read_leaderboard, sort_by_objective
+from raycf.manifest import versions
+from raycf.method.detection import detection_quality
+from raycf.method.selection import SCORE_KEY
+from raycf.search_console import TrialConsole, error_summary
+from raycf.searcher import control_first_searcher, parameter_names, trial_study
+from raycf.training.debug import DebugJob, debug_train_loop
+from raycf.training.session import TuneSession
+from raycf.training.trainer import fit
+
+if TYPE_CHECKING:
+    from raycf.stages.stage import StageRun
+
+TRIAL_EXTRA_KEYS = ("det_auroc", "det_aupr", "maxsoftmax_auroc", "g_size")
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """What every trial needs, shipped once through the object store."""
+
+    study: StudyConfig
+    results: str
+    base_model: bytes
+    images: StoreRef
+    train_storage: str  # where multi-worker trials keep their Ray Train runs
+
+
+def trial_job(study: StudyConfig, context: SearchContext) -> DebugJob:
+    """The debug run of one trial: G at the trial's τ and f, and its detection quality (on val) as extra metrics."""
+    tau = study.analysis.tau
+    global_filters = global_mc_sets(context.results, tau, study.debug.freq_threshold)
+    data = load_study_data(context.results, splits=("val",), with_head=False)
+    detection = {key: float(value) for key, value in detection_quality(data, tau, study.analysis.freq_threshold, split="val").items()}
+    detection["g_size"] = float(np.asarray(global_filters).sum(axis=1).mean())
+    return DebugJob(
+        study=study,
+        global_filters=np.asarray(global_filters, dtype=bool),
+        base_model=context.base_model,
+        lambda1=study.debug.lambda1,
+        lambda2=study.debug.lambda2,
+        extra_metrics=detection,
+        print_epochs=False,
+        images=context.images,
+        prefix=prefix_ref(context.results, study),
+    )
+
+
+def run_trial(config: dict[str, Any], context: SearchContext) -> None:
+    """Tune function trainable: debug retraining for one point, reported per epoch."""
+    import ray.tune
+
+    study = trial_study(context.study, config)
+    job = trial_job(study, context)
+    if study.debug.workers == 1:
+        debug_train_loop(job, TuneSession(study.debug.use_gpu))
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    fit(
+        debug_train_loop,
+        job,
+        name=f"trial-{trial_id}",
+        storage_path=context.train_storage,
+        workers=study.debug.workers,
+        use_gpu=study.debug.use_gpu,
+        max_failures=study.debug.max_failures,
+        callbacks=[TuneReportCallback()],
+    )
+
+
+def leaderboard_writer(study: StudyConfig, results: str) -> LeaderboardWriter:
+    """The leaderboard of this study's search."""
+    return LeaderboardWriter(
+        results, parameter_names(study), study.search.metric, study.search.mode, study.debug.epochs, study.seed, versions()
+    )
+
+
+def tune_callback(study: StudyConfig, writer: LeaderboardWriter):
+    """A Tune callback that feeds the leaderboard as results and checkpoints arrive and trials end.
+
+    Tune saves its state (every trial's history) beside the experiment state,
+    and restores it on resume.
+    """
+    from ray.tune import Callback
+
+    names = parameter_names(study)
+
+    def record_of(trial):
+        config_hash = trial_study(study, {name: trial.config[name] for name in names if name in trial.config}).config_hash()
+        return writer.record(trial.trial_id, trial.config, config_hash)
+
+    class LeaderboardCallback(Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            writer.order = [t.trial_id for t in trials]
+            record = record_of(trial)
+            record.status, record.error = "running", ""  # also a restarted one
+            writer.write()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            record = record_of(trial)
+            writer.add_epoch(record, {key: value for key, value in result.items() if isinstance(value, (int, float, str)) and key != "config"})
+            record.time_total_s = float(result.get("time_total_s", record.time_total_s))
+
+        def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+            writer.add_checkpoint(record_of(trial), checkpoint.path)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            record = record_of(trial)
+            writer.finish(record, writer.status_of_finished(record))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            writer.finish(record_of(trial), "error", error_summary(trial)[:300])
+
+        def on_experiment_end(self, trials, **info):
+            writer.write()
+
+        def get_state(self) -> dict:
+            return {"records": writer.records, "order": writer.order}
+
+        def set_state(self, state: dict) -> None:
+            writer.records, writer.order = dict(state["records"]), list(state["order"])
+
+    return LeaderboardCallback()
+
+
+def trial_dirname(trial) -> str:
+    """A trial's folder under the Tune experiment: ``trial-<trial id>``."""
+    return f"trial-{trial.trial_id}"
+
+
+def optuna_storage_url(study: StudyConfig, results: str) -> tuple[str, str | None]:
+    """(SQLAlchemy URL, local SQLite file to upload to the results folder afterwards, if any)."""
+    if study.search.storage:
+        return study.search.storage, None
+    if storage.is_uri(results):
+        local = Path(tempfile.gettempdir(), f"raycf-{study.name}-optuna.db")
+        return f"sqlite:///{local}", str(local)
+    Path(results).mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{Path(results, 'optuna.db')}", None
+
+
+def forget_optuna_study(url: str, name: str) -> None:
+    """Delete a leftover Optuna study of that name: a fresh search must not inherit its trials."""
+    import optuna
+
+    try:
+        optuna.delete_study(study_name=name, storage=url)
+    except KeyError:
+        pass
+
+
+def check_driver_resources(study: StudyConfig) -> None:
+    """Refuse resources no node offers: the trials would wait for them forever."""
+    import ray
+
+    offered = ray.cluster_resources()
+    for name in study.search.driver_resources:
+        if offered.get(name, 0) <= 0:
+            raise UserError(
+                f"search.driver_resources: no node of this Ray cluster offers {name!r} "
+                "(expected the head node to advertise it, as cluster.yaml does; on one machine use --set search.driver_resources={})"
+            )
+
+
+def trial_resources(study: StudyConfig) -> dict[str, float]:
+    """What one trial reserves: its own CPU (and GPU) when it trains in the trial, a driver's share otherwise."""
+    if study.debug.workers == 1:
+        return {"cpu": 1, "gpu": 1 if study.debug.use_gpu else 0}
+    return {"cpu": study.search.driver_cpus, **study.search.driver_resources}
+
+
+def asha_scheduler(study: StudyConfig):
+    """ASHA on the per-epoch objective, or None when the study turns it off."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    asha = study.search.scheduler.asha
+    if asha is None:
+        return None
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=study.debug.epochs,
+        grace_period=min(asha.grace_period, study.debug.epochs),
+        reduction_factor=asha.reduction_factor,
+    )
+
+
+def run(run: "StageRun") -> dict:
+    """Run (or resume) the Tune search; write ``leaderboard.parquet`` and ``optuna.db``."""
+    import ray.tune as tune
+
+    from raycf.pipeline import clear_ray_runs
+    from raycf.tune_state import DriverStateSnapshot, finished_trials, read_snapshot, restore_driver_state
+
+    study, results = run.study, run.results
+    if study.search.space is None:
+        shown = ", ".join(f"{name} {spec.model_dump(exclude_none=True)}" for name, spec in study.search.searched_space.items())
+        log(f"search: search.space not given: searching the default space ({shown})")
+    ensure_ray()
+    if study.debug.workers > 1:
+        check_driver_resources(study)
+    experiment = f"search-{run.stage_hash}"
+    tune_storage = run.ray_storage()
+    context = SearchContext(
+        study=study,
+        results=results,
+        base_model=storage.read_bytes(run.upstream("base", "model.pt")),
+        images=store_ref(results),
+        train_storage=storage.join_uri(tune_storage, experiment + "-train"),
+    )
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), trial_resources(study))
+    # Tune's console (--verbose): what its status table and trial summaries show
+    # (a trainable attribute Tune reads for this), and no per-epoch result dumps.
+    trainable._progress_metrics = ("epoch", "val_acc", "train_loss", "det_auroc")
+    url, upload = optuna_storage_url(study, results)
+    experiment_path = storage.join_uri(tune_storage, experiment)
+    snapshot = storage.join_uri(tune_storage, f"{experiment}-driver", "state.zip")
+    saved_state = read_snapshot(snapshot)
+    if saved_state:
+        restore_driver_state(saved_state, experiment_path)
+        log(f"search: resuming the interrupted search at {experiment_path} (finished trials kept: {len(finished_trials(saved_state))})")
+        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=run.resume, restart_errored=False)
+    else:
+        # Killed before its first trial existed (or never run): nothing to keep.
+        clear_ray_runs(results, experiment)
+        forget_optuna_study(url, f"{study.name}-{run.stage_hash}")
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                metric=study.search.metric,
+                mode=study.search.mode,
+                search_alg=control_first_searcher(study, url, study_name=f"{study.name}-{run.stage_hash}"),
+                scheduler=asha_scheduler(study),
+                num_samples=study.search.num_samples,
+                trial_dirname_creator=trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=experiment,
+                storage_path=tune_storage,
+                # The console callback last: Tune restores callback state by position.
+                callbacks=[
+                    tune_callback(study, leaderboard_writer(study, results)),
+                    DriverStateSnapshot(snapshot),
+                    TrialConsole(parameter_names(study), study.search.metric, study.search.mode, total_trials=study.search.num_samples, epochs=study.debug.epochs),
+                ],
+                failure_config=tune.FailureConfig(max_failures=study.debug.max_failures if study.debug.workers == 1 else 0),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE_KEY, checkpoint_score_order="max"),
+                verbose=1 if verbose() else 0,
+            ),
+        )
+    tuner.fit()  # the leaderboard callback wrote leaderboard.parquet
+    if upload:
+        storage.write_bytes(storage.join_uri(results, "optuna.db"), Path(upload).read_bytes())
+    board = sort_by_objective(read_leaderboard(results), study.search.metric, study.search.mode)
+    finished = board[board["status"] != "error"]
+    summary = {
+        "trials": int(len(board)),
+        "errored": int((board["status"] == "error").sum()),
+        "stopped": int((board["status"] == "stopped").sum()),
+        "best_trial": str(finished["trial_id"].iloc[0]) if len(finished) else "",
+        f"best_{study.search.metric}": float(finished[study.search.metric].iloc[0]) if len(finished) else float("nan"),
+        "control_val_acc": float(board["control_val_acc"].iloc[0]) if len(board) else float("nan"),
+    }
+    log(f"search: {summary['trials']} trials ({summary['stopped']} stopped early, {summary['errored']} failed); best {summary['best_trial']}")
+    return summary
