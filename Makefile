@@ -1,4 +1,4 @@
-# raycf: `make demo` runs the embedded study, `make test` the suite, `make bench` the benchmarks.
+# raycf: `make demo` runs the embedded study, `make test` the suite, `make bench` the CPU benchmarks, `make bench-gpu` the GPU ones.
 # Both build .venv first (pinned torch/torchvision/ray; about 6 GB, about 3 minutes).
 
 PYTHON ?= python3.11
@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/raycf study studies/digits.yaml
-	$(BIN)/raycf leaderboard results/digits --top 5
+	@$(BIN)/raycf study studies/digits.yaml
+	@$(BIN)/raycf leaderboard results/digits --top 5
 
 system-packages:
 	./.ci/system-packages.sh
@@ -28,6 +28,9 @@ test: $(STAMP) system-packages
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
+
+bench-gpu: $(STAMP)
+	$(BIN)/python -m benchmarks.gpu
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

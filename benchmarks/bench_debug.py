@@ -1,18 +1,28 @@
 """Debug retraining costs, measured side by side.
 
+Both measurements take the path the debug stage takes for the digits study
+file's own settings (vgg_tiny, 32 px, batch 16, last conv + head trainable,
+4 views): on the frozen-prefix cache (:mod:`raycf.prefix_cache`; only the
+trainable tail runs), or through the whole network from the uint8 image store
+when the study turns the cache off.  The cache (and the image store) are built
+in this process beforehand, outside every timing.
+
 * ``debug_step_over_control_step``: one training step with L_d ÷ one step of
-  the control (the same loss with λ1 = λ2 = 0), same batch, same model
-  (vgg_tiny, 32 px, batch 16, last conv + head trainable).  Target ≤ 1.10.
-  ``debug_step_over_plain_ce_step`` compares with a bare cross-entropy step.
-* ``ray_train_epoch_over_bare_loop``: one epoch of :func:`debug_train_loop` on a
-  1-worker TorchTrainer (train + validation + checkpoint, from the per-epoch
-  ``epoch_s``) ÷ the same epoch as a bare PyTorch loop in this process, both
-  on one thread.  Target ≤ 1.15.  Ray Train's start-up and tear-down are
-  excluded from the ratio and printed on their own line.
+  the control (the same loss with λ1 = λ2 = 0), same batch, same model.
+  Target ≤ 1.10.  ``debug_step_over_plain_ce_step`` compares with a bare
+  cross-entropy step.
+* ``ray_train_epoch_over_bare_loop``: one epoch of
+  :func:`raycf.training.debug.debug_train_loop` on a 1-worker TorchTrainer
+  (training + validation, its per-epoch ``epoch_s``) ÷ the same epoch as a
+  bare PyTorch loop in this process (same model, inputs, loss, evaluation; no
+  session, reports or checkpoints), both on one thread.  Target ≤ 1.15.  Ray
+  Train's start-up and tear-down, and the report and checkpoint between
+  epochs, are excluded from the ratio and printed on their own line.
 """
 
 from __future__ import annotations
 
+import copy
 import statistics
 import tempfile
 import time
@@ -20,13 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from benchmarks import Ratio
 
 STEPS = 20
 REPEATS = 9
-EPOCHS = 5
+EPOCHS = 8
 
 
 def _study(storage: str):
@@ -36,130 +45,162 @@ def _study(storage: str):
     return load_study(root / "studies" / "digits.yaml", [f"storage_path={storage}", f"debug.epochs={EPOCHS}", "debug.workers=1"])
 
 
-def _base_model(study, num_classes: int) -> tuple[torch.nn.Module, bytes]:
+def _setup(study, folder: Path):
+    """The image store, an untrained base model, its frozen-prefix cache (when the study uses one) and a random G."""
     from raycf.checkpoint import ClassifierCheckpoint
+    from raycf.data import load_splits
+    from raycf.image_store import StoreRef, write_store_here
     from raycf.models import build_model
+    from raycf.prefix_cache import PrefixRef, uses_cache
+    from raycf.stages.prefix import write_cache_here
 
+    splits = load_splits(study.data, study.seed)
+    write_store_here(splits, str(folder / "images"))
+    images = StoreRef(str(folder / "images"), "bench-debug-images")
     torch.manual_seed(0)
-    model = build_model(study.model, num_classes)
+    model = build_model(study.model, splits.num_classes)
     checkpoint = ClassifierCheckpoint(
-        arch=model.arch,
-        num_filters=model.num_filters,
-        num_classes=num_classes,
-        class_names=[str(i) for i in range(num_classes)],
-        image_size=study.data.image_size,
-        config_hash=study.config_hash(),
-        state_dict=model.state_dict(),
-    )
-    return model, checkpoint.to_bytes()
+        arch=model.arch, num_filters=model.num_filters, num_classes=splits.num_classes, class_names=splits.class_names,
+        image_size=study.data.image_size, config_hash=study.config_hash(), state_dict=model.state_dict(),
+    )  # fmt: skip
+    (folder / "model.pt").write_bytes(checkpoint.to_bytes())
+    prefix = None
+    if uses_cache(study):
+        write_cache_here(study, str(folder / "model.pt"), images, str(folder / "prefix"))
+        prefix = PrefixRef(str(folder / "prefix"), "bench-debug-prefix")
+    global_filters = np.random.default_rng(0).random((splits.num_classes, model.num_filters)) < 0.5
+    return images, prefix, global_filters
 
 
-def _time_steps(model, batches, loss_fn) -> float:
-    from raycf.training import train_one_epoch
+def _job(study, images, prefix, global_filters, base_bytes: bytes, lambda1: float, lambda2: float):
+    from raycf.training.debug import DebugJob
 
-    optimizer = torch.optim.SGD(model.set_trainable("last_conv_and_head"), lr=1e-4, momentum=0.9)
+    return DebugJob(
+        study=study, global_filters=global_filters, base_model=base_bytes, lambda1=lambda1, lambda2=lambda2,
+        images=images, prefix=prefix, print_epochs=False,
+    )  # fmt: skip
+
+
+def _model_and_inputs(job):
+    """A fresh base model with the debug scope trainable, and the loop's own inputs (cache or images) for it."""
+    from raycf.checkpoint import parse_classifier_checkpoint
+    from raycf.image_store import open_store
+    from raycf.models import classifier_from_checkpoint
+    from raycf.training.debug import cached_inputs, image_inputs
+
+    model = classifier_from_checkpoint(job.study.model, parse_classifier_checkpoint(job.base_model, "base model"))
+    parameters = model.set_trainable(job.study.debug.trainable)
+    inputs = (cached_inputs if job.prefix is not None else image_inputs)(job, model, open_store(job.images), torch.device("cpu"))
+    return model, parameters, inputs
+
+
+def _time_steps(trainable, parameters, forward, batches, loss_fn) -> float:
+    from raycf.training.loops import train_one_epoch
+
+    optimizer = torch.optim.SGD(parameters, lr=1e-4, momentum=0.9)
     started = time.perf_counter()
-    train_one_epoch(model, batches, optimizer, loss_fn, freeze_frozen_norms=True)
+    train_one_epoch(trainable, batches, optimizer, loss_fn, freeze_frozen_norms=True, forward=forward)
     return (time.perf_counter() - started) / len(batches)
 
 
-def step_ratios(study, splits, global_filters) -> list[Ratio]:
-    import copy
+def step_ratios(study, job) -> list[Ratio]:
+    from raycf.method.debug_loss import DebugLoss, global_filters_tensor
+    from raycf.training.loops import cross_entropy_loss, device_batches, train_loader
 
-    from raycf.losses import DebugLoss
-    from raycf.training import cross_entropy_loss
-
-    model, _ = _base_model(study, splits.num_classes)
-    images, labels = next(iter(DataLoader(splits.train, batch_size=study.debug.batch_size, shuffle=False)))
-    batches = [(images, labels)] * STEPS
-    g = torch.as_tensor(global_filters, dtype=torch.float32)
+    config = study.debug
+    _, _, inputs = _model_and_inputs(job)
+    loader, sampler = train_loader(inputs.train, config.batch_size, study.seed, 0, 1)
+    sampler.set_epoch(0)
+    batch = next(device_batches(loader, torch.device("cpu"), lambda data, indices: inputs.train_inputs(data, indices, 0)))
+    batches = [batch] * STEPS
+    g = global_filters_tensor(job.global_filters, *job.global_filters.shape)
     losses = {
-        "debug": DebugLoss(g, study.debug.lambda1, study.debug.lambda2),
-        "control": DebugLoss(g, 0.0, 0.0),
+        "debug": DebugLoss(g, config.lambda1, config.lambda2, config.indicator),
+        "control": DebugLoss(g, 0.0, 0.0, config.indicator),
         "plain": cross_entropy_loss,
     }
-    models = {name: copy.deepcopy(model) for name in losses}
+    runs = {}
+    for name in losses:  # one model each, so that every loss trains its own copy
+        _, parameters, own = _model_and_inputs(job)
+        runs[name] = (own.trainable, parameters, own.forward)
     times: dict[str, list[float]] = {name: [] for name in losses}
     for name in losses:  # warm-up
-        _time_steps(models[name], batches[:2], losses[name])
+        _time_steps(*runs[name], batches[:2], losses[name])
     for _ in range(REPEATS):  # interleaved, so drifts in machine load hit all three alike
         for name, loss_fn in losses.items():
-            times[name].append(_time_steps(models[name], batches, loss_fn))
+            times[name].append(_time_steps(*runs[name], batches, loss_fn))
     # The fastest repeat is the least disturbed by other load on the machine.
-    debug = min(times["debug"])
+    best = {name: min(values) for name, values in times.items()}
+    where = "frozen-prefix cache" if job.prefix is not None else "whole network"
+    print(
+        f"debug: one step ({where}, batch {config.batch_size}): L_d {1e3 * best['debug']:.2f} ms, control {1e3 * best['control']:.2f} ms, "
+        f"plain cross-entropy {1e3 * best['plain']:.2f} ms",
+        flush=True,
+    )
     return [
-        Ratio("debug_step_over_control_step", debug / min(times["control"]), "<=", 1.10),
-        Ratio("debug_step_over_plain_ce_step", debug / min(times["plain"]), "<=", 1.10),
+        Ratio("debug_step_over_control_step", best["debug"] / best["control"], "<=", 1.10),
+        Ratio("debug_step_over_plain_ce_step", best["debug"] / best["plain"], "<=", 1.10),
     ]
 
 
-def bare_epoch_seconds(study, splits, global_filters, base_bytes: bytes) -> list[float]:
-    """The debug epoch as a plain PyTorch loop: same model, data, loss, evaluation."""
-    from raycf.checkpoint import parse_classifier_checkpoint
-    from raycf.losses import DebugLoss
-    from raycf.models import classifier_from_checkpoint
-    from raycf.training import evaluate, seed_everything, train_one_epoch
+def bare_epoch_seconds(job) -> list[float]:
+    """The debug epoch as a plain PyTorch loop: same model, inputs, loss and evaluation as the loop's."""
+    from raycf.method.debug_loss import DebugLoss, global_filters_tensor
+    from raycf.training.loops import device_batches, epoch_seed, eval_loader, evaluate, seed_everything, train_loader, train_one_epoch
 
-    model = classifier_from_checkpoint(study.model, parse_classifier_checkpoint(base_bytes))
-    optimizer = torch.optim.SGD(model.set_trainable(study.debug.trainable), lr=study.debug.lr, momentum=study.debug.momentum)
-    loss_fn = DebugLoss(torch.as_tensor(global_filters, dtype=torch.float32), study.debug.lambda1, study.debug.lambda2)
-    generator = torch.Generator()
-    train = DataLoader(splits.train, batch_size=study.debug.batch_size, shuffle=True, generator=generator)
-    val = DataLoader(splits.val, batch_size=study.features.batch_size)
+    study, config, device = job.study, job.study.debug, torch.device("cpu")
+    model, parameters, inputs = _model_and_inputs(job)
+    loss_fn = DebugLoss(global_filters_tensor(job.global_filters, model.num_classes, model.num_filters), job.lambda1, job.lambda2, config.indicator)
+    optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum)
+    train, sampler = train_loader(inputs.train, config.batch_size, study.seed, 0, 1)
+    val = eval_loader(inputs.val, config.eval_batch_size)
     seconds = []
     for epoch in range(EPOCHS):
         started = time.perf_counter()
-        seed_everything(epoch)
-        generator.manual_seed(epoch)
-        train_one_epoch(model, train, optimizer, loss_fn, freeze_frozen_norms=True)
-        evaluate(model, val)
+        seed_everything(epoch_seed(study.seed, epoch, 0))
+        sampler.set_epoch(epoch)
+        batches = device_batches(train, device, lambda data, indices, epoch=epoch: inputs.train_inputs(data, indices, epoch))
+        train_one_epoch(inputs.trainable, batches, optimizer, loss_fn, freeze_frozen_norms=True, forward=inputs.forward)
+        evaluate(inputs.trainable, device_batches(val, device, inputs.val_inputs), forward=lambda module, batch: inputs.forward(module, batch)[0])
         seconds.append(time.perf_counter() - started)
     return seconds
 
 
-def ray_train_ratio(study, splits, global_filters, base_bytes: bytes) -> list[Ratio]:
-    from raycf.debug import run_debug_training
-    from raycf.pipeline import ensure_ray
+def ray_train_ratio(job, storage: str) -> list[Ratio]:
+    from raycf.cluster import ensure_ray
+    from raycf.training.debug import run_debug_training
 
     ensure_ray()
-    with tempfile.TemporaryDirectory() as folder:
-        started = time.perf_counter()
-        result = run_debug_training(
-            study,
-            global_filters,
-            base_bytes,
-            lambda1=study.debug.lambda1,
-            lambda2=study.debug.lambda2,
-            name="bench-debug",
-            storage_path=folder,
-            workers=1,
-        )
-        total = time.perf_counter() - started
+    started = time.perf_counter()
+    result = run_debug_training(job, name="bench-debug", storage_path=storage, workers=1)
+    total = time.perf_counter() - started
     ray_epochs = [row["epoch_s"] for row in result.history]
+    ends = [row["time"] for row in result.history]
+    between = [later - earlier - row["epoch_s"] for earlier, later, row in zip(ends, ends[1:], result.history[1:])]
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a Ray Train worker gets one CPU, so one torch thread
     try:
-        bare_epochs = bare_epoch_seconds(study, splits, global_filters, base_bytes)
+        bare_epochs = bare_epoch_seconds(job)
     finally:
         torch.set_num_threads(previous_threads)
     # First epochs include one-off warm-up; compare the steady state.
     ray_epoch, bare_epoch = statistics.median(ray_epochs[1:]), statistics.median(bare_epochs[1:])
     print(
-        f"debug: Ray Train epoch {ray_epoch:.2f} s, bare loop epoch {bare_epoch:.2f} s; "
-        f"Ray Train start-up and tear-down {total - sum(ray_epochs):.1f} s per run (1 worker, {EPOCHS} epochs; excluded from the ratio)",
+        f"debug: Ray Train epoch {ray_epoch:.3f} s, bare loop epoch {bare_epoch:.3f} s ({'frozen-prefix cache' if job.prefix is not None else 'whole network'}); "
+        f"report and checkpoint between epochs {statistics.median(between):.3f} s; "
+        f"Ray Train start-up and tear-down {total - (ends[-1] - ends[0]) - ray_epochs[0]:.1f} s per run (1 worker, {EPOCHS} epochs; excluded from the ratio)",
         flush=True,
     )
     return [Ratio("ray_train_epoch_over_bare_loop", ray_epoch / bare_epoch, "<=", 1.15)]
 
 
 def measure() -> list[Ratio]:
-    from raycf.data import load_splits
-
-    with tempfile.TemporaryDirectory() as storage:
-        study = _study(storage)
-        splits = load_splits(study.data, study.seed)
-        global_filters = np.random.default_rng(0).random((splits.num_classes, 64)) < 0.5
-        _, base_bytes = _base_model(study, splits.num_classes)
-        ratios = step_ratios(study, splits, global_filters)
-        ratios += ray_train_ratio(study, splits, global_filters, base_bytes)
+    with tempfile.TemporaryDirectory(prefix="raycf-bench-debug-") as scratch:
+        folder = Path(scratch)
+        study = _study(str(folder / "results"))
+        images, prefix, global_filters = _setup(study, folder)
+        base_bytes = (folder / "model.pt").read_bytes()
+        job = _job(study, images, prefix, global_filters, base_bytes, study.debug.lambda1, study.debug.lambda2)
+        ratios = step_ratios(study, job)
+        ratios += ray_train_ratio(job, str(folder / "runs"))
     return ratios

@@ -1,13 +1,15 @@
 """Masks pipeline throughput vs plain batch inference, through the same Ray Data shape, on digits.
 
 Three pipelines over the same images (every digits image, three views: 5,391
-images), each ``records → map_batches(actor pool, same size, same batch size)
-→ write_parquet``, timed end to end (actor start-up included):
+images, from the uint8 image store written beforehand), each ``records →
+map_batches(actor pool, same size, same batch size) → write_parquet``, timed
+end to end (actor start-up included):
 
 * plain batch inference: the classifier on the images (logits, prediction,
   confidence, pooled vector): the features stage's actor;
-* the masks stage's pipeline: cached vectors in (read as the stage reads
-  them), MC masks of the top-k classes and masked predictions out;
+* the masks stage's pipeline: cached vectors in (read into memory and handed
+  to Ray Data one table per split, as the stage does), MC masks of the top-k
+  classes and masked predictions out;
 * masks from images: classifier and bank in one actor (what it costs when
   nothing is cached).
 
@@ -26,16 +28,20 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from benchmarks import Ratio
-from raycf.cfe import CfeModel, bank_from_model
+from raycf.arrow import table_arrays
 from raycf.checkpoint import ClassifierCheckpoint
 from raycf.config import load_study
-from raycf.data import load_splits
-from raycf.features import FeatureExtractor, table_arrays
-from raycf.masks import INPUT_COLUMNS, MaskComputer, compute_masks, masks_table
+from raycf.data import SPLITS, load_splits
+from raycf.image_store import StoreRef, write_store_here
+from raycf.method.bank import CfeModel, bank_from_model
+from raycf.method.masks import compute_masks
 from raycf.models import build_model
+from raycf.stages.features import FeatureExtractor
+from raycf.stages.masks import INPUT_COLUMNS, MaskComputer, masks_table
 from raycf.storage import read_table
 
 STUDY = Path(__file__).resolve().parent.parent / "studies" / "digits.yaml"
@@ -48,8 +54,8 @@ TOPK = 3
 class ImageMaskComputer(FeatureExtractor):
     """Classifier and bank in one actor: images in, mask rows out."""
 
-    def __init__(self, study, model_location: str, bank_location: str, topk: int):
-        super().__init__(study, model_location, use_gpu=False)
+    def __init__(self, study, model_location: str, images: StoreRef, bank_location: str, topk: int):
+        super().__init__(study, model_location, images, use_gpu=False)
         self.masks = MaskComputer(bank_location, topk, use_gpu=False)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -60,7 +66,7 @@ class ImageMaskComputer(FeatureExtractor):
 
 def records(splits) -> list[dict]:
     rows = []
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         for index in range(len(getattr(splits, split))):
             for view in range(VIEWS):
                 rows.append({"folder": split, "split": split, "image_index": index, "view": view})
@@ -76,8 +82,8 @@ def timed(run) -> float:
 def measure() -> list[Ratio]:
     import ray
 
-    from raycf.features import data_context
-    from raycf.pipeline import ensure_ray
+    from raycf.cluster import ensure_ray
+    from raycf.ray_data import data_context
 
     ensure_ray()
     data_context()
@@ -85,9 +91,14 @@ def measure() -> list[Ratio]:
     splits = load_splits(study.data, study.seed)
     items = records(splits)
     folder = Path(tempfile.mkdtemp(prefix="raycf-bench-masks-"))
+    write_store_here(splits, str(folder / "images"))
+    images = StoreRef(str(folder / "images"), "bench-masks-images")
     torch.manual_seed(0)
     model = build_model(study.model, splits.num_classes)
-    classifier = ClassifierCheckpoint(study.model.arch, model.num_filters, splits.num_classes, splits.class_names, study.data.image_size, "bench", model.state_dict())
+    classifier = ClassifierCheckpoint(
+        arch=study.model.arch, num_filters=model.num_filters, num_classes=splits.num_classes, class_names=splits.class_names,
+        image_size=study.data.image_size, config_hash="bench", state_dict=model.state_dict(),
+    )  # fmt: skip
     (folder / "model.pt").write_bytes(classifier.to_bytes())
     head = model.fc
     bank = bank_from_model(CfeModel(splits.num_classes, model.num_filters, train_mi=False, seed=0), head.weight, head.bias)
@@ -98,12 +109,14 @@ def measure() -> list[Ratio]:
     def plain(run: int) -> None:
         ray.data.from_items(items).map_batches(
             FeatureExtractor,
-            fn_constructor_kwargs={"study": study, "model_location": model_location, "use_gpu": False},
+            fn_constructor_kwargs={"study": study, "model_location": model_location, "images": images, "use_gpu": False},
             compute=pool, batch_size=BATCH_SIZE, batch_format="pyarrow",
         ).write_parquet(str(folder / f"features-{run}"))  # fmt: skip
 
     def masks(run: int) -> None:
-        ray.data.from_arrow(read_table(str(folder / "features-0"), columns=INPUT_COLUMNS)).map_batches(
+        vectors = read_table(str(folder / "features-0"), columns=INPUT_COLUMNS)
+        tables = [vectors.filter(pc.equal(vectors.column("split"), split)) for split in SPLITS]  # one block per split, as the stage has them
+        ray.data.from_arrow(tables).map_batches(
             MaskComputer,
             fn_constructor_kwargs={"bank_location": bank_location, "topk": TOPK, "use_gpu": False},
             compute=pool, batch_size=BATCH_SIZE, batch_format="pyarrow",
@@ -112,7 +125,7 @@ def measure() -> list[Ratio]:
     def from_images(run: int) -> None:
         ray.data.from_items(items).map_batches(
             ImageMaskComputer,
-            fn_constructor_kwargs={"study": study, "model_location": model_location, "bank_location": bank_location, "topk": TOPK},
+            fn_constructor_kwargs={"study": study, "model_location": model_location, "images": images, "bank_location": bank_location, "topk": TOPK},
             compute=pool, batch_size=BATCH_SIZE, batch_format="pyarrow",
         ).write_parquet(str(folder / f"image-masks-{run}"))  # fmt: skip
 

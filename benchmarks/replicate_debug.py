@@ -1,18 +1,31 @@
 """Replication of the paper's debug-vs-fine-tuning gain (Table 2) across seeds.
 
-For each seed, the whole study runs from scratch (base → features → cfe →
-masks → debug; each seed has its own results folder ``<root>/digits-seed<N>``,
-so a rerun reuses finished stages) and the debug stage's Table 2 gives the
-test accuracy of plain fine-tuning (control) and of debug retraining.  The
-seed changes the data splits, the base model, the CFE bank and the data order.
+For each seed, the study runs from scratch up to its debug stage
+(:func:`raycf.pipeline.run_stages` with target ``debug``: images → base →
+features → cfe → masks, prefix → debug; each seed has its own results folder
+``<root>/digits-seed<N>``, so a rerun reuses finished stages), and the debug
+stage's ``debug/table2.parquet`` gives the test accuracy of plain
+fine-tuning (control) and of debug retraining.  The seed changes the data
+splits, the base model, the CFE bank, the augmented views and the data order.
 
     python -m benchmarks.replicate_debug [--seeds 0 1 2 3 4] [--root /tmp/raycf-replication] [--set KEY=VALUE ...]
 
 Prints one line per seed and the mean and spread of (debugged − control)
 test accuracy; writes ``<root>/replication.parquet`` (or ``--output``).
-``--set`` changes the study for every seed (e.g. ``debug.indicator=centred``):
-only the stages that read the changed fields rerun.  Not part of ``make
-bench`` (it trains 5 base models: about 5 minutes a seed on a 2-core CPU).
+``--set`` changes the study for every seed; only the stages that read the
+changed fields rerun.  Variants worth comparing:
+
+* the default: G at ``analysis.tau`` and ``debug.freq_threshold`` (0 by
+  default, the reference's retraining: any filter seen once; what the old
+  ``--set analysis.freq_threshold=0`` variant gave);
+* ``--set debug.freq_threshold=0.15``: G at the detection's f (the study
+  file's ``analysis.freq_threshold``), the old default;
+* ``--set debug.indicator=centred``: the standardised activity indicator;
+* ``--set debug.lambda1=... debug.lambda2=...``: other λ.
+
+Ray's own console output goes to ``<root>/logs/ray.log`` (``--verbose``
+shows it).  Not part of ``make bench`` (it trains a base model per seed:
+minutes a seed on a 2-core CPU).
 """
 
 from __future__ import annotations
@@ -35,9 +48,17 @@ def run_seed(seed: int, root: str, overrides: list[str]) -> dict:
     from raycf.pipeline import run_stages
 
     study = load_study(STUDY, [f"seed={seed}", f"name=digits-seed{seed}", f"storage_path={root}", *overrides])
-    run_stages(study, ["debug"], command=f"replicate_debug seed {seed}")
+    run_stages(study, ["debug"], command=f"python -m benchmarks.replicate_debug (seed {seed})")
     table2 = storage.read_table(storage.join_uri(study.results_uri, "debug", "table2.parquet")).to_pandas().set_index("model")
-    row = {"seed": seed, "lambda1": study.debug.lambda1, "lambda2": study.debug.lambda2, "indicator": study.debug.indicator}
+    config = study.debug
+    row = {
+        "seed": seed,
+        "lambda1": config.lambda1,
+        "lambda2": config.lambda2,
+        "indicator": config.indicator,
+        "tau": study.analysis.tau,
+        "freq_threshold": config.freq_threshold,
+    }
     for model in ("base", "control", "debugged"):
         for split in ("train", "val", "test"):
             row[f"{model}_{split}_acc"] = float(table2.loc[model, f"{split}_acc"])
@@ -69,12 +90,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--root", default="/tmp/raycf-replication", help="results root (one study folder per seed)")
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE", help="study overrides for every seed")
     parser.add_argument("--output", default=None, help="the Parquet table of every seed (default <root>/replication.parquet)")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own console output too")
     args = parser.parse_args(argv)
 
-    import ray
+    from raycf import console
+    from raycf.cluster import ensure_ray
 
-    if not ray.is_initialized():  # a private local cluster, never one another process started
-        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+    # As the command line does: Ray's own output goes to <root>/logs/ray.log.  Without
+    # RAY_ADDRESS a private local cluster is started, never one another process started.
+    console.configure(args.root, verbose=args.verbose)
+    ensure_ray()
     rows = []
     for seed in args.seeds:
         row = run_seed(seed, args.root, args.overrides)

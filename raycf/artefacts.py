@@ -16,7 +16,7 @@ import yaml
 
 from raycf import storage
 from raycf.arrow import table_arrays
-from raycf.checkpoint import CHECKPOINT_FILE
+from raycf.checkpoint import CHECKPOINT_FILE, complete, parse_classifier_checkpoint
 from raycf.config import StudyConfig
 from raycf.data import SPLITS
 from raycf.errors import UserError
@@ -25,10 +25,10 @@ from raycf.method.bank import CfeBank, parse_bank
 from raycf.method.detection import EVALUATED_SPLITS, SPLIT_COLUMNS, StudyData
 from raycf.method.global_mc import TRAIN_COLUMNS, global_mc_of, global_sets
 from raycf.prefix_cache import PrefixRef, uses_cache
+from raycf.ray_data import EMPTY_MARKER
 
 BANK_FILE = "bank.pt"
 AUGMENTED_FOLDER = "train_augmented"  # features/: views 1… of the training images
-EMPTY_MARKER = "_empty"  # written instead of Parquet files into a folder with no rows
 PREDICTIONS_FILE = "predictions.parquet"
 
 
@@ -183,13 +183,14 @@ def global_mc_sets(results: str, tau: float, freq_threshold: float) -> np.ndarra
 # ------------------------------------------------------------------ search results
 
 
-def trial_model_bytes(row: pd.Series) -> bytes | None:
-    """The best epoch's ``model.pt`` of a leaderboard row, if its checkpoint is still there."""
+def trial_model_bytes(row: pd.Series, results: str) -> bytes | None:
+    """The best epoch's ``model.pt`` of a leaderboard row (completed with the base model), if its checkpoint is still there."""
     folder = str(row.get("checkpoint_path") or "")
-    if not folder:
+    location = storage.join_uri(folder, CHECKPOINT_FILE) if folder else ""
+    if not folder or not storage.exists(location):
         return None
-    location = storage.join_uri(folder, CHECKPOINT_FILE)
-    return storage.read_bytes(location) if storage.exists(location) else None
+    saved = parse_classifier_checkpoint(storage.read_bytes(location), location)
+    return complete(saved, base_model_bytes(results), location).to_bytes() if saved.partial else saved.to_bytes()
 
 
 def debugged_model_bytes(results: str) -> tuple[str, bytes] | None:
@@ -203,5 +204,5 @@ def debugged_model_bytes(results: str) -> tuple[str, bytes] | None:
     trial_id = str(debugged["trial_id"].iloc[0])
     board = read_leaderboard(results)
     rows = board[board["trial_id"] == trial_id]
-    model_bytes = trial_model_bytes(rows.iloc[0]) if len(rows) else None
+    model_bytes = trial_model_bytes(rows.iloc[0], results) if len(rows) else None
     return None if model_bytes is None else (trial_id, model_bytes)

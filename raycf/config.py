@@ -172,7 +172,7 @@ class CfeConfig(StrictModel):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     batch_size: int = Field(32, gt=0, description="vectors per step")
     views: int = Field(4, ge=1, description="views per training image: view 0 plain, the rest augmented")
-    workers: int = Field(1, ge=0, description="Ray Train workers; 0: in the calling process, no worker start-up")
+    workers: int = Field(1, ge=0, description="Ray Train workers, each training the generators of its share of the classes (no all-reduce); 0: in the calling process, no worker start-up")
     use_gpu: bool = resource_field(False, "one GPU per worker")
     max_failures: int = resource_field(2, "worker-group restarts from the last checkpoint before giving up", ge=0)
 
@@ -232,6 +232,9 @@ class DebugConfig(StrictModel):
     workers: int = Field(1, ge=1, description="data-parallel workers; 1: a search trial trains in its own Tune trial (no worker group), more: a TorchTrainer (DDP)")
     eval_batch_size: int = resource_field(256, "images per batch of validation and of the final predictions", gt=0)
     use_gpu: bool = resource_field(False, "one GPU per worker")
+    gpus_per_trial: float = resource_field(
+        1.0, "with use_gpu, the share of a GPU a single-worker search trial reserves: 0.25 packs four small trials on one GPU", gt=0, le=1
+    )
     max_failures: int = resource_field(2, "retries of a failed run or trial from its last checkpoint", ge=0)
 
 

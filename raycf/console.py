@@ -53,6 +53,14 @@ def log(message: str) -> None:
     write_line(f"{PREFIX} {message}")
 
 
+def shown_epochs(total: int, lines: int = 5) -> set[int]:
+    """The (1-based) epochs whose progress line is printed: about ``lines`` of them, always the last; all in verbose mode."""
+    if verbose():
+        return set(range(1, total + 1))
+    every = max(1, total // lines)
+    return {epoch for epoch in range(1, total + 1) if epoch % every == 0 or epoch == total}
+
+
 def write_line(line: str) -> None:
     """Print a finished line on stderr, above our progress bar when one is shown."""
     with _write_lock:

@@ -32,6 +32,7 @@ from raycf import storage
 from raycf.config import DataConfig
 from raycf.data import SPLITS, DataSplits, load_splits, log_read
 from raycf.node_cache import local_folder
+from raycf.ray_data import actor_pool
 
 DECODE_BATCH = 64  # images per decoding task
 
@@ -118,14 +119,7 @@ def write_store(data: DataConfig, seed: int, output: str, actors: int) -> dict[s
 
     splits = load_splits(data, seed)
     records = [{"split": name, "image_index": index} for name in SPLITS for index in range(len(splits.split(name)))]
-    decoded = ray.data.from_items(records).map_batches(
-        Decoder,
-        fn_constructor_kwargs={"data": data, "seed": seed},
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        batch_size=DECODE_BATCH,
-        batch_format="numpy",
-        num_cpus=1,
-    )
+    decoded = actor_pool(ray.data.from_items(records), Decoder, {"data": data, "seed": seed}, actors=actors, batch_size=DECODE_BATCH, batch_format="numpy")
     with tempfile.TemporaryDirectory() as folder:
         arrays = _open_arrays(splits, Path(folder))
         for batch in decoded.iter_batches(batch_format="numpy", batch_size=None):

@@ -25,7 +25,9 @@ column                 meaning
                        (the max-softmax baseline on the same images)
 ``g_size``             mean size of the global MC sets G_c for the trial's τ and f
 ``control_val_acc``    the control's ``val_acc``; ``val_acc_gain`` = val_acc − that
-``time_total_s``       wall time of the trial; ``started_at``, ``finished_at`` (UTC)
+``time_total_s``       Tune's time of the trial (its reported iterations); ``started_at``, ``finished_at`` (UTC)
+``wall_s``             the trial's wall time as the driver saw it, start to end (retries included)
+``epochs_s``           the sum of its epochs' times (``epoch_s``): ``wall_s − epochs_s`` is its overhead
 ``checkpoint_path``    folder of the best epoch's checkpoint (``model.pt`` inside); the
                        checkpoint the trial kept, so it exists (one tie rule everywhere)
 ``seed``               the study seed; ``config_hash``: hash of the trial's resolved study
@@ -39,6 +41,7 @@ column                 meaning
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -68,6 +71,8 @@ METRIC_COLUMNS = (
     "control_val_acc",
     "val_acc_gain",
     "time_total_s",
+    "wall_s",
+    "epochs_s",
     "started_at",
     "finished_at",
     "checkpoint_path",
@@ -93,6 +98,8 @@ class TrialRecord:
     started_at: str = ""
     finished_at: str = ""
     time_total_s: float = 0.0
+    started: float = 0.0  # unix time of its first start
+    wall_s: float = float("nan")
     config_hash: str = ""
 
     @property
@@ -117,6 +124,8 @@ def trial_row(record: TrialRecord, parameter_names: list[str], metric: str, mode
             "train_loss": _float(best.get("train_loss")),
             **{key: _float(last.get(key, best.get(key))) for key in DETECTION_KEYS},
             "time_total_s": float(record.time_total_s),
+            "wall_s": float(record.wall_s),
+            "epochs_s": float(sum(_float(row.get("epoch_s")) for row in record.history)) if record.history else float("nan"),
             "started_at": record.started_at,
             "finished_at": record.finished_at,
             "checkpoint_path": str(best.get("checkpoint_path") or ""),
@@ -231,7 +240,7 @@ class LeaderboardWriter:
         """The record of a trial, created on first sight."""
         if trial_id not in self.records:
             self.records[trial_id] = TrialRecord(
-                trial_id=trial_id, params={name: params.get(name) for name in self.names}, started_at=_now(), config_hash=config_hash
+                trial_id=trial_id, params={name: params.get(name) for name in self.names}, started_at=_now(), config_hash=config_hash, started=time.time()
             )
         return self.records[trial_id]
 
@@ -248,6 +257,8 @@ class LeaderboardWriter:
         record.status = status
         record.error = error
         record.finished_at = _now()
+        if record.started:
+            record.wall_s = time.time() - record.started
         self.write()
 
     def status_of_finished(self, record: TrialRecord) -> str:

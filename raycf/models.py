@@ -273,6 +273,8 @@ def build_model(config: ModelConfig, num_classes: int, load_weights: bool = True
 
 def classifier_from_checkpoint(config: ModelConfig, checkpoint: "ClassifierCheckpoint") -> FilterClassifier:
     """A classifier holding a checkpoint's weights, in eval mode on the CPU (no Ray needed)."""
+    if checkpoint.partial:
+        raise ValueError("a partial checkpoint (the retrained layers only): complete it with its base model first (raycf.checkpoint.complete)")
     model = build_model(config, checkpoint.num_classes, load_weights=False)
     model.load_state_dict(checkpoint.state_dict)
     return model.eval()

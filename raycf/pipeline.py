@@ -101,6 +101,7 @@ def run_stages(study: StudyConfig, targets: list[str], force: set[str] | None = 
         check_prefix_budget(study)
     write_study_files(study, command)
     summaries: dict[str, dict] = {}
+    durations: dict[str, float] = {}
     for name, decision in decisions:
         if decision == "cached":
             marker = read_marker(results, name) or {}
@@ -108,8 +109,12 @@ def run_stages(study: StudyConfig, targets: list[str], force: set[str] | None = 
             summaries[name] = marker.get("summary", {})
             continue
         log(f"{name}: runs ({decision})")
+        started = time.time()
         summaries[name] = run_stage(study, name, resume=resume, fresh=name in force)
+        durations[name] = time.time() - started
     finish_manifest(results, {name: marker for name in FOLDERS if (marker := read_marker(results, name)) is not None})
+    if durations:
+        log("stages done in " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in durations.items()) + f" ({sum(durations.values()):.0f} s)")
     return summaries
 
 
@@ -136,7 +141,6 @@ def run_stage(study: StudyConfig, name: str, resume: bool = False, fresh: bool =
     staging = storage.join_uri(results, ".staging", f"{name}-{uuid.uuid4().hex[:8]}")
     if not storage.is_uri(staging):
         Path(staging).mkdir(parents=True, exist_ok=True)
-    log(f"{name}: start")
     started = time.time()
     try:
         summary = stage.run(StageRun(study=study, results=results, output=staging, stage_hash=digest, folders=FOLDERS, resume=resume))
@@ -157,7 +161,6 @@ def run_stage(study: StudyConfig, name: str, resume: bool = False, fresh: bool =
         "summary": summary,
     }
     storage.write_text(storage.join_uri(results, stage.folder, MARKER_FILE), json.dumps(marker, indent=2, default=str))
-    log(f"{name}: done in {duration:.1f} s")
     return summary
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from raycf import storage
-from raycf.artefacts import EMPTY_MARKER
+
+EMPTY_MARKER = "_empty"  # written instead of Parquet files into a folder with no rows
 
 if TYPE_CHECKING:
     import ray.data
@@ -23,6 +24,21 @@ def data_context(preserve_order: bool = True) -> None:
     context.execution_options.preserve_order = preserve_order
     context.enable_progress_bars = sys.stderr.isatty()
     context.print_on_execution_start = False
+
+
+def actor_pool(dataset: "ray.data.Dataset", actor: type, arguments: dict, *, actors: int, batch_size: int, batch_format: str, use_gpu: bool = False) -> "ray.data.Dataset":
+    """``dataset`` through a pool of ``actors`` instances of ``actor(**arguments)``, each with a GPU when ``use_gpu`` (else a CPU)."""
+    import ray.data
+
+    return dataset.map_batches(
+        actor,
+        fn_constructor_kwargs=arguments,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        batch_size=batch_size,
+        batch_format=batch_format,
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=0 if use_gpu else 1,
+    )
 
 
 def write_folders(dataset: "ray.data.Dataset", counts: dict[str, int], output: str, column: str = "folder", keep_column: bool = False) -> None:

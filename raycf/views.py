@@ -57,11 +57,13 @@ def model_inputs(images: torch.Tensor, image_size: int, augment: AugmentConfig |
     (a B-boolean mask: view 0) is true.
     """
     if seeds is None:
-        return evaluate_batch(images, image_size)
-    if plain is None or not bool(plain.any()):
-        return augment_batch(images, seeds, augment, image_size)
-    inputs = evaluate_batch(images, image_size)
-    augmented = ~plain.to(images.device)
-    if bool(augmented.any()):
-        inputs[augmented] = augment_batch(images[augmented], seeds[augmented.cpu()], augment, image_size)
-    return inputs
+        inputs = evaluate_batch(images, image_size)
+    elif plain is None or not bool(plain.any()):
+        inputs = augment_batch(images, seeds, augment, image_size)
+    else:
+        inputs = evaluate_batch(images, image_size)
+        augmented = ~plain.to(images.device)
+        if bool(augmented.any()):
+            inputs[augmented] = augment_batch(images[augmented], seeds[augmented.cpu()], augment, image_size)
+    # channels_last on a GPU, as the model is (raycf.precision.prepare_model): cuDNN's fastest layout
+    return inputs.contiguous(memory_format=torch.channels_last) if inputs.is_cuda else inputs

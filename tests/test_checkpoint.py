@@ -60,3 +60,32 @@ def test_refuses_missing_and_foreign_files(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="not a raycf classifier checkpoint"):
         load_classifier_checkpoint(str(tmp_path / "other.pt"))
+
+
+def test_a_partial_checkpoint_holds_the_retrained_layers_and_completes_with_its_base():
+    import torch
+
+    from raycf.checkpoint import checkpoint_of, complete, model_hash, parse_classifier_checkpoint
+
+    torch.manual_seed(0)
+    base_model = build_model(ModelConfig(arch="vgg_tiny"), 10)
+    base_bytes = checkpoint_of(base_model, [str(d) for d in range(10)], 32, "base").to_bytes()
+    retrained = build_model(ModelConfig(arch="vgg_tiny"), 10)
+    retrained.load_state_dict(base_model.state_dict())
+    retrained.set_trainable("last_conv_and_head")
+    with torch.no_grad():
+        retrained.fc.weight.add_(1.0)
+        retrained.last_conv[1].running_mean.add_(0.5)  # the trainable BatchNorm's statistics move too
+    partial = parse_classifier_checkpoint(checkpoint_of(retrained, [str(d) for d in range(10)], 32, "debug", {"epoch": 3}, model_hash(base_bytes)).to_bytes())
+    assert partial.partial and len(partial.to_bytes()) < len(base_bytes) / 2
+    assert {"fc.weight", "fc.bias", "last_conv.0.weight", "last_conv.1.running_mean"} <= set(partial.state_dict) and "trunk.0.weight" not in partial.state_dict
+    whole = complete(partial, base_bytes)
+    assert not whole.partial and whole.metrics["epoch"] == 3
+    expected = retrained.state_dict()
+    assert all(torch.equal(whole.state_dict[name], expected[name]) for name in expected)
+    with pytest.raises(UserError, match="a partial checkpoint of base model"):
+        complete(partial, checkpoint_of(retrained, [str(d) for d in range(10)], 32, "other").to_bytes())
+    with pytest.raises(ValueError, match="complete it with its base model first"):
+        from raycf.models import classifier_from_checkpoint
+
+        classifier_from_checkpoint(ModelConfig(arch="vgg_tiny"), partial)

@@ -1,4 +1,4 @@
-"""Where a study's work lands on a cluster: a simulated head and two GPU workers.
+"""Where a study's work lands on a cluster: a simulated head and two GPU workers (packed trials, node-local caches).
 
 tests/cluster/simulate_placement.py starts the three nodes with
 ``ray.cluster_utils.Cluster`` in its own process and namespaces (never beside
@@ -34,6 +34,21 @@ def placement(tmp_path_factory) -> dict:
     lines = [line for line in completed.stdout.splitlines() if line.startswith("PLACEMENT ")]
     assert completed.returncode == 0 and lines, f"the simulation failed (exit {completed.returncode}); output above"
     return json.loads(lines[-1].removeprefix("PLACEMENT "))
+
+
+def test_packed_single_worker_trials_share_gpu_nodes_four_to_a_gpu(placement):
+    trials = placement["packed"]["trials"]
+    assert len(trials) == 8 and all(trial["error"] is None for trial in trials)
+    nodes = [trial["node"] for trial in trials]
+    assert set(nodes) == set(placement["workers"])  # on the GPU nodes, never on the head
+    assert sorted(nodes.count(node) for node in set(nodes)) == [4, 4]  # debug.gpus_per_trial 0.25: four trials share a GPU
+    assert all(trial["gpus"] == ["0"] for trial in trials)  # each trial sees its node's one GPU
+
+
+def test_a_node_fetches_the_prefix_cache_once_for_all_its_trials(placement):
+    downloads = placement["packed"]["downloads"]
+    assert sorted(downloads) == sorted(placement["workers"])  # one download per node, eight trials reading it
+    assert all(trial["cached"] == "activations" for trial in placement["packed"]["trials"])
 
 
 def test_trial_drivers_run_on_the_head(placement):

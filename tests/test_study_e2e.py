@@ -156,3 +156,16 @@ def test_a_cached_study_reruns_nothing(ray_session, smoke_study_results):
     assert completed.returncode == 0, completed.stderr[-2000:]
     skipped = [line for line in completed.stderr.splitlines() if "skipped, cached" in line]
     assert len(skipped) >= 7 and "runs (" not in completed.stderr
+
+
+def test_a_study_prints_raycfs_lines_only_and_ray_logs_to_a_file(smoke_study_results):
+    folder = smoke_study_results.parent.parent
+    stderr = (folder / "stderr.txt").read_text().splitlines()
+    stdout = (folder / "stdout.txt").read_text().splitlines()
+    assert [line for line in stderr if not line.startswith("[raycf] ")] == []  # no Ray chatter on the screen
+    assert all(line.startswith(("Table ", "  ", "The control")) or not line for line in stdout)  # Tables 2 and 3
+    assert len(stderr) + len(stdout) <= 60  # a smoke study: two trials (`python -m benchmarks demo` counts the whole demo)
+    trial_lines = [line for line in stderr if "search: trial " in line]
+    assert len(trial_lines) == 4 and sum("completed in" in line for line in trial_lines) == 2  # a line when each trial starts and ends
+    assert any("stages done in images" in line for line in stderr)
+    assert (smoke_study_results / "logs" / "ray.log").stat().st_size > 0

@@ -74,9 +74,10 @@ def head_logits(inputs: torch.Tensor, head_weight: torch.Tensor, head_bias: torc
     return inputs @ head_weight.T + head_bias
 
 
-def generator_targets(batch: int, num_classes: int, device: torch.device) -> torch.Tensor:
-    """B×C targets: generator c's target is c for every vector."""
-    return torch.arange(num_classes, device=device).expand(batch, num_classes)
+def generator_targets(batch: int, num_classes: int, device: torch.device, classes: torch.Tensor | None = None) -> torch.Tensor:
+    """B×C targets: generator j's target is its class, ``classes[j]`` (default ``j``), for every vector."""
+    targets = torch.arange(num_classes, device=device) if classes is None else torch.as_tensor(classes, device=device, dtype=torch.long)
+    return targets.expand(batch, num_classes)
 
 
 @dataclass(frozen=True)
@@ -96,34 +97,50 @@ class LossWeights:
         )
 
 
+def generator_cross_entropy(logits: torch.Tensor, classes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B×G targets, B×G cross-entropies) of each generator's B×G×C logits towards its class (``classes``, or generator g → class g)."""
+    batch, generators, _ = logits.shape
+    targets = generator_targets(batch, generators, logits.device, classes)
+    cross_entropy = F.cross_entropy(logits.reshape(batch * generators, -1), targets.reshape(-1), reduction="none").reshape(batch, generators)
+    return targets, cross_entropy
+
+
 def mc_loss(
-    masks: torch.Tensor, activations: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor, weights: LossWeights
+    masks: torch.Tensor,
+    activations: torch.Tensor,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor,
+    weights: LossWeights,
+    classes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The MC bank's loss for B×C×K masks of B vectors: per-vector mean, summed over generators.
 
     Parts (means over vectors and generators, detached tensors: read them
     once per epoch, not per step): ``mc_ce``, ``mc_l1`` (mask mass ‖m‖₁),
-    ``mc_logit`` (z_c under the mask).
+    ``mc_logit`` (z_c under the mask).  ``classes`` (G) are the classes of
+    the generators when the masks come from part of the bank (B×G×K);
+    None: the whole bank, generator c for class c.
     """
-    batch, num_classes, _ = masks.shape
     logits = head_logits(activations[:, None, :] * masks, head_weight, head_bias)  # B×C(generator)×C(class)
-    targets = generator_targets(batch, num_classes, masks.device)
-    cross_entropy = F.cross_entropy(logits.reshape(batch * num_classes, -1), targets.reshape(-1), reduction="none").reshape(batch, num_classes)
+    targets, cross_entropy = generator_cross_entropy(logits, classes)
     mass = masks.sum(dim=2)
-    target_logit = logits.diagonal(dim1=1, dim2=2)
+    target_logit = logits.diagonal(dim1=1, dim2=2) if classes is None else logits.gather(2, targets[:, :, None])[:, :, 0]
     per_sample = cross_entropy + weights.mc_sparsity * mass - weights.mc_logits * target_logit
     parts = {"mc_ce": cross_entropy.detach().mean(), "mc_l1": mass.detach().mean(), "mc_logit": target_logit.detach().mean()}
     return per_sample.mean(dim=0).sum(), parts
 
 
 def mi_loss(
-    deltas: torch.Tensor, activations: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor, weights: LossWeights
+    deltas: torch.Tensor,
+    activations: torch.Tensor,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor,
+    weights: LossWeights,
+    classes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The MI bank's loss for B×C×K additions δ: ``CE(W(a + δ) + b, c) + μ1' ‖δ‖₁``."""
-    batch, num_classes, _ = deltas.shape
+    """The MI bank's loss for B×C×K additions δ: ``CE(W(a + δ) + b, c) + μ1' ‖δ‖₁`` (``classes`` as in :func:`mc_loss`)."""
     logits = head_logits(activations[:, None, :] + deltas, head_weight, head_bias)
-    targets = generator_targets(batch, num_classes, deltas.device)
-    cross_entropy = F.cross_entropy(logits.reshape(batch * num_classes, -1), targets.reshape(-1), reduction="none").reshape(batch, num_classes)
+    _, cross_entropy = generator_cross_entropy(logits, classes)
     mass = deltas.sum(dim=2)
     per_sample = cross_entropy + weights.mi_sparsity * mass
     return per_sample.mean(dim=0).sum(), {"mi_ce": cross_entropy.detach().mean(), "mi_l1": mass.detach().mean()}
@@ -167,13 +184,22 @@ class CfeModel(nn.Module):
 
 
 def bank_loss(
-    model: nn.Module, activations: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor, weights: LossWeights
+    model: nn.Module,
+    activations: torch.Tensor,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor,
+    weights: LossWeights,
+    classes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """MC loss (+ MI loss) of a batch of vectors; parts per generator and vector."""
+    """MC loss (+ MI loss) of a batch of vectors; parts per generator and vector.
+
+    ``classes``: the (global) classes of ``model``'s generators when it holds
+    part of the bank; None: the whole bank.
+    """
     masks, deltas = model(activations)
-    loss, parts = mc_loss(masks, activations, head_weight, head_bias, weights)
+    loss, parts = mc_loss(masks, activations, head_weight, head_bias, weights, classes)
     if deltas is not None:
-        extra, mi_parts = mi_loss(deltas, activations, head_weight, head_bias, weights)
+        extra, mi_parts = mi_loss(deltas, activations, head_weight, head_bias, weights, classes)
         loss, parts = loss + extra, {**parts, **mi_parts}
     return loss, {"loss": loss.detach() / masks.shape[1], **parts}
 

@@ -42,14 +42,22 @@ def run(run: "StageRun") -> dict:
         for name, key in (("f1", "det"), ("max_softmax", "maxsoftmax"), ("max_softmax_x_f1", "combined")):
             summary[f"{split}_{key}_auroc"] = _rounded(scores.loc[(split, name), "auroc"])
             summary[f"{split}_{key}_aupr"] = _rounded(scores.loc[(split, name), "aupr"])
-        log(
-            f"analyze: {split}: {summary[f'{split}_errors']} errors; AUROC of F1 agreement {summary[f'{split}_det_auroc']}, "
-            f"max softmax {summary[f'{split}_maxsoftmax_auroc']}, combined {summary[f'{split}_combined_auroc']}"
+    log(
+        "analyze: AUROC of 'the prediction is wrong': "
+        + "; ".join(
+            f"{split} ({summary[f'{split}_errors']} errors) F1 agreement {_shown(summary[f'{split}_det_auroc'])}, "
+            f"max softmax {_shown(summary[f'{split}_maxsoftmax_auroc'])}, combined {_shown(summary[f'{split}_combined_auroc'])}"
+            for split in EVALUATED_SPLITS
         )
+    )
     global_mc = tables["global_mc"]
     summary["global_set_size"] = _rounded(global_mc.groupby("class")["in_global"].sum().mean())
     storage.write_text(run.path("summary.json"), json.dumps(summary, indent=2))
     return summary
+
+
+def _shown(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.3f}"
 
 
 def _rounded(value: float) -> float | None:

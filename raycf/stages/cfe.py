@@ -17,7 +17,7 @@ from raycf import storage
 from raycf.artefacts import BANK_FILE
 from raycf.checkpoint import CHECKPOINT_FILE, load_classifier_checkpoint
 from raycf.cluster import ensure_ray
-from raycf.console import log
+from raycf.console import log, verbose
 from raycf.training.cfe import CfeJob, cfe_summary, cfe_train_loop
 from raycf.training.trainer import fit, run_local
 
@@ -65,11 +65,12 @@ def run(run: "StageRun") -> dict:
 
 
 def log_classes(classes: pd.DataFrame) -> None:
-    """One line per class (only the 5 worst when there are more than 20)."""
-    rows = classes.to_dict("records")
-    if len(rows) > 20:
-        log(f"cfe: the 5 classes with the lowest MC agreement (all {len(rows)} are in cfe/classes.parquet):")
-        rows = sorted(rows, key=lambda row: row["mc_agreement"])[:5]
-    for row in rows:
+    """One line per class in verbose mode; otherwise one line naming the three classes with the lowest MC agreement."""
+    rows = sorted(classes.to_dict("records"), key=lambda row: row["mc_agreement"])
+    if not verbose():
+        worst = ", ".join(f"{row['class_name']} {100 * row['mc_agreement']:.1f} %" for row in rows[:3])
+        log(f"cfe: lowest MC agreement: {worst} (every class: cfe/classes.parquet)")
+        return
+    for row in sorted(rows, key=lambda row: row["class"]):
         mi = f"; MI {100 * row['mi_agreement']:.1f} % at {row['mi_size']:.1f} filters" if "mi_agreement" in row else ""
         log(f"cfe: class {row['class']} ({row['class_name']}): MC {100 * row['mc_agreement']:.1f} % at {row['mc_size']:.1f} filters{mi}")

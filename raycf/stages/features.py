@@ -36,7 +36,7 @@ from raycf.data import SPLITS, log_read
 from raycf.image_store import StoreRef, open_store
 from raycf.models import classifier_from_checkpoint, device_for
 from raycf.precision import Precision, prepare_device, prepare_model
-from raycf.ray_data import data_context, write_folders
+from raycf.ray_data import actor_pool, data_context, write_folders
 from raycf.views import model_inputs, view_seed
 
 if TYPE_CHECKING:
@@ -123,13 +123,9 @@ def run(run: "StageRun") -> dict:
     records = feature_records(sizes, study.cfe.views)
     counts = {folder: sum(record["folder"] == folder for record in records) for folder in FEATURE_FOLDERS}
     settings = study.features
-    dataset = ray.data.from_items(records).map_batches(
-        FeatureExtractor,
-        fn_constructor_kwargs={"study": study, "model_location": run.upstream("base", CHECKPOINT_FILE), "images": images, "use_gpu": settings.use_gpu},
-        compute=ray.data.ActorPoolStrategy(size=settings.actors),
-        batch_size=settings.batch_size,
-        batch_format="pyarrow",
-        num_gpus=1 if settings.use_gpu else 0,
+    arguments = {"study": study, "model_location": run.upstream("base", CHECKPOINT_FILE), "images": images, "use_gpu": settings.use_gpu}
+    dataset = actor_pool(
+        ray.data.from_items(records), FeatureExtractor, arguments, actors=settings.actors, batch_size=settings.batch_size, batch_format="pyarrow", use_gpu=settings.use_gpu
     )
     write_folders(dataset, counts, run.output)
     log(

@@ -49,7 +49,7 @@ from raycf.data import SPLITS
 from raycf.method.bank import parse_bank
 from raycf.method.masks import compute_masks
 from raycf.models import device_for
-from raycf.ray_data import data_context, write_folders
+from raycf.ray_data import actor_pool, data_context, write_folders
 
 if TYPE_CHECKING:
     from raycf.stages.stage import StageRun
@@ -111,13 +111,9 @@ def run(run: "StageRun") -> dict:
     # fixed actor pool holding every CPU of the cluster waits for them forever.
     tables = {split: storage.read_table(run.upstream("features", split), columns=INPUT_COLUMNS) for split in SPLITS}
     counts = {split: table.num_rows for split, table in tables.items()}
-    dataset = ray.data.from_arrow(list(tables.values())).map_batches(
-        MaskComputer,
-        fn_constructor_kwargs={"bank_location": run.upstream("cfe", BANK_FILE), "topk": settings.topk, "use_gpu": settings.use_gpu},
-        compute=ray.data.ActorPoolStrategy(size=settings.actors),
-        batch_size=settings.batch_size,
-        batch_format="pyarrow",
-        num_gpus=1 if settings.use_gpu else 0,
+    arguments = {"bank_location": run.upstream("cfe", BANK_FILE), "topk": settings.topk, "use_gpu": settings.use_gpu}
+    dataset = actor_pool(
+        ray.data.from_arrow(list(tables.values())), MaskComputer, arguments, actors=settings.actors, batch_size=settings.batch_size, batch_format="pyarrow", use_gpu=settings.use_gpu
     )
     write_folders(dataset, counts, run.output, column="split", keep_column=True)
     summary = {}
@@ -126,9 +122,12 @@ def run(run: "StageRun") -> dict:
         summary[f"{split}_images"] = len(arrays["label"])
         summary[f"{split}_mc_size"] = round(float(arrays["mc_size"].mean()), 4) if len(arrays["label"]) else 0.0
         summary[f"{split}_masked_agreement"] = round(float((arrays["masked_pred"] == arrays["pred"]).mean()), 6) if len(arrays["label"]) else 0.0
-        log(
-            f"masks: {split}: {summary[f'{split}_images']} images, MC mask of the inferred class keeps "
-            f"{summary[f'{split}_mc_size']:.1f} filters on average; masked prediction = prediction for "
-            f"{100 * summary[f'{split}_masked_agreement']:.1f} %"
+    log(
+        "masks: MC mask of the inferred class: "
+        + "; ".join(
+            f"{split} {summary[f'{split}_images']} images, {summary[f'{split}_mc_size']:.1f} filters, masked prediction = prediction "
+            f"for {100 * summary[f'{split}_masked_agreement']:.1f} %"
+            for split in SPLITS
         )
+    )
     return summary

@@ -29,7 +29,7 @@ from raycf.image_store import StoreRef, open_store
 from raycf.models import FrozenPrefix, classifier_from_checkpoint, device_for
 from raycf.precision import Precision, prepare_model
 from raycf.prefix_cache import DTYPES, META_FILE, cache_bytes, cached_shapes, human_size, uses_cache
-from raycf.ray_data import data_context
+from raycf.ray_data import actor_pool, data_context
 from raycf.views import model_inputs, view_seeds
 
 if TYPE_CHECKING:
@@ -122,14 +122,9 @@ def run(run: "StageRun") -> dict:
     classes = len(load_classifier_checkpoint(run.upstream("base", CHECKPOINT_FILE)).class_names)
     shapes = cached_shapes(study, classes)
     settings = study.prefix
-    computed = ray.data.from_items(prefix_records(num_train, num_val, study.debug.views)).map_batches(
-        PrefixComputer,
-        fn_constructor_kwargs={"study": study, "model_location": run.upstream("base", CHECKPOINT_FILE), "images": images, "use_gpu": settings.use_gpu},
-        compute=ray.data.ActorPoolStrategy(size=settings.actors),
-        batch_size=settings.batch_size,
-        batch_format="numpy",
-        num_gpus=1 if settings.use_gpu else 0,
-    )
+    arguments = {"study": study, "model_location": run.upstream("base", CHECKPOINT_FILE), "images": images, "use_gpu": settings.use_gpu}
+    records = ray.data.from_items(prefix_records(num_train, num_val, study.debug.views))
+    computed = actor_pool(records, PrefixComputer, arguments, actors=settings.actors, batch_size=settings.batch_size, batch_format="numpy", use_gpu=settings.use_gpu)
     write_cache(computed.iter_batches(batch_format="numpy", batch_size=None), study, shapes, num_train, num_val, run.output)
     size = cache_bytes(study, classes, num_train, num_val)
     log(f"prefix: {num_train} training images × {study.debug.views} views and {num_val} validation images cached at {' + '.join('×'.join(map(str, s)) for s in shapes)} ({settings.dtype}, {human_size(size)})")

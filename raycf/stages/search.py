@@ -199,9 +199,10 @@ def check_driver_resources(study: StudyConfig) -> None:
 
 
 def trial_resources(study: StudyConfig) -> dict[str, float]:
-    """What one trial reserves: its own CPU (and GPU) when it trains in the trial, a driver's share otherwise."""
+    """What one trial reserves: a CPU and ``debug.gpus_per_trial`` of a GPU when it trains in the trial (several
+    small trials share a GPU), a driver's share otherwise (its TorchTrainer's workers reserve their own)."""
     if study.debug.workers == 1:
-        return {"cpu": 1, "gpu": 1 if study.debug.use_gpu else 0}
+        return {"cpu": 1, "gpu": study.debug.gpus_per_trial if study.debug.use_gpu else 0}
     return {"cpu": study.search.driver_cpus, **study.search.driver_resources}
 
 
@@ -296,5 +297,4 @@ def run(run: "StageRun") -> dict:
         f"best_{study.search.metric}": float(finished[study.search.metric].iloc[0]) if len(finished) else float("nan"),
         "control_val_acc": float(board["control_val_acc"].iloc[0]) if len(board) else float("nan"),
     }
-    log(f"search: {summary['trials']} trials ({summary['stopped']} stopped early, {summary['errored']} failed); best {summary['best_trial']}")
     return summary

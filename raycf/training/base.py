@@ -20,7 +20,7 @@ from torch import nn
 
 from raycf.checkpoint import CHECKPOINT_FILE, checkpoint_of, load_classifier_checkpoint
 from raycf.config import StudyConfig
-from raycf.console import log
+from raycf.console import log, shown_epochs
 from raycf.image_store import StoredImages, StoreRef, open_store
 from raycf.method.selection import SCORE_KEY, checkpoint_scores
 from raycf.models import FilterClassifier, build_model
@@ -81,7 +81,7 @@ def restore_classifier(session: Session, model: FilterClassifier) -> TrainState 
         if folder is None:
             return None
         saved = load_classifier_checkpoint(str(Path(folder, CHECKPOINT_FILE)), expected_arch=model.arch, expected_classes=model.num_classes)
-        model.load_state_dict(saved.state_dict)
+        model.load_state_dict(saved.state_dict, strict=not saved.partial)  # a partial one: the model holds its base already
         return TrainState.read(folder)
 
 
@@ -93,22 +93,26 @@ def report_epoch(
     class_names: list[str],
     study: StudyConfig,
     objective: tuple[str, str] = ("val_acc", "max"),
+    base_hash: str = "",
 ) -> None:
-    """Report an epoch with its selection score under ``objective`` (metric, mode); rank 0 attaches ``model.pt`` and ``train_state.pt``."""
+    """Report an epoch with its selection score under ``objective`` (metric, mode); rank 0 attaches ``model.pt`` and ``train_state.pt``.
+
+    With ``base_hash``, ``model.pt`` is partial: the trainable layers only (:func:`raycf.checkpoint.checkpoint_of`).
+    """
     metrics = {**metrics, SCORE_KEY: checkpoint_scores(state.history, *objective)[-1]}
     if session.rank != 0:
         session.report(metrics)
         return
-    checkpoint = checkpoint_of(model, class_names, study.data.image_size, study.config_hash(), metrics)
+    checkpoint = checkpoint_of(model, class_names, study.data.image_size, study.config_hash(), metrics, base_hash)
     session.report(metrics, {CHECKPOINT_FILE: checkpoint.to_bytes(), TRAIN_STATE_FILE: state.to_bytes()})
 
 
 def print_epoch(session: Session, run: str, metrics: dict[str, Any], total_epochs: int) -> None:
-    """One progress line per epoch, from rank 0 only."""
-    if session.rank != 0:
+    """A progress line for about five epochs of a run (every epoch in verbose mode), from rank 0 only."""
+    if session.rank != 0 or int(metrics["epoch"]) not in shown_epochs(total_epochs):
         return
     shown = "  ".join(f"{key} {value:.4f}" for key, value in metrics.items() if key.endswith(("loss", "acc")))
-    log(f"{run} epoch {metrics['epoch']}/{total_epochs}  {shown}")
+    log(f"{run} epoch {metrics['epoch']}/{total_epochs}  {shown}  {metrics.get('images_per_s', 0):.0f} images/s")
 
 
 def base_train_loop(job: BaseJob, session: Session) -> list[dict[str, Any]]:
@@ -150,7 +154,7 @@ def base_train_loop(job: BaseJob, session: Session) -> list[dict[str, Any]]:
         def augmented(images, indices, epoch=epoch):
             return model_inputs(images, data.image_size, data.augment, epoch_seeds(study.seed, epoch, indices))
 
-        train_metrics = train_one_epoch(wrapped, device_batches(train_data, device, augmented), optimizer, cross_entropy_loss, precision=precision)
+        train_metrics = train_one_epoch(wrapped, device_batches(train_data, device, augmented), optimizer, cross_entropy_loss, precision=precision, count_flops=True)
         val_metrics = evaluate(wrapped, device_batches(val_data, device, plain), precision=precision)
         metrics = {"epoch": epoch + 1, "phase": phase.name, "lr": lr, **train_metrics, "val_loss": val_metrics["loss"], "val_acc": val_metrics["acc"]}
         state = TrainState(next_epoch=epoch + 1, history=[*state.history, metrics], phase=phase.name, optimizer=optimizer.state_dict())

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from raycf.checkpoint import CHECKPOINT_FILE, parse_classifier_checkpoint
+from raycf.checkpoint import CHECKPOINT_FILE, complete, model_hash, parse_classifier_checkpoint
 from raycf.config import StudyConfig
 from raycf.image_store import StoredImages, StoreRef, open_store
 from raycf.method.debug_loss import DebugLoss, FilterStats, global_filters_tensor
@@ -189,7 +189,7 @@ def debug_train_loop(job: DebugJob, session: Session) -> list[dict[str, Any]]:
         seed_everything(epoch_seed(study.seed, epoch, rank))
         sampler.set_epoch(epoch)
         batches = device_batches(train_data, device, lambda data_, indices, epoch=epoch: inputs.train_inputs(data_, indices, epoch))
-        train_metrics = train_one_epoch(wrapped, batches, optimizer, loss_fn, precision=precision, freeze_frozen_norms=True, forward=inputs.forward)
+        train_metrics = train_one_epoch(wrapped, batches, optimizer, loss_fn, precision=precision, freeze_frozen_norms=True, forward=inputs.forward, count_flops=True)
         val_batches = device_batches(val_data, device, inputs.val_inputs)
         val_metrics = evaluate(wrapped, val_batches, precision=precision, forward=lambda module, batch: inputs.forward(module, batch)[0])
         # Tune's status table shows the first metrics: keep the objective among them.
@@ -206,7 +206,7 @@ def debug_train_loop(job: DebugJob, session: Session) -> list[dict[str, Any]]:
             **job.extra_metrics,
         }
         state = TrainState(next_epoch=epoch + 1, history=[*state.history, metrics], phase=PHASE, optimizer=optimizer.state_dict())
-        report_epoch(session, metrics, model, state, class_names, study, (study.search.metric, study.search.mode))
+        report_epoch(session, metrics, model, state, class_names, study, (study.search.metric, study.search.mode), model_hash(job.base_model))
         if job.print_epochs:
             print_epoch(session, job.label, metrics, config.epochs)
     return state.history
@@ -214,7 +214,7 @@ def debug_train_loop(job: DebugJob, session: Session) -> list[dict[str, Any]]:
 
 @dataclass
 class DebugResult:
-    """A finished debug (or control) run: its best-validation model and every epoch's metrics."""
+    """A finished debug (or control) run: its best-validation model (whole: completed with the base) and every epoch's metrics."""
 
     best_model_bytes: bytes
     history: list[dict[str, Any]]
@@ -253,8 +253,8 @@ def run_debug_training(
             callbacks=callbacks,
         )
     history = list(outcome.return_value)
-    model_bytes = outcome.best_files[CHECKPOINT_FILE]
-    saved = parse_classifier_checkpoint(model_bytes, "debug checkpoint")
+    saved = complete(parse_classifier_checkpoint(outcome.best_files[CHECKPOINT_FILE], "debug checkpoint"), job.base_model)
+    model_bytes = saved.to_bytes()
     best = next(row for row in history if row["epoch"] == int(saved.metrics["epoch"]))
     expected = best_epoch(history, study.search.metric, study.search.mode)
     if best["epoch"] != expected.get("epoch"):

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from raycf.precision import Precision
-from raycf.throughput import ThroughputMeter
+from raycf.precision import DTYPES, Precision
+from raycf.throughput import ThroughputMeter, mfu, peak_flops, step_flops, step_precision
 
 # loss_fn(logits, pooled vectors, labels) -> (loss, {part name: detached scalar tensor (batch mean)})
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -130,6 +130,36 @@ def cross_entropy_loss(logits: torch.Tensor, _activations: torch.Tensor, labels:
     return loss, {"loss": loss.detach()}
 
 
+def step_flops_per_image(model: nn.Module, inputs: Any, labels: torch.Tensor, loss_fn: LossFn, forward: Forward, precision: Precision) -> float:
+    """FLOPs of one training step per image, counted (forward and backward) on a real batch, without side effects:
+    the random draws (dropout), the BatchNorm statistics and the gradients are as they were."""
+    def step() -> None:
+        with _autocast(precision):
+            logits, activations = forward(model, inputs)
+            loss, _parts = loss_fn(logits, activations, labels)
+        loss.backward()
+
+    buffers = [buffer.clone() for buffer in model.buffers()]
+    devices = [precision.device] if precision.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        flops = step_flops(step)
+    with torch.no_grad():
+        for buffer, saved in zip(model.buffers(), buffers):
+            buffer.copy_(saved)
+    for parameter in model.parameters():
+        parameter.grad = None
+    return flops / max(len(labels), 1)
+
+
+def utilisation(flops_per_image: float | None, images_per_s: float, precision: Precision) -> dict[str, float]:
+    """``{"mfu": …}`` on a CUDA device of known peak (the peak of the precision the step runs in); ``{}`` elsewhere."""
+    if precision.device.type != "cuda" or flops_per_image is None:
+        return {}
+    peak = peak_flops(torch.cuda.get_device_name(precision.device), step_precision(DTYPES[precision.name]))
+    value = mfu(flops_per_image, images_per_s, peak)
+    return {} if value is None else {"mfu": value}
+
+
 def _autocast(precision: Precision | None) -> contextlib.AbstractContextManager:
     return precision.autocast() if precision is not None else contextlib.nullcontext()
 
@@ -143,19 +173,25 @@ def train_one_epoch(
     precision: Precision | None = None,
     freeze_frozen_norms: bool = False,
     forward: Forward = logits_and_features,
+    count_flops: bool = False,
 ) -> dict[str, float]:
     """One pass over ``batches`` of ``(inputs, labels)`` on the model's device.
 
-    Returns the mean loss parts, the accuracy (over all ranks) and this rank's
-    ``images_per_s``.  ``forward(model, inputs)`` gives (logits, pooled
-    vectors): the whole classifier by default, or its trainable part on cached
-    inputs.  ``freeze_frozen_norms``: see :func:`set_train_mode`.
+    Returns the mean loss parts, the accuracy (over all ranks), this rank's
+    ``images_per_s`` and, on a CUDA device with ``count_flops``, its ``mfu``
+    (FLOPs counted on the first batch).  ``forward(model, inputs)`` gives
+    (logits, pooled vectors): the whole classifier by default, or its
+    trainable part on cached inputs.  ``freeze_frozen_norms``: see
+    :func:`set_train_mode`.
     """
     set_train_mode(model, freeze_frozen_norms)
+    flops_per_image = None
     scaler = precision.grad_scaler() if precision is not None else None
     meter = ThroughputMeter(precision.device if precision is not None else None).start()
     sums: dict[str, torch.Tensor | float] = {"correct": 0.0, "count": 0.0}
     for inputs, labels in batches:
+        if count_flops and flops_per_image is None and precision is not None and precision.device.type == "cuda":
+            flops_per_image = step_flops_per_image(model, inputs, labels, loss_fn, forward, precision)
         with _autocast(precision):
             logits, activations = forward(model, inputs)
             loss, parts = loss_fn(logits, activations, labels)
@@ -177,7 +213,8 @@ def train_one_epoch(
     meter.stop()
     count = max(totals.pop("count"), 1.0)
     correct = totals.pop("correct")
-    return {"train_acc": correct / count, **{f"train_{key}": value / count for key, value in totals.items()}, "images_per_s": meter.images_per_second}
+    speed = {"images_per_s": meter.images_per_second, **(utilisation(flops_per_image, meter.images_per_second, precision) if precision else {})}
+    return {"train_acc": correct / count, **{f"train_{key}": value / count for key, value in totals.items()}, **speed}
 
 
 @torch.no_grad()

@@ -1,0 +1,73 @@
+"""A search trial's overhead: its wall time beyond its epochs, on the digits smoke search.
+
+Runs what ``raycf study studies/digits.yaml --smoke`` runs up to its final
+stage (every stage the search and the final evaluation need), in this
+process, into a temporary ``storage_path``, with Ray started by raycf
+(:func:`raycf.cluster.ensure_ray`, or the cluster this process already
+joined).  Then, from ``leaderboard.parquet``, for each trial that did not
+fail: ``wall_s`` (its wall time from the driver's start event to its end
+event) minus ``epochs_s`` (the sum of its epochs' ``epoch_s``): what the trial
+costs beyond training and validating (reading G, the image store and the
+prefix cache, reporting and checkpointing).  Tune sends its trial-start event
+once the trial's actor is up, so starting the actor is not in ``wall_s``; the
+search stage's own duration is printed beside the ratio.
+
+``trial_overhead_s``: the median over trials, in seconds.  Target ≤ 5.
+Takes a few minutes (base training and every stage before the search run
+too).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import Ratio
+
+STUDY = Path(__file__).resolve().parent.parent / "studies" / "digits.yaml"
+COLUMNS = ("wall_s", "epochs_s")
+
+
+def measure() -> list[Ratio]:
+    from raycf import console
+    from raycf.config import load_study
+    from raycf.leaderboard import read_leaderboard
+    from raycf.pipeline import read_marker, run_stages
+
+    with tempfile.TemporaryDirectory(prefix="raycf-bench-search-") as storage:
+        study = load_study(STUDY, overrides=[f"storage_path={storage}"], smoke=True)
+        previous = console.configured_results()
+        console.configure(study.results_uri)  # as the command line does: Ray's own messages go to <results>/logs/ray.log
+        started = time.perf_counter()
+        try:
+            run_stages(study, ["final"], command="python -m benchmarks search")
+        finally:
+            console.configure(previous)
+        total = time.perf_counter() - started
+        board = read_leaderboard(study.results_uri)
+        search_s = (read_marker(study.results_uri, "search") or {}).get("duration_s", float("nan"))
+    missing = [column for column in COLUMNS if column not in board.columns]
+    if missing:
+        raise RuntimeError(f"leaderboard.parquet has no {', '.join(missing)} column (columns: {', '.join(board.columns)})")
+    overheads = []
+    for row in board.itertuples(index=False):
+        overhead = float(row.wall_s) - float(row.epochs_s)
+        counted = row.status != "error" and math.isfinite(overhead)
+        if counted:
+            overheads.append(overhead)
+        print(
+            f"search: trial {row.trial_id} ({row.status}{', control' if row.is_control else ''}, {row.epochs} epochs): "
+            f"wall {float(row.wall_s):.1f} s, epochs {float(row.epochs_s):.1f} s, overhead {overhead:.1f} s{'' if counted else ' (not counted)'}",
+            flush=True,
+        )
+    if not overheads:
+        raise RuntimeError(f"the smoke search finished no trial with a wall time and epoch times ({len(board)} trials)")
+    print(
+        f"search: digits smoke study to its final stage in {total:.0f} s; search stage {search_s:.1f} s for {len(board)} trials "
+        f"(at most {study.search.max_concurrent} at a time) whose epochs took {float(board['epochs_s'].sum()):.1f} s",
+        flush=True,
+    )
+    return [Ratio("trial_overhead_s", statistics.median(overheads), "<=", 5.0)]
