@@ -45,6 +45,7 @@ from raycf.checkpoint import ClassifierCheckpoint
 from raycf.config import load_study
 from raycf.data import load_splits
 from raycf.image_store import StoredImages, StoreRef, open_store, write_store_here
+from raycf.training.loops import batched_collate
 from raycf.method.bank import LossWeights, mc_soft_masks
 from raycf.models import build_model
 from raycf.stages.features import FeatureExtractor, feature_records
@@ -64,7 +65,7 @@ def reference_way(model, study, store, num_classes: int, epochs: int, weights: L
     for target in range(num_classes):
         generator = torch.nn.Linear(model.num_filters, model.num_filters)
         optimizer = torch.optim.SGD(generator.parameters(), lr=config.lr, momentum=config.momentum)
-        loader = DataLoader(train, batch_size=config.batch_size, shuffle=True, generator=torch.Generator().manual_seed(target))
+        loader = DataLoader(train, batch_size=config.batch_size, shuffle=True, generator=torch.Generator().manual_seed(target), collate_fn=batched_collate(train))
         for epoch in range(epochs):
             for images, _labels, indices in loader:
                 with torch.no_grad():

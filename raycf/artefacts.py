@@ -56,16 +56,28 @@ def stage_marker(results: str, folder: str) -> dict:
     return json.loads(storage.read_text(location))
 
 
+def written_key(results: str, folder: str) -> str:
+    """The address of one write of a stage's folder: its stage hash and when it finished.
+
+    The hash alone names the inputs, not the bytes: a stage rerun with
+    ``--force`` or by other code of the same version writes other bytes under
+    the same hash, and a node-local copy keyed by the hash alone would go stale.
+    """
+    marker = stage_marker(results, folder)
+    finished = "".join(character for character in str(marker.get("finished_at", "")) if character.isalnum())
+    return f"{marker['hash']}-{finished}"
+
+
 def store_ref(results: str) -> StoreRef:
-    """The study's image store: its folder and content address (the images stage's hash)."""
-    return StoreRef(storage.join_uri(results, "images"), stage_marker(results, "images")["hash"])
+    """The study's image store: its folder and the address of its write (:func:`written_key`)."""
+    return StoreRef(storage.join_uri(results, "images"), written_key(results, "images"))
 
 
 def prefix_ref(results: str, study: StudyConfig) -> PrefixRef | None:
     """The study's frozen-prefix cache, or None when its retraining runs the whole network."""
     if not uses_cache(study):
         return None
-    return PrefixRef(storage.join_uri(results, "prefix"), stage_marker(results, "prefix")["hash"])
+    return PrefixRef(storage.join_uri(results, "prefix"), written_key(results, "prefix"))
 
 
 def base_model_bytes(results: str) -> bytes:

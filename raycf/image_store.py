@@ -39,7 +39,7 @@ DECODE_BATCH = 64  # images per decoding task
 
 @dataclass(frozen=True)
 class StoreRef:
-    """Where a study's image store is: the images stage's folder and its stage hash (its content address)."""
+    """Where a study's image store is: the images stage's folder and the address of that write (its stage hash and finish time)."""
 
     location: str
     key: str
@@ -97,6 +97,14 @@ class StoredImages(Dataset):
         log_read(self.split, index)
         image = torch.from_numpy(np.array(self.store.images(self.split)[index])).permute(2, 0, 1)  # a copy: the store is read-only
         return image, int(self.labels[index]), index
+
+    def __getitems__(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A whole batch in one read of the memory-mapped array (the DataLoader calls this: see :func:`raycf.training.loops.batched_collate`)."""
+        indices = self.indices[np.asarray(positions, dtype=np.int64)]
+        for index in indices:
+            log_read(self.split, int(index))
+        images = torch.from_numpy(self.store.images(self.split)[np.sort(indices)][np.argsort(np.argsort(indices))]).permute(0, 3, 1, 2)
+        return images, torch.from_numpy(self.labels[indices]), torch.from_numpy(indices)
 
 
 # ------------------------------------------------------------------ building

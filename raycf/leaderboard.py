@@ -26,7 +26,8 @@ column                 meaning
 ``g_size``             mean size of the global MC sets G_c for the trial's τ and f
 ``control_val_acc``    the control's ``val_acc``; ``val_acc_gain`` = val_acc − that
 ``time_total_s``       Tune's time of the trial (its reported iterations); ``started_at``, ``finished_at`` (UTC)
-``wall_s``             the trial's wall time as the driver saw it, start to end (retries included)
+``wall_s``             the trial's wall time as the driver saw it, from its creation (its process
+                       start included) to its end (retries included)
 ``epochs_s``           the sum of its epochs' times (``epoch_s``): ``wall_s − epochs_s`` is its overhead
 ``checkpoint_path``    folder of the best epoch's checkpoint (``model.pt`` inside); the
                        checkpoint the trial kept, so it exists (one tie rule everywhere)

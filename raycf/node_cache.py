@@ -5,8 +5,9 @@ every training process of a node.  Memory-mapping needs a local file: when
 the results folder is an ``s3://`` URI, the first process of a node that needs
 an artefact downloads it into ``<temp>/raycf-cache/<key>/`` under a file lock;
 every later process (the other trials the node runs) finds it there.  ``key``
-is the artefact's content address, the stage hash of the stage that wrote it,
-so a stale copy is never reused.  A local results folder is used in place.
+names one write of the artefact (the stage hash of the stage that wrote it
+and when that stage finished, :func:`raycf.artefacts.written_key`), so a
+rerun stage's new bytes never meet an old copy.  A local results folder is used in place.
 """
 
 from __future__ import annotations

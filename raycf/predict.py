@@ -21,7 +21,7 @@ from raycf.data import SPLITS
 from raycf.image_store import StoredImages, StoreRef, open_store
 from raycf.models import classifier_from_checkpoint, device_for
 from raycf.precision import Precision, prepare_device, prepare_model
-from raycf.training.loops import device_batches
+from raycf.training.loops import batched_collate, device_batches
 from raycf.views import model_inputs
 
 
@@ -37,7 +37,7 @@ def predict_splits(study: StudyConfig, images: StoreRef, model_bytes: bytes, mod
     frames = []
     for split in splits:
         dataset = StoredImages(store, split)
-        loader = DataLoader(dataset, batch_size=study.debug.eval_batch_size, pin_memory=device.type == "cuda")
+        loader = DataLoader(dataset, batch_size=study.debug.eval_batch_size, pin_memory=device.type == "cuda", collate_fn=batched_collate(dataset))
         confidences, predictions = [], []
         for inputs, _labels in device_batches(loader, device, lambda images, _indices: model_inputs(images, study.data.image_size)):
             with precision.autocast():

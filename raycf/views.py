@@ -54,16 +54,18 @@ def model_inputs(images: torch.Tensor, image_size: int, augment: AugmentConfig |
 
     Without ``seeds`` every image is plain (resized, normalised).  With
     ``seeds``, each image is augmented with its seed, except where ``plain``
-    (a B-boolean mask: view 0) is true.
+    (a B-boolean mask on the CPU: view 0) is true.  Nothing here waits for
+    the device.
     """
     if seeds is None:
         inputs = evaluate_batch(images, image_size)
-    elif plain is None or not bool(plain.any()):
+    elif plain is None or not bool(plain.any()):  # ``plain`` lives on the CPU: deciding costs no device sync
         inputs = augment_batch(images, seeds, augment, image_size)
     else:
         inputs = evaluate_batch(images, image_size)
-        augmented = ~plain.to(images.device)
-        if bool(augmented.any()):
-            inputs[augmented] = augment_batch(images[augmented], seeds[augmented.cpu()], augment, image_size)
+        rows = torch.nonzero(~plain.cpu()).flatten()  # the augmented images, found on the CPU
+        if len(rows):
+            on_device = rows.to(images.device, non_blocking=True)
+            inputs.index_copy_(0, on_device, augment_batch(images.index_select(0, on_device), seeds[rows], augment, image_size))
     # channels_last on a GPU, as the model is (raycf.precision.prepare_model): cuDNN's fastest layout
     return inputs.contiguous(memory_format=torch.channels_last) if inputs.is_cuda else inputs

@@ -89,7 +89,10 @@ def test_same_seed_same_initial_weights(digits_study):
 
 
 def test_bf16_reaches_the_fp32_validation_accuracy_within_one_point(tmp_path):
-    """The same base training on digits in fp32 and under bf16 autocast (on the CPU), side by side."""
+    """The same base training on digits in fp32 and under bf16 autocast (on the CPU), side by side.
+
+    Trained to convergence (10 epochs) and compared on 432 validation images, so one point is four images:
+    a 6-epoch run on 180 images moved by two images between precisions from noise alone."""
     from raycf.config import study_from_mapping
 
     accuracies = {}
@@ -97,13 +100,13 @@ def test_bf16_reaches_the_fp32_validation_accuracy_within_one_point(tmp_path):
         study = study_from_mapping(
             {
                 "name": "p",
-                "data": {"kind": "digits", "image_size": 16, "test_fraction": 0.5, "val_fraction": 0.2},
+                "data": {"kind": "digits", "image_size": 16, "test_fraction": 0.2, "val_fraction": 0.3},
                 "model": {"arch": "vgg_tiny", "precision": precision},
-                "base": {"epochs": 6, "lr": 0.05, "lr_schedule": "cosine", "batch_size": 32, "workers": 1},
+                "base": {"epochs": 10, "lr": 0.05, "lr_schedule": "cosine", "batch_size": 32, "workers": 1},
             }
         )
         images = write_image_store(study, tmp_path / f"images-{precision}")
         history = run_local(base_train_loop, BaseJob(study, images, [str(d) for d in range(10)]), tmp_path / precision).return_value
         accuracies[precision] = best_epoch(history)["val_acc"]
-    assert accuracies["fp32"] > 0.8  # a model that learned, so the comparison means something
+    assert accuracies["fp32"] > 0.95  # a model that learned, so the comparison means something
     assert abs(accuracies["bf16"] - accuracies["fp32"]) <= 0.01

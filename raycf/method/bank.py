@@ -54,7 +54,7 @@ EVAL_CHUNK = 256  # vectors per chunk when a whole split is pushed through the b
 
 def thresholded_relu(values: torch.Tensor, threshold: float = THRESHOLD) -> torch.Tensor:
     """``values`` where they exceed ``threshold``, else 0, with gradient only where kept (Keras ``ThresholdedReLU``)."""
-    return values * (values > threshold).to(values.dtype)
+    return torch.where(values > threshold, values, 0.0)
 
 
 def bank_preactivations(weight: torch.Tensor, bias: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:

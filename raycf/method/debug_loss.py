@@ -101,19 +101,14 @@ class DebugLoss:
         ce = F.cross_entropy(logits.float(), labels)
         s = self.active(activations.float())
         in_global = self.global_filters[labels]  # G_y, B×K
-        mc = (s * in_global).sum(1).mean()
-        nonmc = (s * (1.0 - in_global)).sum(1).mean()
+        count = len(labels)
+        in_set = s * in_global
+        mc = in_set.sum() / count  # mean over images of Σ_k s·G_y
+        nonmc = s.sum() / count - mc  # Σ_k s·(1 − G_y) = Σ_k s − Σ_k s·G_y
         loss = ce - self.lambda1 * mc + self.lambda2 * nonmc
         with torch.no_grad():  # parts stay on the device: the caller reads them once per epoch
-            on = (s > 0).to(in_global.dtype)
-            parts = {
-                "loss": loss.detach(),
-                "ce": ce.detach(),
-                "mc": mc.detach(),
-                "nonmc": nonmc.detach(),
-                "active_mc": (on * in_global).sum(1).mean(),
-                "active_nonmc": (on * (1.0 - in_global)).sum(1).mean(),
-            }
+            active_mc = (in_set > 0).sum() / count  # s ≥ 0 and G is 0/1: active and in G_y
+            parts = {"loss": loss.detach(), "ce": ce.detach(), "mc": mc.detach(), "nonmc": nonmc.detach(), "active_mc": active_mc, "active_nonmc": (s > 0).sum() / count - active_mc}
         return loss, parts
 
 

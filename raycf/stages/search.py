@@ -126,6 +126,11 @@ def tune_callback(study: StudyConfig, writer: LeaderboardWriter):
         return writer.record(trial.trial_id, trial.config, config_hash)
 
     class LeaderboardCallback(Callback):
+        def on_step_begin(self, iteration, trials, **info):
+            for trial in trials:  # a trial's wall time starts when Tune creates it, before its process starts
+                if trial.trial_id not in writer.records:
+                    record_of(trial)
+
         def on_trial_start(self, iteration, trials, trial, **info):
             writer.order = [t.trial_id for t in trials]
             record = record_of(trial)

@@ -57,14 +57,22 @@ def train_loader(dataset: Dataset, global_batch_size: int, seed: int, rank: int,
         num_workers=loader_workers,
         persistent_workers=loader_workers > 0,
         pin_memory=torch.cuda.is_available(),
+        collate_fn=batched_collate(dataset),
     )
     return loader, sampler
+
+
+def batched_collate(dataset: Dataset) -> Callable | None:
+    """The identity for a dataset that reads whole batches at once (``__getitems__``: one slice of the store per batch)."""
+    return (lambda batch: batch) if callable(getattr(dataset, "__getitems__", None)) else None
 
 
 def eval_loader(dataset: Dataset, batch_size: int, rank: int = 0, world_size: int = 1, loader_workers: int = 0) -> DataLoader:
     """A loader over this rank's contiguous-stride shard, with no padding duplicates."""
     shard = Subset(dataset, list(range(rank, len(dataset), world_size)))
-    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=loader_workers, pin_memory=torch.cuda.is_available())
+    return DataLoader(
+        shard, batch_size=batch_size, shuffle=False, num_workers=loader_workers, pin_memory=torch.cuda.is_available(), collate_fn=batched_collate(dataset)
+    )
 
 
 def on_device(value: Any, device: torch.device) -> Any:
