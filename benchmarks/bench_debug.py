@@ -22,7 +22,6 @@ in this process beforehand, outside every timing.
 
 from __future__ import annotations
 
-import copy
 import statistics
 import tempfile
 import time

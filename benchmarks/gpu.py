@@ -103,6 +103,16 @@ def bare_train_rate(model, batch: int) -> float:
     return cuda_rate(step, batch)
 
 
+def bare_step_flops_per_image(model) -> float:
+    """FLOPs per image of the bare training step, counted as the training loops count theirs."""
+    from raycf.precision import Precision
+    from raycf.training.loops import cross_entropy_loss, logits_and_features, step_flops_per_image
+
+    inputs = torch.randn(2, 3, SIZE, SIZE, device="cuda").to(memory_format=torch.channels_last)
+    labels = torch.randint(0, CLASSES, (2,), device="cuda")
+    return step_flops_per_image(model, inputs, labels, cross_entropy_loss, logits_and_features, Precision.of("bf16", torch.device("cuda")))
+
+
 @torch.no_grad()
 def bare_inference_rate(model) -> float:
     from raycf.precision import Precision
@@ -121,7 +131,7 @@ def measure() -> list[Ratio]:
     from raycf.checkpoint import checkpoint_of
     from raycf.models import build_model
     from raycf.precision import prepare_device, prepare_model
-    from raycf.throughput import peak_flops, training_flops_per_image
+    from raycf.throughput import mfu, peak_flops
     from raycf.training.base import BaseJob, base_train_loop
     from raycf.training.trainer import run_local
 
@@ -134,11 +144,11 @@ def measure() -> list[Ratio]:
         model = prepare_model(build_model(study.model, CLASSES), device)
         model.set_trainable("all")
         step_rate = bare_train_rate(model, BATCH)
-        flops = training_flops_per_image(model, (3, SIZE, SIZE))
         peak = peak_flops(torch.cuda.get_device_name(device), "bf16")
         print(f"bench-gpu: {torch.cuda.get_device_name(device)}, bf16 peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s", flush=True)
         ratios.append(Ratio("vgg16_train_step_images_per_s", step_rate, ">=", 0.0))
-        ratios.append(Ratio("vgg16_train_step_mfu", flops * step_rate / peak if peak else float("nan"), ">=", 0.0))
+        utilisation = mfu(bare_step_flops_per_image(model), step_rate, peak)
+        ratios.append(Ratio("vgg16_train_step_mfu", float("nan") if utilisation is None else utilisation, ">=", 0.0))
 
         history = run_local(base_train_loop, BaseJob(study, images, [f"c{i}" for i in range(CLASSES)]), folder / "base", use_gpu=True).return_value
         ratios.append(Ratio("base_epoch_vs_bare_step_rate", history[-1]["images_per_s"] / step_rate, ">=", 0.8))
@@ -201,13 +211,7 @@ def features_rate(study, images, model_location: Path) -> float:
     actor = FeatureExtractor(study, str(model_location), images, use_gpu=True)
     table = _records(open_store(images))
     batches = [table.slice(start, 256) for start in range(0, table.num_rows, 256)]
-    actor(batches[0])
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for batch in batches:
-        actor(batch)
-    torch.cuda.synchronize()
-    return table.num_rows / (time.perf_counter() - started)
+    return cuda_rate(lambda: [actor(batch) for batch in batches], table.num_rows, calls=1)
 
 
 def masks_from_images_rate(study, images, model_location: Path) -> float:
@@ -229,13 +233,7 @@ def masks_from_images_rate(study, images, model_location: Path) -> float:
             logits, activations = actor.model.forward_with_features(inputs)
         compute_masks(bank, activations.float(), logits.float(), study.masks.topk)
 
-    step(0)
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for start in range(0, count, 256):
-        step(start)
-    torch.cuda.synchronize()
-    return count / (time.perf_counter() - started)
+    return cuda_rate(lambda: [step(start) for start in range(0, count, 256)], count, calls=1)
 
 
 def main() -> int:

@@ -23,9 +23,11 @@ from raycf.errors import UserError
 from raycf.image_store import StoreRef
 from raycf.method.bank import CfeBank, parse_bank
 from raycf.method.detection import EVALUATED_SPLITS, SPLIT_COLUMNS, StudyData
-from raycf.method.global_mc import TRAIN_COLUMNS, global_mc_of, global_sets
+from raycf.method.global_mc import TRAIN_COLUMNS
 from raycf.prefix_cache import PrefixRef, uses_cache
 from raycf.ray_data import EMPTY_MARKER
+
+MARKER_FILE = "_stage.json"  # a finished stage's marker, written last into its folder
 
 BANK_FILE = "bank.pt"
 AUGMENTED_FOLDER = "train_augmented"  # features/: views 1… of the training images
@@ -48,12 +50,20 @@ def read_frame(results: str, *parts: str) -> pd.DataFrame | None:
     return storage.read_table(location).to_pandas()
 
 
-def stage_marker(results: str, folder: str) -> dict:
-    """The ``_stage.json`` of a finished stage's folder (its hash, times and summary)."""
-    location = storage.join_uri(results, folder, "_stage.json")
+def read_marker(results: str, folder: str) -> dict | None:
+    """The ``_stage.json`` of a finished stage's folder (its hash, times and summary), or None."""
+    location = storage.join_uri(results, folder, MARKER_FILE)
     if not storage.exists(location):
-        raise UserError(f"{results}: no finished {folder}/ stage (expected a study that ran it)")
+        return None
     return json.loads(storage.read_text(location))
+
+
+def stage_marker(results: str, folder: str) -> dict:
+    """The marker of a stage the caller needs finished (a one-line error when it is not)."""
+    marker = read_marker(results, folder)
+    if marker is None:
+        raise UserError(f"{results}: no finished {folder}/ stage (expected a study that ran it)")
+    return marker
 
 
 def written_key(results: str, folder: str) -> str:
@@ -188,25 +198,27 @@ def load_study_data(results: str, splits: tuple[str, ...] = EVALUATED_SPLITS, wi
 
 def global_mc_sets(results: str, tau: float, freq_threshold: float) -> np.ndarray:
     """G (C×K booleans) from ``<results>/masks/train`` for any τ and f."""
-    train = load_masks(results, "train", TRAIN_COLUMNS)
-    return global_sets(global_mc_of(train, len(class_names(results)), tau).counts, freq_threshold)
+    return load_study_data(results, splits=(), with_head=False).global_filters(tau, freq_threshold)
 
 
 # ------------------------------------------------------------------ search results
 
 
-def trial_model_bytes(row: pd.Series, results: str) -> bytes | None:
-    """The best epoch's ``model.pt`` of a leaderboard row (completed with the base model), if its checkpoint is still there."""
+def trial_model_bytes(row: pd.Series, base_bytes: bytes) -> bytes | None:
+    """The best epoch's ``model.pt`` of a leaderboard row (completed with ``base_bytes``, the base model), if its checkpoint is still there."""
     folder = str(row.get("checkpoint_path") or "")
     location = storage.join_uri(folder, CHECKPOINT_FILE) if folder else ""
     if not folder or not storage.exists(location):
         return None
     saved = parse_classifier_checkpoint(storage.read_bytes(location), location)
-    return complete(saved, base_model_bytes(results), location).to_bytes() if saved.partial else saved.to_bytes()
+    return complete(saved, base_bytes, location).to_bytes() if saved.partial else saved.to_bytes()
 
 
-def debugged_model_bytes(results: str) -> tuple[str, bytes] | None:
-    """The study's debugged model (``final.parquet``'s debugged row): its trial id and ``model.pt``, if still there."""
+def debugged_model_bytes(results: str, base_bytes: bytes | None = None) -> tuple[str, bytes] | None:
+    """The study's debugged model (``final.parquet``'s debugged row): its trial id and ``model.pt``, if still there.
+
+    ``base_bytes``: the base model when the caller has read it already.
+    """
     from raycf.leaderboard import read_leaderboard
 
     final = read_frame(results, "final.parquet")
@@ -216,5 +228,5 @@ def debugged_model_bytes(results: str) -> tuple[str, bytes] | None:
     trial_id = str(debugged["trial_id"].iloc[0])
     board = read_leaderboard(results)
     rows = board[board["trial_id"] == trial_id]
-    model_bytes = trial_model_bytes(rows.iloc[0], results) if len(rows) else None
+    model_bytes = trial_model_bytes(rows.iloc[0], base_bytes or base_model_bytes(results)) if len(rows) else None
     return None if model_bytes is None else (trial_id, model_bytes)

@@ -227,13 +227,6 @@ def normalise_255(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.mul_(1 / (255 * std)).sub_(mean / std)
 
 
-def normalise(images: torch.Tensor) -> torch.Tensor:
-    """ImageNet normalisation of float images in [0, 1], B×3×H×W (or 3×H×W)."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype, device=images.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=images.dtype, device=images.device).view(3, 1, 1)
-    return (images - mean) / std
-
-
 # ------------------------------------------------------------------ helpers
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -108,10 +109,7 @@ def complete(checkpoint: ClassifierCheckpoint, base_bytes: bytes, source: str = 
     if model_hash(base_bytes) != checkpoint.base_hash:
         raise UserError(f"{source}: a partial checkpoint of base model {checkpoint.base_hash}, not of {model_hash(base_bytes)} (expected the study's own base/model.pt)")
     base = parse_classifier_checkpoint(base_bytes, "base model", checkpoint.arch, checkpoint.num_classes)
-    state = {**base.state_dict, **checkpoint.state_dict}
-    return ClassifierCheckpoint(
-        checkpoint.arch, checkpoint.num_filters, checkpoint.num_classes, checkpoint.class_names, checkpoint.image_size, checkpoint.config_hash, state, checkpoint.metrics
-    )
+    return dataclasses.replace(checkpoint, state_dict={**base.state_dict, **checkpoint.state_dict}, base_hash="")
 
 
 def checkpoint_of(
@@ -134,7 +132,7 @@ def checkpoint_of(
         class_names=list(class_names),
         image_size=int(image_size),
         config_hash=config_hash,
-        state_dict=trainable_state(inner) if base_hash else unwrap_state_dict(inner),
+        state_dict=trainable_state(inner) if base_hash else unwrap_state_dict(model),
         metrics=dict(metrics or {}),
         base_hash=base_hash,
     )

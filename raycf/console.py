@@ -53,12 +53,15 @@ def log(message: str) -> None:
     write_line(f"{PREFIX} {message}")
 
 
-def shown_epochs(total: int, lines: int = 5) -> set[int]:
-    """The (1-based) epochs whose progress line is printed: about ``lines`` of them, always the last; all in verbose mode."""
-    if verbose():
-        return set(range(1, total + 1))
-    every = max(1, total // lines)
+def spaced_epochs(total: int, count: int = 5) -> set[int]:
+    """About ``count`` evenly spaced (1-based) epochs of ``total``, always the last."""
+    every = max(1, total // count)
     return {epoch for epoch in range(1, total + 1) if epoch % every == 0 or epoch == total}
+
+
+def shown_epochs(total: int, lines: int = 5) -> set[int]:
+    """The (1-based) epochs whose progress line is printed: :func:`spaced_epochs`; all in verbose mode."""
+    return set(range(1, total + 1)) if verbose() else spaced_epochs(total, lines)
 
 
 def write_line(line: str) -> None:
@@ -151,11 +154,13 @@ def ray_log_path(results: str) -> Path:
     write to as lines come: the log then goes to
     ``<temp>/raycf-logs/<study>-<hash of the URI>/ray.log`` on this machine.
     """
-    if "://" in results and not results.startswith("file://"):
+    from raycf.storage import is_uri, normalise_root  # pyarrow: not needed by the rest of this module
+
+    if is_uri(results):
         digest = hashlib.sha256(results.encode()).hexdigest()[:8]
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", results.rstrip("/").rsplit("/", 1)[-1]) or "study"
         return Path(tempfile.gettempdir(), "raycf-logs", f"{name}-{digest}", RAY_LOG_FILE)
-    return Path(results.removeprefix("file://")).expanduser() / LOG_FOLDER / RAY_LOG_FILE
+    return Path(normalise_root(results)) / LOG_FOLDER / RAY_LOG_FILE
 
 
 # ------------------------------------------------- Ray's Python logging -> file

@@ -218,7 +218,7 @@ class Explainer:
             chosen = int(rerank(flagged, topk_classes[None], candidates, metric)[0])
             settings.append(
                 {
-                    "setting": label or _setting_name(setting),
+                    "setting": label or setting_label(setting),
                     "metric": metric,
                     "freq_threshold": setting.freq_threshold,
                     "skip_threshold": setting.skip_threshold,
@@ -325,8 +325,6 @@ class Explainer:
         return {"trial_id": trial_id, "class": pred, "class_name": self.class_names[pred], "confidence": float(probabilities[pred])}
 
 
-def _setting_name(setting) -> str:
-    return setting_label(setting)
 
 
 def _input_record(item: ImageInput, names: list[str]) -> dict:

@@ -52,6 +52,8 @@ class ImageStore:
         self.folder = Path(folder)
         self._images: dict[str, np.ndarray] = {}
         self._index: dict[str, pd.DataFrame] = {}
+        self._labels: dict[str, np.ndarray] = {}
+        self._ids: dict[str, list[str]] = {}
 
     def images(self, split: str) -> np.ndarray:
         """The split's N×S×S×3 uint8 images (memory-mapped, read-only)."""
@@ -66,14 +68,16 @@ class ImageStore:
         return self._index[split]
 
     def labels(self, split: str) -> np.ndarray:
-        return self.index(split)["label"].to_numpy(dtype=np.int64)
+        """The split's labels, in image order (built once: callers look rows up per record)."""
+        if split not in self._labels:
+            self._labels[split] = self.index(split)["label"].to_numpy(dtype=np.int64)
+        return self._labels[split]
 
     def ids(self, split: str) -> list[str]:
-        return [str(image_id) for image_id in self.index(split)["image_id"]]
-
-    @property
-    def side(self) -> int:
-        return int(self.images("train").shape[1])
+        """The split's image ids, in image order (built once, like :meth:`labels`)."""
+        if split not in self._ids:
+            self._ids[split] = [str(image_id) for image_id in self.index(split)["image_id"]]
+        return self._ids[split]
 
 
 def open_store(ref: StoreRef) -> ImageStore:
@@ -133,11 +137,7 @@ def write_store(data: DataConfig, seed: int, output: str, actors: int) -> dict[s
         for batch in decoded.iter_batches(batch_format="numpy", batch_size=None):
             for split, index, pixels in zip(batch["split"], batch["image_index"], batch["pixels"]):
                 arrays[str(split)][int(index)] = pixels
-        for name, array in arrays.items():
-            array.flush()
-            del array
-            _write_index(splits, name, Path(folder))
-        _publish(Path(folder), output)
+        _finish(splits, arrays, Path(folder), output)
     return {name: len(splits.split(name)) for name in SPLITS}
 
 
@@ -148,10 +148,7 @@ def write_store_here(splits: DataSplits, output: str) -> None:
         for name, array in arrays.items():
             for index in range(len(array)):
                 array[index] = splits.split(name).decode(index)
-            array.flush()
-            _write_index(splits, name, Path(folder))
-        del arrays
-        _publish(Path(folder), output)
+        _finish(splits, arrays, Path(folder), output)
 
 
 def _open_arrays(splits: DataSplits, folder: Path) -> dict[str, np.memmap]:
@@ -160,6 +157,16 @@ def _open_arrays(splits: DataSplits, folder: Path) -> dict[str, np.memmap]:
         name: np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.uint8, shape=(len(splits.split(name)), side, side, 3))
         for name in SPLITS
     }
+
+
+def _finish(splits: DataSplits, arrays: dict[str, np.memmap], folder: Path, output: str) -> None:
+    """Flush and close the written arrays, write each split's index beside them, and publish the folder."""
+    for array in arrays.values():
+        array.flush()
+    arrays.clear()  # closes the memory maps before the files move
+    for name in SPLITS:
+        _write_index(splits, name, folder)
+    _publish(folder, output)
 
 
 def _write_index(splits: DataSplits, name: str, folder: Path) -> None:

@@ -45,6 +45,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -53,7 +54,7 @@ import pyarrow as pa
 
 from raycf import storage
 from raycf.errors import UserError
-from raycf.method.selection import best_epoch, rank_trials
+from raycf.method.selection import as_number, best_epoch, rank_trials
 
 LEADERBOARD_FILE = "leaderboard.parquet"
 FIXED_COLUMNS = ("trial_id", "status", "is_control")
@@ -105,7 +106,12 @@ class TrialRecord:
 
     @property
     def is_control(self) -> bool:
-        return self.params.get("lambda1") == 0 and self.params.get("lambda2") == 0
+        return is_control(self.params)
+
+
+def is_control(params: Mapping[str, Any]) -> bool:
+    """λ1 = λ2 = 0: the control, plain fine-tuning."""
+    return params.get("lambda1") == 0 and params.get("lambda2") == 0
 
 
 def trial_row(record: TrialRecord, parameter_names: list[str], metric: str, mode: str, seed: int, versions: dict[str, str]) -> dict[str, Any]:
@@ -113,20 +119,20 @@ def trial_row(record: TrialRecord, parameter_names: list[str], metric: str, mode
     best = best_epoch(record.history, metric, mode)
     last = record.history[-1] if record.history else {}
     row: dict[str, Any] = {"trial_id": record.trial_id, "status": record.status, "is_control": record.is_control}
-    row.update({name: _float(record.params.get(name)) for name in parameter_names})
+    row.update({name: as_number(record.params.get(name)) for name in parameter_names})
     row.update(
         {
-            "val_acc": _float(best.get("val_acc")),
-            "val_acc_last": _float(last.get("val_acc")),
-            "val_loss": _float(best.get("val_loss")),
+            "val_acc": as_number(best.get("val_acc")),
+            "val_acc_last": as_number(last.get("val_acc")),
+            "val_loss": as_number(best.get("val_loss")),
             "best_epoch": int(best.get("epoch", 0)),
             "epochs": int(last.get("epoch", 0)),
-            "train_acc": _float(best.get("train_acc")),
-            "train_loss": _float(best.get("train_loss")),
-            **{key: _float(last.get(key, best.get(key))) for key in DETECTION_KEYS},
+            "train_acc": as_number(best.get("train_acc")),
+            "train_loss": as_number(best.get("train_loss")),
+            **{key: as_number(last.get(key, best.get(key))) for key in DETECTION_KEYS},
             "time_total_s": float(record.time_total_s),
             "wall_s": float(record.wall_s),
-            "epochs_s": float(sum(_float(row.get("epoch_s")) for row in record.history)) if record.history else float("nan"),
+            "epochs_s": float(sum(as_number(row.get("epoch_s")) for row in record.history)) if record.history else float("nan"),
             "started_at": record.started_at,
             "finished_at": record.finished_at,
             "checkpoint_path": str(best.get("checkpoint_path") or ""),
@@ -139,7 +145,7 @@ def trial_row(record: TrialRecord, parameter_names: list[str], metric: str, mode
         }
     )
     if metric not in row:
-        row[metric] = _float(best.get(metric))
+        row[metric] = as_number(best.get(metric))
     return row
 
 
@@ -215,13 +221,6 @@ def render(frame: pd.DataFrame, fmt: str, parameter_names: list[str] | None = No
     shown = [c for c in (*SUMMARY_COLUMNS[:2], *names, *SUMMARY_COLUMNS[2:]) if c in frame.columns]
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
         return frame[shown].to_string(index=False)
-
-
-def _float(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")
 
 
 class LeaderboardWriter:

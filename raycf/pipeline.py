@@ -17,17 +17,17 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from raycf import storage
+from raycf import artefacts, storage
+from raycf.artefacts import MARKER_FILE
 from raycf.cluster import check_gpus, check_storage_for_cluster
 from raycf.config import StudyConfig, hash_object
 from raycf.console import log
 from raycf.data import load_splits
 from raycf.errors import UserError
 from raycf.manifest import finish_manifest, iso_time, raycf_version, write_study_files
-from raycf.prefix_cache import check_budget
+from raycf.prefix_cache import check_budget, uses_cache
 from raycf.stages import STAGES, StageRun, stage_named
 
-MARKER_FILE = "_stage.json"
 FOLDERS = {stage.name: stage.folder for stage in STAGES}
 
 
@@ -45,11 +45,8 @@ def stage_hash(study: StudyConfig, name: str) -> str:
 
 
 def read_marker(results: str, name: str) -> dict | None:
-    """A finished stage's marker, or None."""
-    location = storage.join_uri(results, FOLDERS[name], MARKER_FILE)
-    if not storage.exists(location):
-        return None
-    return json.loads(storage.read_text(location))
+    """The marker of the finished stage ``name``, or None."""
+    return artefacts.read_marker(results, FOLDERS[name])
 
 
 def plan(study: StudyConfig, targets: list[str], force: set[str]) -> list[tuple[str, str]]:
@@ -120,6 +117,8 @@ def run_stages(study: StudyConfig, targets: list[str], force: set[str] | None = 
 
 def check_prefix_budget(study: StudyConfig) -> None:
     """Refuse a frozen-prefix cache over ``prefix.max_gb`` before anything runs (counting the split sizes)."""
+    if not uses_cache(study):
+        return  # no cache: no need to scan the dataset for its size
     splits = load_splits(study.data, study.seed)
     check_budget(study, splits.num_classes, len(splits.train), len(splits.val))
 

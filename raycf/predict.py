@@ -15,25 +15,29 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from raycf.checkpoint import parse_classifier_checkpoint
+from raycf.checkpoint import ClassifierCheckpoint, parse_classifier_checkpoint
 from raycf.config import StudyConfig
 from raycf.data import SPLITS
 from raycf.image_store import StoredImages, StoreRef, open_store
-from raycf.models import classifier_from_checkpoint, device_for
+from raycf.models import FilterClassifier, classifier_from_checkpoint, device_for
 from raycf.precision import Precision, prepare_device, prepare_model
 from raycf.training.loops import batched_collate, device_batches
 from raycf.views import model_inputs
 
 
+def inference_model(study: StudyConfig, checkpoint: ClassifierCheckpoint, use_gpu: bool) -> tuple[FilterClassifier, torch.device, Precision]:
+    """The classifier of ``checkpoint`` in eval mode, on its device (CUDA settings, channels_last), with the study's precision."""
+    device = device_for(use_gpu)
+    prepare_device(device)
+    model = prepare_model(classifier_from_checkpoint(study.model, checkpoint), device)
+    return model, device, Precision.of(study.model.precision, device)
+
+
 @torch.no_grad()
 def predict_splits(study: StudyConfig, images: StoreRef, model_bytes: bytes, model_name: str, splits: tuple[str, ...] = SPLITS, use_gpu: bool = False) -> pd.DataFrame:
     """One row per image of ``splits``: the model's prediction and its softmax probability."""
-    device = device_for(use_gpu)
-    prepare_device(device)
-    precision = Precision.of(study.model.precision, device)
+    model, device, precision = inference_model(study, parse_classifier_checkpoint(model_bytes, model_name, study.model.arch), use_gpu)
     store = open_store(images)
-    checkpoint = parse_classifier_checkpoint(model_bytes, model_name, study.model.arch)
-    model = prepare_model(classifier_from_checkpoint(study.model, checkpoint), device)
     frames = []
     for split in splits:
         dataset = StoredImages(store, split)

@@ -318,7 +318,7 @@ class ReportContext:
 
 def study_section(context: ReportContext) -> Section:
     """Manifest, versions, stage timings and the resolved study file."""
-    from raycf.pipeline import FOLDERS, MARKER_FILE
+    from raycf.pipeline import FOLDERS, read_marker
 
     section = Section("study", f"Study {context.study.name}")
     manifest_location = storage.join_uri(context.results, "manifest.json")
@@ -340,10 +340,8 @@ def study_section(context: ReportContext) -> Section:
     if versions:
         section.table(pd.DataFrame(sorted(versions.items()), columns=["package", "version"]), "Versions that produced the results")
     rows = []
-    for name, folder in FOLDERS.items():
-        location = storage.join_uri(context.results, folder, MARKER_FILE)
-        if name != "report" and storage.exists(location):
-            marker = json.loads(storage.read_text(location))
+    for name in FOLDERS:
+        if name != "report" and (marker := read_marker(context.results, name)) is not None:
             rows.append({"stage": name, "hash": marker.get("hash"), "finished": marker.get("finished_at"), "duration (s)": marker.get("duration_s")})
     if rows:
         section.table(pd.DataFrame(rows).sort_values("finished", kind="stable"), "Stages (their _stage.json markers)")
@@ -531,7 +529,7 @@ def gallery_section(context: ReportContext) -> Section:
         section.note("final.parquet is missing: no debugged model to compare with.")
         return section
     try:
-        groups = gallery_images(context, final)
+        groups = gallery_images(context)
     except UserError as error:  # e.g. the dataset's folder is not on this machine
         section.note(f"No gallery: {error}")
         return section
@@ -546,7 +544,7 @@ def gallery_section(context: ReportContext) -> Section:
     return section
 
 
-def gallery_images(context: ReportContext, final: pd.DataFrame) -> dict[str, list[GalleryImage]]:
+def gallery_images(context: ReportContext) -> dict[str, list[GalleryImage]]:
     """The gallery's images per group, with their Grad-CAM maps before and after."""
     import torch
 
@@ -558,7 +556,8 @@ def gallery_images(context: ReportContext, final: pd.DataFrame) -> dict[str, lis
     from raycf.views import model_inputs
 
     study, results = context.study, context.results
-    debugged = debugged_model_bytes(results)
+    base_bytes = base_model_bytes(results)
+    debugged = debugged_model_bytes(results, base_bytes)
     predictions = context.frame("final", PREDICTIONS_FILE)
     if debugged is None or predictions is None:
         raise UserError("the best trial's checkpoint or final/predictions.parquet is not in the results folder any more")
@@ -568,7 +567,7 @@ def gallery_images(context: ReportContext, final: pd.DataFrame) -> dict[str, lis
     dataset = StoredImages(store, "test")
     if len(dataset) != len(before_rows):
         raise UserError(f"the test split has {len(dataset)} images but the study's predictions {len(before_rows)}: the dataset changed since the study ran")
-    before = classifier_from_checkpoint(study.model, parse_classifier_checkpoint(base_model_bytes(results), "base model"))
+    before = classifier_from_checkpoint(study.model, parse_classifier_checkpoint(base_bytes, "base model"))
     after = classifier_from_checkpoint(study.model, parse_classifier_checkpoint(debugged[1], "debugged model"))
     masks = load_masks(results, "test", ["mc_mask", "a"])
     global_mc = context.frame("analysis", "global_mc.parquet")

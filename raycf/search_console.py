@@ -28,7 +28,8 @@ from typing import Any, Iterable, Mapping
 from ray.tune import Callback
 
 from raycf import console
-from raycf.method.selection import TIE_BREAK, best_epoch, selection_key
+from raycf.leaderboard import is_control
+from raycf.method.selection import TIE_BREAK, as_number, best_epoch, selection_key
 
 STATE_VERSION = 1
 COMPLETED, STOPPED, FAILED, RUNNING = "completed", "stopped", "failed", "running"
@@ -41,11 +42,6 @@ def format_value(value: Any) -> str:
     if isinstance(value, float):
         return "0" if value == 0 else f"{value:.3g}"
     return str(value)
-
-
-def is_control(params: Mapping[str, Any]) -> bool:
-    """λ1 = λ2 = 0: the control, plain fine-tuning (as the leaderboard's ``is_control``)."""
-    return params.get("lambda1") == 0 and params.get("lambda2") == 0
 
 
 def error_summary(trial: Any, limit: int = 300) -> str:
@@ -160,7 +156,7 @@ class TrialConsole(Callback):
             epoch = int(epoch)
         except (TypeError, ValueError):
             epoch = len(entry["history"]) + 1
-        row = {"epoch": epoch, self.metric: _number(result.get(self.metric)), TIE_BREAK: _number(result.get(TIE_BREAK))}
+        row = {"epoch": epoch, self.metric: as_number(result.get(self.metric)), TIE_BREAK: as_number(result.get(TIE_BREAK))}
         # A retried trial reports its epochs again from its checkpoint: the new run of an epoch replaces the old.
         entry["history"] = [old for old in entry["history"] if old["epoch"] != epoch] + [row]
         if result.get("time_total_s") is not None:
@@ -308,10 +304,3 @@ class TrialConsole(Callback):
         best = self._best_trial()
         bar.set_postfix_str(f"best {self.metric} {best[1][self.metric]:.4f}" if best else "", refresh=False)
         bar.refresh()
-
-
-def _number(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan

@@ -28,14 +28,11 @@ FlopCounterMode records the ops autograd actually runs (it reads
 ``convolution_backward``'s output mask), so counting a real forward and
 backward gets all of this right.
 
-**Where it is counted.**  On the ``meta`` device (shapes only: no memory, no
-arithmetic; a vgg16 step at 224 × 224 is counted in ~30 ms), on a batch of 2
-images, with the model's parameters and buffers swapped for shape-only copies
-for the duration of the count: its weights, ``.grad``, BatchNorm statistics
-and ``requires_grad`` flags are left as they were, and so are its train/eval
-modes (the count runs in train mode, resp. eval mode).  If some op has no meta
-kernel, the count is repeated on a CPU batch (with CPU copies of the weights).
-The swap is not thread-safe: do not count a model another thread is running.
+**Where it is counted.**  :func:`step_flops` counts one call of a step: the
+training loops count their own step on their first real batch
+(:func:`raycf.training.loops.step_flops_per_image`, which leaves the model's
+weights, gradients, BatchNorm statistics and random draws as they were);
+on ``meta`` tensors it counts shapes only, without arithmetic.
 
 **MFU** = FLOPs per image × images/s ÷ the device's peak FLOP/s *in the
 precision the step runs in*: bf16/fp16 under autocast, TF32 for fp32
@@ -47,26 +44,22 @@ report more than 100 %.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = [
     "PEAK_FLOPS",
     "PRECISIONS",
     "ThroughputMeter",
-    "inference_flops_per_image",
     "mfu",
     "peak_flops",
     "step_flops",
     "step_precision",
-    "training_flops_per_image",
 ]
 
 PRECISIONS = ("bf16", "fp16", "tf32", "fp32")
@@ -85,129 +78,6 @@ def step_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
     with FlopCounterMode(display=False) as counter:
         fn(*args, **kwargs)
     return float(counter.get_total_flops())
-
-
-def training_flops_per_image(
-    model: nn.Module, input_shape: tuple[int, int, int], trainable_only_backward: bool = True, batch_size: int = 2
-) -> float:
-    """FLOPs of one training step (forward + backward) per image of shape ``input_shape`` (C, H, W).
-
-    The model is counted in training mode (dropout, BatchNorm batch
-    statistics), on a batch of ``batch_size`` images, and the total divided
-    by ``batch_size``.  ``trainable_only_backward=True`` counts the backward
-    autograd runs with the model's current ``requires_grad`` flags (a frozen
-    trunk makes it cheaper); ``False`` counts it as if every parameter were
-    trained.  The model (also a DDP or ``torch.compile`` wrapper) is left as
-    it was: same modes, flags, weights and gradients.
-    """
-    return _model_flops(model, input_shape, training=True, all_trainable=not trainable_only_backward, batch_size=batch_size)
-
-
-def inference_flops_per_image(model: nn.Module, input_shape: tuple[int, int, int], batch_size: int = 2) -> float:
-    """FLOPs of one forward pass per image, in eval mode and without autograd (the model is left as it was)."""
-    return _model_flops(model, input_shape, training=False, all_trainable=False, batch_size=batch_size)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DDP / DataParallel / ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def _model_flops(model: nn.Module, input_shape: tuple[int, int, int], training: bool, all_trainable: bool, batch_size: int) -> float:
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-    model = _unwrap(model)
-    modes = [(module, module.training) for module in model.modules()]
-    errors: list[str] = []
-    try:
-        model.train(training)
-        for device in ("meta", "cpu"):
-            try:
-                total = _count_on(model, torch.device(device), tuple(input_shape), training, all_trainable, batch_size)
-            except (NotImplementedError, RuntimeError) as error:  # an op without a meta kernel: try the CPU
-                errors.append(f"{device}: {error}")
-                continue
-            return total / batch_size
-    finally:
-        for module, was_training in modes:
-            module.training = was_training
-    raise RuntimeError("could not count the model's FLOPs: " + "; ".join(errors))
-
-
-def _count_on(model: nn.Module, device: torch.device, input_shape: tuple[int, ...], training: bool, all_trainable: bool, batch_size: int) -> float:
-    """FLOPs of one step on ``device``, with the model's tensors swapped for copies there for the duration."""
-    shape_only = device.type == "meta"
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
-    size = (batch_size, *input_shape)
-    images = torch.empty(size, dtype=dtype, device=device) if shape_only else torch.randn(size, dtype=dtype, device=device)
-    with _swapped_tensors(model, device, training, all_trainable):
-        with FlopCounterMode(display=False) as counter:
-            with torch.set_grad_enabled(training):
-                output = model(images)
-            if training:
-                loss = _scalar_loss(output)
-                if loss is not None:  # None: nothing is trainable, a step has no backward
-                    loss.backward()
-    return float(counter.get_total_flops())
-
-
-@contextlib.contextmanager
-def _swapped_tensors(model: nn.Module, device: torch.device, training: bool, all_trainable: bool) -> Iterator[None]:
-    """Every parameter and buffer of ``model`` replaced by a copy on ``device`` (meta: shape only), restored on exit.
-
-    Not :func:`torch.func.functional_call`: with a submodule reachable under
-    two names (``FilterClassifier.last_conv`` is also inside ``trunk``), it
-    leaves the replacement tensors in the model (torch 2.14).  Here each
-    (module, attribute) slot is swapped once, and a tensor shared by several
-    slots gets one shared copy.  Copies of trainable parameters are leaves
-    that require grad, so the backward accumulates into them, not the model.
-    """
-    shape_only = device.type == "meta"
-    copies: dict[int, torch.Tensor] = {}
-
-    def copy(tensor: torch.Tensor, parameter: bool) -> torch.Tensor:
-        if id(tensor) not in copies:
-            data = torch.empty_like(tensor, device=device) if shape_only else tensor.detach().to(device, copy=True)
-            if parameter:
-                trains = training and tensor.is_floating_point() and (all_trainable or tensor.requires_grad)
-                data = nn.Parameter(data, requires_grad=trains)
-            copies[id(tensor)] = data
-        return copies[id(tensor)]
-
-    swapped: list[tuple[dict[str, Any], str, torch.Tensor]] = []
-    try:
-        for module in model.modules():  # each module once, however many names reach it
-            for table, parameter in ((module._parameters, True), (module._buffers, False)):
-                for name, tensor in list(table.items()):
-                    if tensor is not None:
-                        swapped.append((table, name, tensor))
-                        table[name] = copy(tensor, parameter)
-        yield
-    finally:
-        for table, name, tensor in reversed(swapped):
-            table[name] = tensor
-
-
-def _scalar_loss(output: Any) -> torch.Tensor | None:
-    """A scalar depending on every differentiable output (its own cost is not counted: sums are not FLOP-counted ops)."""
-    if isinstance(output, torch.Tensor):
-        tensors = [output]
-    elif isinstance(output, dict):
-        tensors = [t for t in output.values() if isinstance(t, torch.Tensor)]
-    elif isinstance(output, (tuple, list)):
-        tensors = [t for t in output if isinstance(t, torch.Tensor)]
-    else:
-        raise TypeError(f"cannot count the backward of a model returning {type(output).__name__}")
-    parts = [t.sum() for t in tensors if t.requires_grad]
-    if not parts:
-        return None
-    return torch.stack(parts).sum() if len(parts) > 1 else parts[0]
 
 
 # ---------------------------------------------------------------------------
@@ -428,12 +298,3 @@ class ThroughputMeter:
         """Images counted ÷ seconds (0.0 for an empty or zero-length window)."""
         seconds = self.seconds
         return self.images / seconds if seconds > 0 else 0.0
-
-    def metrics(self, flops_per_image: float | None = None, peak: float | None = None) -> dict[str, float]:
-        """``{"images_per_s": ...}``, plus ``"mfu"`` when both the FLOPs per image and the peak are known."""
-        rate = self.images_per_second
-        result = {"images_per_s": rate}
-        utilisation = mfu(flops_per_image, rate, peak)
-        if utilisation is not None:
-            result["mfu"] = utilisation
-        return result

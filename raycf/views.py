@@ -40,7 +40,8 @@ def view_seeds(seed: int, split: str, indices: Iterable[int], views: Iterable[in
 
 def epoch_seeds(seed: int, epoch: int, indices: Iterable[int]) -> torch.Tensor:
     """Seeds of a fresh augmentation of each training image in ``epoch`` (base training)."""
-    return torch.tensor([view_seed(seed, f"train@epoch{epoch}", int(i), 0) for i in indices], dtype=torch.int64)
+    indices = list(indices)
+    return view_seeds(seed, f"train@epoch{epoch}", indices, [0] * len(indices))
 
 
 def epoch_views(seed: int, epoch: int, num_images: int, num_views: int) -> torch.Tensor:

@@ -20,10 +20,8 @@ from scipy import ndimage
 
 from raycf.augment import (
     AffineParams,
-    affine_matrices,
     augment_batch,
     evaluate_batch,
-    normalise,
     sample_params,
     warp_batch,
 )
@@ -110,6 +108,13 @@ def params_of(batch_size: int = 1, **values) -> AffineParams:
     for name, value in values.items():
         fields[name] = torch.full_like(fields[name], value)
     return AffineParams(**fields)
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """ImageNet normalisation of float images in [0, 1], written plainly: the reference the fused path is checked against."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    return (images - mean) / std
 
 
 def denormalise(images: torch.Tensor) -> torch.Tensor:

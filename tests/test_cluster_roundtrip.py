@@ -11,8 +11,6 @@ namespaces (tests/cluster/sandbox.sh): nothing but loopback is reachable, and
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

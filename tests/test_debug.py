@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pandas as pd
-import pyarrow as pa
 import pytest
 import torch
 

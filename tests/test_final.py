@@ -40,6 +40,6 @@ def test_no_searched_trial_is_an_error_not_the_control():
 
 
 def test_a_control_stopped_early_must_be_retrained():
-    control, model = full_control(board(("control", True, "stopped", 0.9, 0.1), ("a", False, "completed", 0.95, 0.2)), "/nowhere")
+    control, model = full_control(board(("control", True, "stopped", 0.9, 0.1), ("a", False, "completed", 0.95, 0.2)), b"")
     assert control["trial_id"] == "control" and model is None
-    assert full_control(board(("a", False, "completed", 0.95, 0.2)), "/nowhere") == (None, None)
+    assert full_control(board(("a", False, "completed", 0.95, 0.2)), b"") == (None, None)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
-from raycf.config import DataConfig
 from raycf.views import model_inputs
 from raycf.gradcam import display_image, filter_heatmaps, grad_cam
 from raycf.models import FilterClassifier

@@ -7,7 +7,7 @@ import torch
 from raycf.config import ModelConfig
 from raycf.models import build_model
 from raycf.precision import Precision
-from raycf.training.loops import cross_entropy_loss, logits_and_features, step_flops_per_image, train_one_epoch, utilisation
+from raycf.training.loops import FlopCount, cross_entropy_loss, logits_and_features, step_flops_per_image, train_one_epoch, utilisation
 
 
 def test_an_epoch_reports_images_per_second_and_no_mfu_on_the_cpu():
@@ -15,7 +15,7 @@ def test_an_epoch_reports_images_per_second_and_no_mfu_on_the_cpu():
     model = build_model(ModelConfig(arch="vgg_tiny"), 10)
     batches = [(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))) for _ in range(3)]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    metrics = train_one_epoch(model, batches, optimizer, cross_entropy_loss, precision=Precision.of("auto", torch.device("cpu")), count_flops=True)
+    metrics = train_one_epoch(model, batches, optimizer, cross_entropy_loss, precision=Precision.of("auto", torch.device("cpu")), flops=FlopCount())
     assert metrics["images_per_s"] > 0 and "mfu" not in metrics
     assert utilisation(1e9, 100.0, Precision.of("fp32", torch.device("cpu"))) == {}
 

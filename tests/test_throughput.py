@@ -1,4 +1,4 @@
-"""FLOP counting, the peak table, MFU and the per-epoch throughput meter (CPU only, fast)."""
+"""FLOP counting (as the training loops count their step), the peak table, MFU and the per-epoch throughput meter (CPU only, fast)."""
 
 from __future__ import annotations
 
@@ -11,22 +11,17 @@ from torch import nn
 from raycf import throughput
 from raycf.config import ModelConfig
 from raycf.models import build_model
-from raycf.throughput import (
-    PEAK_FLOPS,
-    ThroughputMeter,
-    inference_flops_per_image,
-    mfu,
-    peak_flops,
-    step_flops,
-    step_precision,
-    training_flops_per_image,
-)
+from raycf.precision import Precision
+from raycf.throughput import PEAK_FLOPS, ThroughputMeter, mfu, peak_flops, step_flops, step_precision
+from raycf.training.loops import cross_entropy_loss, logits_and_features, step_flops_per_image
 
 IN, OUT = 10, 20
 LINEAR_FORWARD = 2 * IN * OUT  # per sample
 
 C_IN, C_OUT, K, H, W = 3, 8, 3, 8, 8  # padding 1: Hout = H, Wout = W
 CONV_FORWARD = 2 * C_IN * C_OUT * K * K * H * W  # per image
+
+FP32 = Precision.of("fp32", torch.device("cpu"))
 
 
 def state(model: nn.Module) -> tuple:
@@ -48,23 +43,23 @@ def assert_same_state(before: tuple, after: tuple) -> None:
 # --- single layers with known counts ---------------------------------------------------------
 
 
-def test_linear_forward_is_exact():
-    layer = nn.Linear(IN, OUT)
-    assert inference_flops_per_image(layer, (IN,)) == LINEAR_FORWARD
-    assert inference_flops_per_image(layer, (IN,), batch_size=5) == LINEAR_FORWARD
+def layer_step_flops(layer: nn.Module, shape: tuple[int, ...], batch: int = 2) -> float:
+    """FLOPs per image of a training step of ``layer`` as the training loops count it (loss: the output's sum)."""
+    inputs, labels = torch.randn(batch, *shape), torch.zeros(batch, dtype=torch.int64)
+    return step_flops_per_image(layer, inputs, labels, lambda output, _a, _labels: (output.sum(), {}), lambda module, x: (module(x), None), FP32)
 
 
-def test_conv_forward_is_exact():
-    layer = nn.Conv2d(C_IN, C_OUT, K, padding=1)
-    assert inference_flops_per_image(layer, (C_IN, H, W)) == CONV_FORWARD
+def test_linear_and_conv_forward_are_exact():
+    assert step_flops(nn.Linear(IN, OUT), torch.randn(5, IN)) / 5 == LINEAR_FORWARD
+    assert step_flops(nn.Conv2d(C_IN, C_OUT, K, padding=1), torch.randn(2, C_IN, H, W)) / 2 == CONV_FORWARD
 
 
 def test_all_trainable_backward_skips_the_input_gradient():
     # The images do not require grad, so autograd computes only the weight
     # gradient (one more product of the forward's size): backward = 1 × forward,
     # not 2 ×; the bias gradient is a sum, which FlopCounterMode does not count.
-    assert training_flops_per_image(nn.Linear(IN, OUT), (IN,)) == 2 * LINEAR_FORWARD
-    assert training_flops_per_image(nn.Conv2d(C_IN, C_OUT, K, padding=1), (C_IN, H, W)) == 2 * CONV_FORWARD
+    assert layer_step_flops(nn.Linear(IN, OUT), (IN,)) == 2 * LINEAR_FORWARD
+    assert layer_step_flops(nn.Conv2d(C_IN, C_OUT, K, padding=1), (C_IN, H, W), batch=3) == 2 * CONV_FORWARD
 
 
 def test_backward_is_twice_forward_when_the_input_gradient_is_needed():
@@ -79,8 +74,9 @@ def test_backward_is_twice_forward_when_the_input_gradient_is_needed():
 def test_two_layers_cost_three_times_forward_minus_the_first_input_gradient():
     model = nn.Sequential(nn.Linear(IN, OUT), nn.ReLU(), nn.Linear(OUT, 5))
     forward = 2 * IN * OUT + 2 * OUT * 5
-    assert inference_flops_per_image(model, (IN,)) == forward
-    assert training_flops_per_image(model, (IN,)) == 3 * forward - 2 * IN * OUT
+    with torch.no_grad():
+        assert step_flops(model, torch.randn(2, IN)) / 2 == forward
+    assert layer_step_flops(model, (IN,)) == 3 * forward - 2 * IN * OUT
 
 
 @pytest.mark.parametrize(
@@ -89,14 +85,9 @@ def test_two_layers_cost_three_times_forward_minus_the_first_input_gradient():
 )
 def test_frozen_weights_have_no_counted_backward(layer, shape, forward):
     layer.weight.requires_grad_(False)  # bias still trains: its gradient is a sum, not counted
-    assert training_flops_per_image(layer, shape) == forward
-    layer.bias.requires_grad_(False)  # nothing trains: no backward at all
     before = state(layer)
-    assert training_flops_per_image(layer, shape) == forward
+    assert layer_step_flops(layer, shape) == forward
     assert_same_state(before, state(layer))
-    # As if everything trained:
-    assert training_flops_per_image(layer, shape, trainable_only_backward=False) == 2 * forward
-    assert not layer.weight.requires_grad and not layer.bias.requires_grad
 
 
 def test_step_flops_counts_a_callable_on_meta():
@@ -106,58 +97,32 @@ def test_step_flops_counts_a_callable_on_meta():
     assert step_flops(lambda: layer(x).sum().backward()) == 4 * 2 * LINEAR_FORWARD
 
 
-def test_cpu_fallback_when_an_op_has_no_meta_kernel():
-    class ReadsAValue(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(IN, OUT)
-
-        def forward(self, x):
-            x.sum().item()  # cannot run on meta tensors
-            return self.fc(x)
-
-    model = ReadsAValue()
-    assert training_flops_per_image(model, (IN,)) == 2 * LINEAR_FORWARD
-    assert all(p.grad is None for p in model.parameters())
-
-
 # --- the real classifier --------------------------------------------------------------------
 
 
 def test_vgg_tiny_frozen_trunk_is_cheaper_and_the_model_is_left_alone():
+    torch.manual_seed(0)
     model = build_model(ModelConfig(arch="vgg_tiny"), 10)
-    shape = (3, 32, 32)
-    model.eval()
-    model.trunk[1].train()  # a mixed mode, to see every module's mode restored
-    inference = inference_flops_per_image(model, shape)
+    inputs, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    with torch.no_grad():
+        inference = step_flops(model.eval(), inputs) / 2
+    model.train()
+    model.trunk[1].eval()  # a mixed mode, to see every module's mode left alone
 
-    model.set_trainable("all")
-    before = state(model)
-    every = training_flops_per_image(model, shape)
-    assert_same_state(before, state(model))
+    def count(scope: str) -> float:
+        model.set_trainable(scope)
+        before = state(model)
+        flops = step_flops_per_image(model, inputs, labels, cross_entropy_loss, logits_and_features, FP32)
+        assert_same_state(before, state(model))
+        return flops
 
-    model.set_trainable("head")
-    before = state(model)
-    head = training_flops_per_image(model, shape)
-    assert_same_state(before, state(model))
-    assert not model.training and model.trunk[1].training
-    assert all(p.requires_grad == (name.startswith("fc.")) for name, p in model.named_parameters())
-
-    model.set_trainable("last_conv_and_head")
-    last_conv = training_flops_per_image(model, shape)
+    every, last_conv, head = count("all"), count("last_conv_and_head"), count("head")
     assert every > last_conv > head
-    # last_conv shares modules with trunk: every tensor is back in the model, on the CPU.
-    assert all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
-    assert model.last_conv[0].weight is model.trunk[-3].weight
-    model.set_trainable("head")
+    assert all(p.requires_grad == (name.startswith("fc.")) for name, p in model.named_parameters())
     # End to end: a bit under 3 × forward (the first conv needs no input gradient).
     assert 2 * inference < every < 3 * inference
     # Head only: the trunk runs forward only; the head's weight gradient is tiny.
     assert inference < head < 1.01 * inference
-    # trainable_only_backward=False counts the frozen model as if it all trained.
-    assert training_flops_per_image(model, shape, trainable_only_backward=False) == every
-    # Eval-mode dropout/BN do not change counts; the batch size divides out.
-    assert training_flops_per_image(model, shape, batch_size=3) == head
 
 
 # --- peaks, MFU ----------------------------------------------------------------------------
@@ -255,9 +220,8 @@ def test_meter_with_a_fake_clock(monkeypatch):
     clock.now += 100.0  # time after stop() does not count
     assert meter.images == 160 and meter.seconds == pytest.approx(2.5)
     assert meter.images_per_second == pytest.approx(64.0)
-    assert meter.metrics() == {"images_per_s": pytest.approx(64.0)}
-    assert meter.metrics(1e9, None) == {"images_per_s": pytest.approx(64.0)}
-    assert meter.metrics(1e9, 1e12) == {"images_per_s": pytest.approx(64.0), "mfu": pytest.approx(0.064)}
+    assert mfu(1e9, meter.images_per_second, None) is None
+    assert mfu(1e9, meter.images_per_second, 1e12) == pytest.approx(0.064)
     # start() begins a new window.
     meter.start()
     meter.add(10)

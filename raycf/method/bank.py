@@ -112,7 +112,7 @@ def mc_loss(
     head_bias: torch.Tensor,
     weights: LossWeights,
     classes: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The MC bank's loss for B×C×K masks of B vectors: per-vector mean, summed over generators.
 
     Parts (means over vectors and generators, detached tensors: read them
@@ -124,7 +124,7 @@ def mc_loss(
     logits = head_logits(activations[:, None, :] * masks, head_weight, head_bias)  # B×C(generator)×C(class)
     targets, cross_entropy = generator_cross_entropy(logits, classes)
     mass = masks.sum(dim=2)
-    target_logit = logits.diagonal(dim1=1, dim2=2) if classes is None else logits.gather(2, targets[:, :, None])[:, :, 0]
+    target_logit = logits.gather(2, targets[:, :, None])[:, :, 0]
     per_sample = cross_entropy + weights.mc_sparsity * mass - weights.mc_logits * target_logit
     parts = {"mc_ce": cross_entropy.detach().mean(), "mc_l1": mass.detach().mean(), "mc_logit": target_logit.detach().mean()}
     return per_sample.mean(dim=0).sum(), parts
@@ -137,7 +137,7 @@ def mi_loss(
     head_bias: torch.Tensor,
     weights: LossWeights,
     classes: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The MI bank's loss for B×C×K additions δ: ``CE(W(a + δ) + b, c) + μ1' ‖δ‖₁`` (``classes`` as in :func:`mc_loss`)."""
     logits = head_logits(activations[:, None, :] + deltas, head_weight, head_bias)
     _, cross_entropy = generator_cross_entropy(logits, classes)
@@ -190,7 +190,7 @@ def bank_loss(
     head_bias: torch.Tensor,
     weights: LossWeights,
     classes: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """MC loss (+ MI loss) of a batch of vectors; parts per generator and vector.
 
     ``classes``: the (global) classes of ``model``'s generators when it holds

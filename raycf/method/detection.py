@@ -170,6 +170,10 @@ class StudyData:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def global_filters(self, tau: float, freq_threshold: float) -> np.ndarray:
+        """G (C×K booleans) at ``tau`` and ``freq_threshold``, from the training masks."""
+        return global_sets(global_mc_of(self.train, self.num_classes, tau).counts, freq_threshold)
+
 
 def reference_for(data: StudyData, tau: float, freq_threshold: float) -> tuple[Reference, GlobalMC]:
     """The global sets (τ, f), magnitudes and head weights images are compared with, and the accumulation behind them."""

@@ -22,7 +22,8 @@ TIE_BREAK = "val_loss"  # lower is better
 SCORE_KEY = "selection_score"  # what a run reports for Ray to keep its best checkpoint by
 
 
-def _number(value: Any) -> float:
+def as_number(value: Any) -> float:
+    """``float(value)``, or NaN for a missing or non-numeric value (a metric a trial never reported)."""
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -36,17 +37,17 @@ def selection_key(row: Mapping[str, Any], metric: str = "val_acc", mode: str = "
     ``position`` is the epoch (or the trial's index) that breaks a full tie;
     rows without a value of ``metric`` sort last.
     """
-    value, loss = _number(row.get(metric)), _number(row.get(TIE_BREAK))
+    value, loss = as_number(row.get(metric)), as_number(row.get(TIE_BREAK))
     objective = math.inf if math.isnan(value) else (-value if mode == "max" else value)
     return objective, math.inf if math.isnan(loss) else loss, float(position)
 
 
 def best_epoch(history: Sequence[Mapping[str, Any]], metric: str = "val_acc", mode: str = "max") -> dict[str, Any]:
     """The best epoch of a run's history under the tie rule; ``{}`` without epochs that have ``metric``."""
-    rows = [row for row in history if not math.isnan(_number(row.get(metric)))]
+    rows = [row for row in history if not math.isnan(as_number(row.get(metric)))]
     if not rows:
         return {}
-    return dict(min(rows, key=lambda row: selection_key(row, metric, mode, _number(row.get("epoch", 0)))))
+    return dict(min(rows, key=lambda row: selection_key(row, metric, mode, as_number(row.get("epoch", 0)))))
 
 
 def checkpoint_scores(history: Sequence[Mapping[str, Any]], metric: str = "val_acc", mode: str = "max") -> list[float]:
@@ -60,7 +61,7 @@ def checkpoint_scores(history: Sequence[Mapping[str, Any]], metric: str = "val_a
     """
     scores, changes, incumbent = [], 0, None
     for row in history:
-        key = selection_key(row, metric, mode, _number(row.get("epoch", 0)))
+        key = selection_key(row, metric, mode, as_number(row.get("epoch", 0)))
         if incumbent is None or key < incumbent:
             changes, incumbent = changes + 1, key
             scores.append(float(changes))

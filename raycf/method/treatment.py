@@ -69,7 +69,7 @@ def build_table2(
                 "lambda2": l2,
                 "indicator": None if model == "base" else indicator,
                 "best_epoch": epoch,
-                **{f"{split}_acc": evaluation.accuracy.get(split, math.nan) for split in ("train", "val", "test")},
+                **{f"{split}_acc": evaluation.accuracy.get(split, math.nan) for split in SPLITS},
             }
             for model, l1, l2, epoch, evaluation in rows
         ]

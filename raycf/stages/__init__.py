@@ -4,58 +4,60 @@ Each stage module holds a ``run(StageRun) -> summary`` function that reads
 its upstream stages' artefacts, runs the method (:mod:`raycf.method`) or a
 training loop (:mod:`raycf.training`) on Ray, and writes its folder;
 :mod:`raycf.pipeline` decides which stages run and publishes what they write.
+The table names those functions (:func:`~raycf.stages.stage.entry`) and
+imports a stage's module when it runs, so reading the table (the CLI's
+parser does) loads neither torch nor Ray.
 """
 
 from __future__ import annotations
 
-from raycf.stages import analyze, base, cfe, debug, features, final, images, masks, prefix, report, search
-from raycf.stages.stage import Stage, StageRun
+from raycf.stages.stage import Stage, StageRun, entry
 
 __all__ = ["STAGES", "Stage", "StageRun", "stage_named"]
 
 STAGES: tuple[Stage, ...] = (
     Stage(
-        "images", reads=("data",), upstream=(), run=images.run, folder="images",
+        "images", reads=("data",), upstream=(), run=entry("images", "run"), folder="images",
         summary="decode every image once into the uint8 image store (Ray Data on CPUs)",
     ),
     Stage(
-        "base", reads=("data", "model", "base"), upstream=("images",), run=base.run, folder="base",
+        "base", reads=("data", "model", "base"), upstream=("images",), run=entry("base", "run"), folder="base",
         command="train", summary="train (or adopt) the base classifier on Ray Train",
     ),
     Stage(
-        "features", reads=("data", "model", "features", "cfe.views"), upstream=("base",), run=features.run, folder="features",
+        "features", reads=("data", "model", "features", "cfe.views"), upstream=("base",), run=entry("features", "run"), folder="features",
         command="features", summary="pooled filter vectors and logits of every image (Ray Data actor pool)",
     ),
     Stage(
-        "cfe", reads=("cfe",), upstream=("features",), run=cfe.run, folder="cfe",
+        "cfe", reads=("cfe",), upstream=("features",), run=entry("cfe", "run"), folder="cfe",
         command="cfe", summary="train the MC and MI generator bank of all classes on the cached vectors (Ray Train)",
     ),
     Stage(
-        "masks", reads=("masks",), upstream=("cfe",), run=masks.run, folder="masks",
+        "masks", reads=("masks",), upstream=("cfe",), run=entry("masks", "run"), folder="masks",
         command="masks", summary="per-image MC masks of the inferred and top-k classes (Ray Data)",
     ),
     Stage(
-        "analyze", reads=("analysis",), upstream=("masks",), run=analyze.run, folder="analysis", describe=analyze.describe,
+        "analyze", reads=("analysis",), upstream=("masks",), run=entry("analyze", "run"), folder="analysis", describe=entry("analyze", "describe"),
         command="analyze", summary="global MC filters, misclassification detection (paper Table 1) and AUROC vs max-softmax",
     ),
     Stage(
-        "prefix", reads=("prefix", "debug.trainable", "debug.views"), upstream=("base",), run=prefix.run, folder="prefix",
+        "prefix", reads=("prefix", "debug.trainable", "debug.views"), upstream=("base",), run=entry("prefix", "run"), folder="prefix",
         summary="the activations entering the first retrained layer, for every view of every training image (Ray Data)",
     ),
     Stage(
-        "debug", reads=("debug", "analysis.tau"), upstream=("masks", "prefix"), run=debug.run, folder="debug", describe=debug.describe,
+        "debug", reads=("debug", "analysis.tau"), upstream=("masks", "prefix"), run=entry("debug", "run"), folder="debug", describe=entry("debug", "describe"),
         command="debug", summary="retrain with the debugging loss and its fine-tuning control on Ray Train; print Tables 2 and 3",
     ),
     Stage(
-        "search", reads=("search", "debug", "analysis.tau", "analysis.freq_threshold"), upstream=("masks", "prefix"), run=search.run, folder="search",
+        "search", reads=("search", "debug", "analysis.tau", "analysis.freq_threshold"), upstream=("masks", "prefix"), run=entry("search", "run"), folder="search",
         summary="Ray Tune + Optuna over lambda1, lambda2, tau and f; the control first",
     ),
     Stage(
-        "final", reads=(), upstream=("search",), run=final.run, folder="final", describe=final.describe,
+        "final", reads=(), upstream=("search",), run=entry("final", "run"), folder="final", describe=entry("final", "describe"),
         summary="the best searched trial and the control evaluated on test once (Tables 2 and 3)",
     ),
     Stage(
-        "report", reads=(), upstream=("final", "analyze"), run=report.run, folder="report", describe=report.describe,
+        "report", reads=(), upstream=("final", "analyze"), run=entry("report", "run"), folder="report", describe=entry("report", "describe"),
         summary="one self-contained HTML page with the study's tables and figures",
     ),
 )  # fmt: skip

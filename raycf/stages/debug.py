@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from raycf import storage
-from raycf.artefacts import PREDICTIONS_FILE, base_predictions, class_names, global_mc_sets, prefix_ref, store_ref
+from raycf.artefacts import PREDICTIONS_FILE, base_model_bytes, base_predictions, class_names, global_mc_sets, prefix_ref, store_ref
 from raycf.checkpoint import CHECKPOINT_FILE
 from raycf.cluster import ensure_ray
 from raycf.console import log
@@ -50,7 +50,7 @@ def run(run: "StageRun") -> dict:
     study, config = run.study, run.study.debug
     ensure_ray()
     global_filters = np.asarray(global_mc_sets(run.results, study.analysis.tau, config.freq_threshold), dtype=bool)
-    base_bytes = storage.read_bytes(run.upstream("base", CHECKPOINT_FILE))
+    base_bytes = base_model_bytes(run.results)
     log(f"debug: global MC filters: {global_filters.sum(1).mean():.1f} of {global_filters.shape[1]} per class (tau {study.analysis.tau}, f {config.freq_threshold})")
 
     images, prefix = store_ref(run.results), prefix_ref(run.results, study)

@@ -34,8 +34,7 @@ from raycf.config import StudyConfig
 from raycf.console import log
 from raycf.data import SPLITS, log_read
 from raycf.image_store import StoreRef, open_store
-from raycf.models import classifier_from_checkpoint, device_for
-from raycf.precision import Precision, prepare_device, prepare_model
+from raycf.predict import inference_model
 from raycf.ray_data import actor_pool, data_context, write_folders
 from raycf.views import model_inputs, view_seed
 
@@ -55,12 +54,8 @@ class FeatureExtractor:
 
     def __init__(self, study: StudyConfig, model_location: str, images: StoreRef, use_gpu: bool):
         self.study = study
-        self.device = device_for(use_gpu)
-        prepare_device(self.device)
-        self.precision = Precision.of(study.model.precision, self.device)
+        self.model, self.device, self.precision = inference_model(study, load_classifier_checkpoint(model_location, study.model.arch), use_gpu)
         self.store = open_store(images)
-        checkpoint = load_classifier_checkpoint(model_location, study.model.arch)
-        self.model = prepare_model(classifier_from_checkpoint(study.model, checkpoint), self.device)
 
     def inputs(self, splits: list[str], indices: list[int], views: list[int]) -> torch.Tensor:
         """The model inputs of (split, image, view) records."""

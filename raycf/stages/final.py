@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from raycf import storage
-from raycf.artefacts import PREDICTIONS_FILE, base_predictions, class_names, global_mc_sets, prefix_ref, store_ref, trial_model_bytes
+from raycf.artefacts import PREDICTIONS_FILE, base_model_bytes, base_predictions, class_names, global_mc_sets, prefix_ref, store_ref, trial_model_bytes
 from raycf.cluster import ensure_ray
 from raycf.config import StudyConfig
 from raycf.console import log
@@ -65,7 +65,7 @@ def control_verdict(board: pd.DataFrame, best: pd.Series, study: StudyConfig) ->
     )
 
 
-def full_control(board: pd.DataFrame, results: str) -> tuple[pd.Series | None, bytes | None]:
+def full_control(board: pd.DataFrame, base_bytes: bytes) -> tuple[pd.Series | None, bytes | None]:
     """The control's row and its model, when it ran its whole schedule."""
     controls = board[board["is_control"]]
     if controls.empty:
@@ -73,7 +73,7 @@ def full_control(board: pd.DataFrame, results: str) -> tuple[pd.Series | None, b
     control = controls.iloc[0]
     if control["status"] != "completed":
         return control, None
-    return control, trial_model_bytes(control, results)
+    return control, trial_model_bytes(control, base_bytes)
 
 
 def run(run: "StageRun") -> dict:
@@ -82,11 +82,11 @@ def run(run: "StageRun") -> dict:
     ensure_ray()
     board = read_leaderboard(results)
     best = best_searched_trial(board, study)
-    best_bytes = trial_model_bytes(best, results)
+    base_bytes = base_model_bytes(results)
+    best_bytes = trial_model_bytes(best, base_bytes)
     if best_bytes is None:
         raise RuntimeError(f"best trial {best['trial_id']}: its checkpoint {best['checkpoint_path']!r} is gone")
-    base_bytes = storage.read_bytes(run.upstream("base", "model.pt"))
-    control, control_bytes = full_control(board, results)
+    control, control_bytes = full_control(board, base_bytes)
     if control_bytes is None:
         # Stopped early by ASHA, failed, or not searched: the comparison needs the full schedule.
         log("final: training the control (lambda1 = lambda2 = 0) for the full schedule")

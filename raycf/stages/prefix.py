@@ -26,8 +26,8 @@ from raycf.cluster import ensure_ray
 from raycf.config import StudyConfig
 from raycf.console import log
 from raycf.image_store import StoreRef, open_store
-from raycf.models import FrozenPrefix, classifier_from_checkpoint, device_for
-from raycf.precision import Precision, prepare_model
+from raycf.models import FrozenPrefix
+from raycf.predict import inference_model
 from raycf.prefix_cache import DTYPES, META_FILE, cache_bytes, cached_shapes, human_size, uses_cache
 from raycf.ray_data import actor_pool, data_context
 from raycf.views import model_inputs, view_seeds
@@ -41,11 +41,8 @@ class PrefixComputer:
 
     def __init__(self, study: StudyConfig, model_location: str, images: StoreRef, use_gpu: bool):
         self.study = study
-        self.device = device_for(use_gpu)
-        self.precision = Precision.of(study.model.precision, self.device)
+        model, self.device, self.precision = inference_model(study, load_classifier_checkpoint(model_location, study.model.arch), use_gpu)
         self.store = open_store(images)
-        checkpoint = load_classifier_checkpoint(model_location, study.model.arch)
-        model = prepare_model(classifier_from_checkpoint(study.model, checkpoint), self.device)
         self.prefix = FrozenPrefix(model, study.debug.trainable).eval()
 
     @torch.no_grad()

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from raycf import storage
-from raycf.artefacts import global_mc_sets, load_study_data, prefix_ref, store_ref
+from raycf.artefacts import base_model_bytes, load_study_data, prefix_ref, store_ref
 from raycf.cluster import ensure_ray
 from raycf.config import StudyConfig
 from raycf.console import log, verbose
@@ -46,9 +46,6 @@ from raycf.training.trainer import fit
 if TYPE_CHECKING:
     from raycf.stages.stage import StageRun
 
-TRIAL_EXTRA_KEYS = ("det_auroc", "det_aupr", "maxsoftmax_auroc", "g_size")
-
-
 @dataclass(frozen=True)
 class SearchContext:
     """What every trial needs, shipped once through the object store."""
@@ -63,8 +60,8 @@ class SearchContext:
 def trial_job(study: StudyConfig, context: SearchContext) -> DebugJob:
     """The debug run of one trial: G at the trial's τ and f, and its detection quality (on val) as extra metrics."""
     tau = study.analysis.tau
-    global_filters = global_mc_sets(context.results, tau, study.debug.freq_threshold)
     data = load_study_data(context.results, splits=("val",), with_head=False)
+    global_filters = data.global_filters(tau, study.debug.freq_threshold)
     detection = {key: float(value) for key, value in detection_quality(data, tau, study.analysis.freq_threshold, split="val").items()}
     detection["g_size"] = float(np.asarray(global_filters).sum(axis=1).mean())
     return DebugJob(
@@ -245,7 +242,7 @@ def run(run: "StageRun") -> dict:
     context = SearchContext(
         study=study,
         results=results,
-        base_model=storage.read_bytes(run.upstream("base", "model.pt")),
+        base_model=base_model_bytes(run.results),
         images=store_ref(results),
         train_storage=storage.join_uri(tune_storage, experiment + "-train"),
     )

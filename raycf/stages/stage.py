@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from raycf import storage
 from raycf.config import StudyConfig
@@ -52,3 +53,13 @@ class Stage:
     command: str = ""
     summary: str = ""
     describe: Callable[[str], str] | None = field(default=None)
+
+
+def entry(module: str, function: str) -> Callable[..., Any]:
+    """``raycf.stages.<module>.<function>``, imported when first called."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(f"raycf.stages.{module}"), function)(*args, **kwargs)
+
+    call.__qualname__ = call.__name__ = f"raycf.stages.{module}.{function}"
+    return call

@@ -25,7 +25,7 @@ from raycf.image_store import StoredImages, StoreRef, open_store
 from raycf.method.selection import SCORE_KEY, checkpoint_scores
 from raycf.models import FilterClassifier, build_model
 from raycf.precision import Precision, prepare_device, prepare_model
-from raycf.training.loops import cross_entropy_loss, device_batches, epoch_seed, eval_loader, evaluate, seed_everything, train_loader, train_one_epoch
+from raycf.training.loops import FlopCount, cross_entropy_loss, device_batches, epoch_seed, eval_loader, evaluate, seed_everything, train_loader, train_one_epoch
 from raycf.training.session import TRAIN_STATE_FILE, Session, TrainState
 from raycf.views import epoch_seeds, model_inputs
 
@@ -140,7 +140,7 @@ def base_train_loop(job: BaseJob, session: Session) -> list[dict[str, Any]]:
         phase, index = phase_at(phases, epoch)
         if phase != current:
             parameters = model.set_trainable(phase.scope)
-            wrapped = session.prepare_model(model)
+            wrapped, flops = session.prepare_model(model), FlopCount()
             optimizer = torch.optim.SGD(parameters, lr=phase.lr, momentum=study.base.momentum, weight_decay=study.base.weight_decay)
             if state.phase == phase.name and state.optimizer:
                 optimizer.load_state_dict(state.optimizer)
@@ -154,7 +154,7 @@ def base_train_loop(job: BaseJob, session: Session) -> list[dict[str, Any]]:
         def augmented(images, indices, epoch=epoch):
             return model_inputs(images, data.image_size, data.augment, epoch_seeds(study.seed, epoch, indices))
 
-        train_metrics = train_one_epoch(wrapped, device_batches(train_data, device, augmented), optimizer, cross_entropy_loss, precision=precision, count_flops=True)
+        train_metrics = train_one_epoch(wrapped, device_batches(train_data, device, augmented), optimizer, cross_entropy_loss, precision=precision, flops=flops)
         val_metrics = evaluate(wrapped, device_batches(val_data, device, plain), precision=precision)
         metrics = {"epoch": epoch + 1, "phase": phase.name, "lr": lr, **train_metrics, "val_loss": val_metrics["loss"], "val_acc": val_metrics["acc"]}
         state = TrainState(next_epoch=epoch + 1, history=[*state.history, metrics], phase=phase.name, optimizer=optimizer.state_dict())

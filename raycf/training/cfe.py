@@ -35,7 +35,7 @@ from torch import nn
 from raycf import storage
 from raycf.artefacts import BANK_FILE, load_features
 from raycf.config import StudyConfig
-from raycf.console import log
+from raycf.console import log, spaced_epochs
 from raycf.method.bank import (
     CfeBank,
     CfeModel,
@@ -63,17 +63,11 @@ class CfeJob:
     bank_location: str  # where rank 0 writes the final bank.pt
 
 
-def epoch_order(num_vectors: int, seed: int, epoch: int, rank: int, world_size: int) -> torch.Tensor:
-    """This rank's vectors for an epoch: a permutation fixed by (seed, epoch), padded to equal shards.
-
-    The bank loop splits classes, not vectors: every rank takes the whole
-    permutation (``rank=0, world_size=1``).
-    """
+def epoch_order(num_vectors: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the vectors in an epoch: a permutation fixed by (seed, epoch), the same on every rank
+    (the bank loop splits classes across ranks, not vectors)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(num_vectors, generator=generator)
-    per_rank = math.ceil(num_vectors / world_size)
-    padded = torch.cat([order, order[: per_rank * world_size - num_vectors]])
-    return padded[rank::world_size]
+    return torch.randperm(num_vectors, generator=generator)
 
 
 def report_epochs(epochs: int, reports: int = 5) -> set[int]:
@@ -82,8 +76,7 @@ def report_epochs(epochs: int, reports: int = 5) -> set[int]:
     An epoch over cached vectors takes far less than a report's round trip
     to Ray Train's controller, so not every epoch reports.
     """
-    every = max(1, epochs // reports)
-    return {epoch for epoch in range(1, epochs + 1) if epoch % every == 0 or epoch == epochs}
+    return spaced_epochs(epochs, reports)
 
 
 def rank_classes(num_classes: int, rank: int, world_size: int) -> torch.Tensor:
@@ -246,7 +239,7 @@ def cfe_train_loop(job: CfeJob, session: Session) -> dict[str, Any]:
     for epoch in range(state.next_epoch, config.epochs):
         wrapped.train()
         bank = None
-        order = epoch_order(len(vectors), study.seed, epoch, rank=0, world_size=1).to(device)
+        order = epoch_order(len(vectors), study.seed, epoch).to(device)
         for start in range(0, len(order), config.batch_size):
             batches += 1
             if not trains:

@@ -36,7 +36,7 @@ from raycf.models import FilterClassifier, TrainableTail, classifier_from_checkp
 from raycf.precision import Precision, prepare_device, prepare_model
 from raycf.prefix_cache import CachedSplit, PrefixRef, open_cache
 from raycf.training.base import print_epoch, report_epoch, restore_classifier
-from raycf.training.loops import device_batches, epoch_seed, eval_loader, evaluate, logits_and_features, seed_everything, train_loader, train_one_epoch
+from raycf.training.loops import FlopCount, device_batches, epoch_seed, eval_loader, evaluate, logits_and_features, seed_everything, train_loader, train_one_epoch
 from raycf.training.session import Session, TrainState
 from raycf.training.trainer import fit, run_local
 from raycf.views import epoch_views, model_inputs, view_seeds
@@ -162,8 +162,8 @@ def debug_train_loop(job: DebugJob, session: Session) -> list[dict[str, Any]]:
     prepare_device(device)
     precision = Precision.of(study.model.precision, device)
     store = open_store(job.images)
-    class_names = parse_classifier_checkpoint(job.base_model, "base model").class_names
-    base = parse_classifier_checkpoint(job.base_model, "base model", study.model.arch, len(class_names))
+    base = parse_classifier_checkpoint(job.base_model, "base model", study.model.arch)
+    base_hash, class_names = model_hash(job.base_model), base.class_names
     model = prepare_model(classifier_from_checkpoint(study.model, base), device)
     stats = None
     if config.indicator == "centred":  # from the base model's plain training images, before any restored weights
@@ -182,6 +182,7 @@ def debug_train_loop(job: DebugJob, session: Session) -> list[dict[str, Any]]:
 
     train_data, sampler = train_loader(inputs.train, config.batch_size, study.seed, rank, world_size, data.loader_workers)
     val_data = eval_loader(inputs.val, config.eval_batch_size, rank, world_size, data.loader_workers)
+    flops = FlopCount()
     for epoch in range(state.next_epoch, config.epochs):
         if job.fail_once is not None:
             job.fail_once.maybe_fail(epoch, rank)
@@ -189,7 +190,7 @@ def debug_train_loop(job: DebugJob, session: Session) -> list[dict[str, Any]]:
         seed_everything(epoch_seed(study.seed, epoch, rank))
         sampler.set_epoch(epoch)
         batches = device_batches(train_data, device, lambda data_, indices, epoch=epoch: inputs.train_inputs(data_, indices, epoch))
-        train_metrics = train_one_epoch(wrapped, batches, optimizer, loss_fn, precision=precision, freeze_frozen_norms=True, forward=inputs.forward, count_flops=True)
+        train_metrics = train_one_epoch(wrapped, batches, optimizer, loss_fn, precision=precision, freeze_frozen_norms=True, forward=inputs.forward, flops=flops)
         val_batches = device_batches(val_data, device, inputs.val_inputs)
         val_metrics = evaluate(wrapped, val_batches, precision=precision, forward=lambda module, batch: inputs.forward(module, batch)[0])
         # Tune's status table shows the first metrics: keep the objective among them.
@@ -206,7 +207,7 @@ def debug_train_loop(job: DebugJob, session: Session) -> list[dict[str, Any]]:
             **job.extra_metrics,
         }
         state = TrainState(next_epoch=epoch + 1, history=[*state.history, metrics], phase=PHASE, optimizer=optimizer.state_dict())
-        report_epoch(session, metrics, model, state, class_names, study, (study.search.metric, study.search.mode), model_hash(job.base_model))
+        report_epoch(session, metrics, model, state, class_names, study, (study.search.metric, study.search.mode), base_hash)
         if job.print_epochs:
             print_epoch(session, job.label, metrics, config.epochs)
     return state.history

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -159,6 +160,14 @@ def step_flops_per_image(model: nn.Module, inputs: Any, labels: torch.Tensor, lo
     return flops / max(len(labels), 1)
 
 
+@dataclass
+class FlopCount:
+    """A training step's FLOPs per image, counted on the first CUDA batch of a run (or of a phase that changes the
+    trainable layers) and kept: the count depends only on shapes and on what is trained."""
+
+    per_image: float | None = None
+
+
 def utilisation(flops_per_image: float | None, images_per_s: float, precision: Precision) -> dict[str, float]:
     """``{"mfu": …}`` on a CUDA device of known peak (the peak of the precision the step runs in); ``{}`` elsewhere."""
     if precision.device.type != "cuda" or flops_per_image is None:
@@ -181,25 +190,24 @@ def train_one_epoch(
     precision: Precision | None = None,
     freeze_frozen_norms: bool = False,
     forward: Forward = logits_and_features,
-    count_flops: bool = False,
+    flops: FlopCount | None = None,
 ) -> dict[str, float]:
     """One pass over ``batches`` of ``(inputs, labels)`` on the model's device.
 
     Returns the mean loss parts, the accuracy (over all ranks), this rank's
-    ``images_per_s`` and, on a CUDA device with ``count_flops``, its ``mfu``
-    (FLOPs counted on the first batch).  ``forward(model, inputs)`` gives
+    ``images_per_s`` and, on a CUDA device with ``flops``, its ``mfu``
+    (FLOPs counted on the first batch when ``flops`` holds none yet).  ``forward(model, inputs)`` gives
     (logits, pooled vectors): the whole classifier by default, or its
     trainable part on cached inputs.  ``freeze_frozen_norms``: see
     :func:`set_train_mode`.
     """
     set_train_mode(model, freeze_frozen_norms)
-    flops_per_image = None
     scaler = precision.grad_scaler() if precision is not None else None
     meter = ThroughputMeter(precision.device if precision is not None else None).start()
     sums: dict[str, torch.Tensor | float] = {"correct": 0.0, "count": 0.0}
     for inputs, labels in batches:
-        if count_flops and flops_per_image is None and precision is not None and precision.device.type == "cuda":
-            flops_per_image = step_flops_per_image(model, inputs, labels, loss_fn, forward, precision)
+        if flops is not None and flops.per_image is None and precision is not None and precision.device.type == "cuda":
+            flops.per_image = step_flops_per_image(model, inputs, labels, loss_fn, forward, precision)
         with _autocast(precision):
             logits, activations = forward(model, inputs)
             loss, parts = loss_fn(logits, activations, labels)
@@ -221,7 +229,7 @@ def train_one_epoch(
     meter.stop()
     count = max(totals.pop("count"), 1.0)
     correct = totals.pop("correct")
-    speed = {"images_per_s": meter.images_per_second, **(utilisation(flops_per_image, meter.images_per_second, precision) if precision else {})}
+    speed = {"images_per_s": meter.images_per_second, **(utilisation(flops.per_image, meter.images_per_second, precision) if precision and flops else {})}
     return {"train_acc": correct / count, **{f"train_{key}": value / count for key, value in totals.items()}, **speed}
 
 

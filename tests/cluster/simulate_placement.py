@@ -102,7 +102,7 @@ def packed_trial(config: dict) -> None:
     ray.tune.report({"node": node_id(), "gpus": [str(gpu) for gpu in ray.get_gpu_ids()], "cached": (folder / "train_0.npy").read_text()})
 
 
-def upload_prefix(scratch: Path) -> str:
+def upload_prefix() -> str:
     """A stand-in prefix cache on a local S3 server: the results folder of a cluster study."""
     import boto3
 
@@ -116,7 +116,7 @@ def upload_prefix(scratch: Path) -> str:
 def run_packed_trials(scratch: Path) -> dict:
     import ray.tune
 
-    cache = upload_prefix(scratch)
+    cache = upload_prefix()
     (scratch / "barrier").mkdir()
     downloads = scratch / "downloads.log"
     tuner = ray.tune.Tuner(
