@@ -1,4 +1,5 @@
-# raycf: `make demo` runs the embedded study, `make test` the suite, `make bench` the CPU benchmarks, `make bench-gpu` the GPU ones.
+# raycf: `make demo` runs the embedded study, `make test` the suite, `make bench` the CPU benchmarks, `make bench-gpu` the GPU ones,
+# `make bench-scaling` the stages' cost growth on Fashion-MNIST (about 15 minutes).
 # Both build .venv first (pinned torch/torchvision/ray; about 6 GB, about 3 minutes).
 
 PYTHON ?= python3.11
@@ -6,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-gpu venv system-packages clean
+.PHONY: demo test bench bench-gpu bench-scaling venv system-packages clean
 
 venv: $(STAMP)
 
@@ -31,6 +32,9 @@ bench: $(STAMP)
 
 bench-gpu: $(STAMP)
 	$(BIN)/python -m benchmarks.gpu
+
+bench-scaling: $(STAMP) system-packages
+	$(BIN)/python -m benchmarks.scaling
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

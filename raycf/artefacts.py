@@ -24,6 +24,7 @@ from raycf.image_store import StoreRef
 from raycf.method.bank import CfeBank, parse_bank
 from raycf.method.detection import EVALUATED_SPLITS, SPLIT_COLUMNS, StudyData
 from raycf.method.global_mc import TRAIN_COLUMNS
+from raycf.method.learned_detector import runner_up_mi_sizes
 from raycf.prefix_cache import PrefixRef, uses_cache
 from raycf.ray_data import EMPTY_MARKER
 
@@ -186,14 +187,35 @@ def load_masks_frame(results: str, split: str) -> pd.DataFrame:
     return table.to_pandas().sort_values("image_index", kind="stable").reset_index(drop=True)
 
 
-def load_study_data(results: str, splits: tuple[str, ...] = EVALUATED_SPLITS, with_head: bool = True) -> StudyData:
-    """The masks an analysis needs (and, ``with_head``, the head's weights from the CFE bank)."""
-    return StudyData(
+def load_study_data(results: str, splits: tuple[str, ...] = EVALUATED_SPLITS, with_head: bool = True, detector_signals: bool = False) -> StudyData:
+    """The masks an analysis needs (and, ``with_head``, the head's weights from the CFE bank).
+
+    ``detector_signals`` adds to each split what the learned detector reads
+    (:mod:`raycf.method.learned_detector`): ``logits`` (from the features),
+    ``masked_confidence`` (from the masks) and, when the bank has MI
+    generators and the masks hold a runner-up class, ``mi_size``.
+    """
+    bank = load_bank(results) if with_head or detector_signals else None
+    columns = SPLIT_COLUMNS + (["masked_confidence"] if detector_signals else [])
+    data = StudyData(
         train=load_masks(results, "train", TRAIN_COLUMNS),
-        splits={split: load_masks(results, split, SPLIT_COLUMNS) for split in splits},
+        splits={split: load_masks(results, split, columns) for split in splits},
         class_names=class_names(results),
-        head_weight=load_bank(results).head_weight.double().numpy() if with_head else None,
+        head_weight=bank.head_weight.double().numpy() if with_head else None,
     )
+    if detector_signals:
+        for split, arrays in data.splits.items():
+            _add_detector_signals(arrays, load_features(results, split), bank, split)
+    return data
+
+
+def _add_detector_signals(arrays: dict[str, np.ndarray], features: FeatureSet, bank: CfeBank, split: str) -> None:
+    """``logits`` and, where the bank and top-k allow, ``mi_size`` of one split's mask arrays (aligned by image_index)."""
+    if not np.array_equal(features.image_index, arrays["image_index"]):
+        raise UserError(f"features/{split} and masks/{split} hold different images: rerun the masks stage")
+    arrays["logits"] = features.logits
+    if bank.has_mi and arrays["topk_classes"].shape[1] > 1:
+        arrays["mi_size"] = runner_up_mi_sizes(bank, arrays["a"], arrays["topk_classes"][:, 1])
 
 
 def global_mc_sets(results: str, tau: float, freq_threshold: float) -> np.ndarray:

@@ -8,7 +8,7 @@ loading it can never run code.  It holds a plain dict:
 key                value
 =================  ==========================================================
 ``format``         ``"raycf.classifier/1"``
-``arch``           architecture name (``vgg16``, ``resnet18``, ``resnet50``, ``vgg_tiny``)
+``arch``           ``model.arch`` (``vgg16``, ``timm:resnet18``, ...)
 ``num_filters``    K, filters of the last conv layer
 ``num_classes``    C
 ``class_names``    list of C strings
@@ -167,14 +167,57 @@ def parse_classifier_checkpoint(
     data: bytes, source: str = "checkpoint", expected_arch: str | None = None, expected_classes: int | None = None
 ) -> ClassifierCheckpoint:
     """Decode ``model.pt`` bytes with ``weights_only=True`` and check what they are for."""
+    payload = _safe_load(data, source, "raycf checkpoint")
+    if not _is_raycf(payload):
+        raise UserError(f"{source}: not a raycf classifier checkpoint (expected format {CHECKPOINT_FORMAT})")
+    return check_checkpoint(_checkpoint_from(payload), source, expected_arch, expected_classes)
+
+
+def read_weights_file(location: str) -> ClassifierCheckpoint | dict[str, torch.Tensor]:
+    """``model.weights: PATH``: a raycf checkpoint (not yet checked) or a plain torchvision/timm ``state_dict``.
+
+    Read with ``weights_only=True``, so loading can never run code.  A
+    ``state_dict`` saved from a DDP-wrapped model loses its ``module.`` prefix.
+    """
+    if not storage.exists(location):
+        raise UserError(f"{location}: checkpoint not found (expected a raycf model.pt, or a torchvision or timm state_dict)")
+    payload = _safe_load(storage.read_bytes(location), location, "raycf checkpoint or state_dict")
+    if _is_raycf(payload):
+        return _checkpoint_from(payload)
+    if not isinstance(payload, dict) or not payload or not all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in payload.items()):
+        raise UserError(f"{location}: neither a raycf checkpoint nor a state_dict (expected a model.pt, or a mapping of parameter names to tensors)")
+    if all(key.startswith("module.") for key in payload):
+        payload = {key.removeprefix("module."): value for key, value in payload.items()}
+    return payload
+
+
+def check_checkpoint(
+    checkpoint: ClassifierCheckpoint, source: str, expected_arch: str | None = None, expected_classes: int | None = None
+) -> ClassifierCheckpoint:
+    """Refuse a checkpoint of another architecture or class count (one line naming both)."""
+    if expected_arch is not None and checkpoint.arch != expected_arch:
+        raise UserError(f"{source}: checkpoint is for arch {checkpoint.arch}, but the study's model.arch is {expected_arch}")
+    if expected_classes is not None and checkpoint.num_classes != expected_classes:
+        raise UserError(
+            f"{source}: checkpoint has {checkpoint.num_classes} classes, but the dataset has {expected_classes} (expected a checkpoint for this dataset)"
+        )
+    return checkpoint
+
+
+def _safe_load(data: bytes, source: str, expected: str) -> object:
     try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{source}: not a loadable raycf checkpoint ({first_line[:160]})") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{source}: not a raycf classifier checkpoint (expected format {CHECKPOINT_FORMAT})")
-    checkpoint = ClassifierCheckpoint(
+        raise UserError(f"{source}: not a loadable {expected} ({first_line[:160]})") from None
+
+
+def _is_raycf(payload: object) -> bool:
+    return isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT
+
+
+def _checkpoint_from(payload: dict) -> ClassifierCheckpoint:
+    return ClassifierCheckpoint(
         arch=payload["arch"],
         num_filters=payload["num_filters"],
         num_classes=payload["num_classes"],
@@ -185,10 +228,3 @@ def parse_classifier_checkpoint(
         metrics=dict(payload.get("metrics", {})),
         base_hash=str(payload.get("base_hash", "")),
     )
-    if expected_arch is not None and checkpoint.arch != expected_arch:
-        raise UserError(f"{source}: checkpoint is for arch {checkpoint.arch}, but the study's model.arch is {expected_arch}")
-    if expected_classes is not None and checkpoint.num_classes != expected_classes:
-        raise UserError(
-            f"{source}: checkpoint has {checkpoint.num_classes} classes, but the dataset has {expected_classes} (expected a checkpoint for this dataset)"
-        )
-    return checkpoint

@@ -137,12 +137,14 @@ def _load_checked_study(args: argparse.Namespace):
     from raycf import console
     from raycf.config import load_study
     from raycf.data import load_splits
+    from raycf.method.replication import check_class_group
     from raycf.models import check_model_weights
 
     study = load_study(args.study, args.overrides, smoke=args.smoke)
     console.configure(study.results_uri, verbose=args.verbose)  # before any stage starts Ray (cluster.ensure_ray)
     splits = load_splits(study.data, study.seed, verify_images=True)
-    check_model_weights(study.model, splits.num_classes)
+    check_model_weights(study.model, splits.num_classes, splits.class_names)
+    check_class_group(study.final.class_group, splits.class_names)
     return study
 
 

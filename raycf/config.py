@@ -25,9 +25,9 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from raycf.architectures import VGG_TINY, accepted_names, family_of, refused_names
 from raycf.errors import UserError
 
-ARCHITECTURES = ("vgg16", "resnet18", "resnet50", "vgg_tiny")
 DATASET_KINDS = ("digits", "fashion_mnist", "cub200", "imagefolder")
 
 # Short names for the parameters the paper's method is searched over; any other
@@ -98,6 +98,9 @@ class DataConfig(StrictModel):
     test_fraction: float = Field(
         0.6, gt=0, lt=1, description="digits only: share of the 1,797 images held out as the test split (stratified)"
     )
+    max_per_split: int = Field(
+        0, ge=0, description="the most images kept per split, a stratified sample by seed (0: every image); for smoke runs of large datasets"
+    )
     bbox_crop: bool = Field(False, description="cub200 only: crop each image to its bounding_boxes.txt box")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="training augmentation")
     decode_actors: int = resource_field(2, "CPU actors of the images stage that decode and resize the dataset", gt=0)
@@ -121,16 +124,44 @@ class DataConfig(StrictModel):
 class ModelConfig(StrictModel):
     """The classifier (METHOD §1 contract)."""
 
-    arch: Literal["vgg16", "resnet18", "resnet50", "vgg_tiny"] = Field(
-        "vgg_tiny", description="vgg16, resnet18, resnet50, or vgg_tiny (small VGG-style net for CPUs)"
+    arch: str = Field(
+        VGG_TINY,
+        description=f"{accepted_names(markdown=True)}; vgg_tiny is a small VGG-style net for CPUs, the others torchvision's names; "
+        f"refused: {refused_names(markdown=True)} (their heads are not linear in pooled filters)",
     )
     weights: str = Field(
-        "none", description="none (random init), imagenet (torchvision weights from the local cache), or a raycf checkpoint path"
+        "none",
+        description="none (random init), imagenet (torchvision's or timm's weights from the local cache, under a new head), "
+        "or a path: a raycf checkpoint, or a torchvision or timm state_dict of model.arch",
+    )
+    weights_trunk_only: bool = Field(
+        False,
+        description="with a state_dict in model.weights: adopt its trunk under a new head (its own head is dropped and its class count not "
+        "checked); needed for a torchvision VGG state_dict, whose head is three FC layers",
+    )
+    class_names: tuple[str, ...] | None = Field(
+        None,
+        description="the class order of a state_dict's head when it is not the dataset's sorted class order: the dataset's classes, "
+        "each once; the head's rows are put in the dataset's order",
     )
     dropout: float = Field(0.5, ge=0, lt=1, description="dropout before the linear head (training only)")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="arithmetic of training and inference: auto is bf16 on a CUDA device that supports it, fp32 on the CPU; fp16 adds a GradScaler"
     )
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, arch: str) -> str:
+        family_of(arch)  # a ValueError names the accepted families, or why this one is refused
+        return arch
+
+    @field_validator("class_names", mode="before")
+    @classmethod
+    def _class_names_as_text(cls, names: Any) -> Any:
+        """YAML reads class names such as 0 … 9 as numbers: take them as the names they spell."""
+        if isinstance(names, (list, tuple)):
+            return tuple(str(name) if isinstance(name, int) and not isinstance(name, bool) else name for name in names)
+        return names
 
 
 class BaseConfig(StrictModel):
@@ -214,6 +245,7 @@ class AnalysisConfig(StrictModel):
     freq_threshold: float = Field(0.15, ge=0, le=1, description="f of detection: a filter is in G_c if seen in more than f·max of the class's accepted images; the G of the AUROC scores and of the study's own detection row (retraining has debug.freq_threshold)")
     skip_threshold: float = Field(0.9, ge=0, le=1, description="skip threshold of the study's own detection score")
     settings: tuple[DetectionSetting, ...] = Field(PAPER_DETECTION_SETTINGS, description="rows of the detection table")
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples (over images, seeded by the study seed) behind the 95 % intervals of AUROC and AUPR and of AUROC differences; 0: no intervals")
 
 
 class DebugConfig(StrictModel):
@@ -342,6 +374,41 @@ DEFAULT_SPACE = {
 }
 
 
+class FinalConfig(StrictModel):
+    """The final test evaluation: the best searched trial against the control, and optionally against it over several seeds."""
+
+    seeds: int = Field(
+        1,
+        ge=1,
+        description="retraining seeds per model: 1 evaluates the best searched trial and the control as the search trained them; "
+        "n > 1 also retrains the control, the study's own λ (debug.lambda1, debug.lambda2) and the best trial's parameters n times "
+        "each, with the data order, the view drawn per epoch and dropout seeded by seed + 0 … n − 1, and reports paired 95 % intervals "
+        "of their test and validation accuracy differences",
+    )
+    class_group: tuple[str, ...] = Field(
+        (),
+        description="class names (as the dataset names them, e.g. [Shirt, T-shirt/top, Pullover, Coat]) whose per-class test recall "
+        "change over the seeds is summarised together (final/group_recall.parquet); needs seeds > 1; checked against the dataset's "
+        "classes before anything runs",
+    )
+
+    @field_validator("class_group", mode="before")
+    @classmethod
+    def _names_as_text(cls, names: Any) -> Any:
+        """YAML reads digits' class names (0 … 9) as numbers: take them as the names they spell."""
+        if isinstance(names, (list, tuple)):
+            return tuple(str(name) if isinstance(name, int) and not isinstance(name, bool) else name for name in names)
+        return names
+
+    @model_validator(mode="after")
+    def _group_needs_seeds(self) -> "FinalConfig":
+        if len(set(self.class_group)) != len(self.class_group):
+            raise ValueError(f"class_group names a class twice (got {list(self.class_group)})")
+        if self.class_group and self.seeds == 1:
+            raise ValueError("class_group needs seeds > 1 (the group's recall change is summarised over retraining seeds)")
+        return self
+
+
 class StudyConfig(StrictModel):
     """A whole study: data, model, and every stage's settings."""
 
@@ -358,6 +425,7 @@ class StudyConfig(StrictModel):
     prefix: PrefixConfig = Field(default_factory=PrefixConfig)
     debug: DebugConfig = Field(default_factory=DebugConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
+    final: FinalConfig = Field(default_factory=FinalConfig)
     smoke: dict[str, Any] = Field(
         default_factory=dict,
         description="overrides applied by --smoke (tiny epochs and trial counts), after raycf's own: " + ", ".join(f"{key}={value}" for key, value in DEFAULT_SMOKE.items()),

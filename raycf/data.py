@@ -152,8 +152,21 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[
     return np.sort(kept), np.sort(held)
 
 
+def capped(index: np.ndarray, labels: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    """At most ``cap`` of ``index`` (0: all), a stratified sample by seed, in the original order."""
+    from sklearn.model_selection import train_test_split
+
+    if not cap or len(index) <= cap:
+        return index
+    counts = np.bincount(labels)
+    stratify = labels if counts[counts > 0].min() >= 2 and cap >= len(counts[counts > 0]) else None
+    _, kept = train_test_split(np.arange(len(index)), test_size=cap, stratify=stratify, random_state=seed)
+    return index[np.sort(kept)]
+
+
 def _make_splits(
     config: DataConfig,
+    seed: int,
     ids: list[str],
     labels: np.ndarray,
     load: Callable[[int], object],
@@ -165,7 +178,7 @@ def _make_splits(
     side = stored_side(config)
 
     def subset(split: str, index: np.ndarray) -> SplitImages:
-        positions = [int(i) for i in index]
+        positions = [int(i) for i in capped(index, labels[index], config.max_per_split, seed)]
         return SplitImages(split, [ids[i] for i in positions], labels[positions], lambda k: load(positions[k]), side)
 
     return DataSplits(train=subset("train", train_index), val=subset("val", val_index), test=subset("test", test_index), class_names=class_names)
@@ -187,7 +200,7 @@ def _digits_splits(config: DataConfig, seed: int) -> DataSplits:
     train_pos, val_pos = stratified_holdout(labels[rest], config.val_fraction, seed)
     ids = [f"digits-{i:04d}" for i in range(len(labels))]
     return _make_splits(
-        config, ids, labels, lambda i: images[i], rest[train_pos], rest[val_pos], test_index, [str(d) for d in range(10)]
+        config, seed, ids, labels, lambda i: images[i], rest[train_pos], rest[val_pos], test_index, [str(d) for d in range(10)]
     )
 
 
@@ -197,24 +210,29 @@ FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
+FASHION_MNIST_SOURCE = "from the Debian package dataset-fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (gzip-compressed or not) as a numpy array: the MNIST format of unsigned bytes."""
+def read_idx(path: Path, source: str = "") -> np.ndarray:
+    """An IDX file (gzip-compressed or not) as a numpy array: the MNIST format of unsigned bytes.
+
+    ``source`` (e.g. the Debian package that ships the file) is named in the errors.
+    """
+    hint = f"; {source}" if source else ""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as stream:
             data = stream.read()
     except (OSError, EOFError) as error:
-        raise UserError(f"{path}: unreadable IDX file ({error.__class__.__name__}; expected a gzip-compressed MNIST-format file)") from None
+        raise UserError(f"{path}: unreadable IDX file ({error.__class__.__name__}; expected a gzip-compressed MNIST-format file{hint})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise UserError(f"{path}: not an IDX file of unsigned bytes (expected the magic 0x0000080N)")
+        raise UserError(f"{path}: not an IDX file of unsigned bytes (expected the magic 0x0000080N{hint})")
     dimensions = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dimensions))
     values = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dimensions)
     if values.size != int(np.prod(shape)):
-        raise UserError(f"{path}: truncated IDX file (expected {int(np.prod(shape))} values for shape {shape}, found {values.size})")
+        raise UserError(f"{path}: truncated IDX file (expected {int(np.prod(shape))} values for shape {shape}, found {values.size}{hint})")
     return values.reshape(shape)
 
 
@@ -225,8 +243,11 @@ def _fashion_mnist_splits(config: DataConfig, root: Path, seed: int) -> DataSpli
     for split, (images_file, labels_file) in FASHION_MNIST_FILES.items():
         for name in (images_file, labels_file):
             if not (root / name).is_file():
-                raise UserError(f"data.root {root}: missing {name} (expected Fashion-MNIST's IDX files: {', '.join(sum(FASHION_MNIST_FILES.values(), ()))})")
-        images, labels = read_idx(root / images_file), read_idx(root / labels_file)
+                raise UserError(
+                    f"data.root {root}: missing {name} (expected Fashion-MNIST's IDX files: {', '.join(sum(FASHION_MNIST_FILES.values(), ()))}; "
+                    f"{FASHION_MNIST_SOURCE})"
+                )
+        images, labels = read_idx(root / images_file, FASHION_MNIST_SOURCE), read_idx(root / labels_file, FASHION_MNIST_SOURCE)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise UserError(f"data.root {root}: {images_file} holds {images.shape}, {labels_file} {labels.shape} (expected N×28×28 images and N labels)")
         arrays[split] = (images, labels.astype(np.int64))
@@ -240,7 +261,7 @@ def _fashion_mnist_splits(config: DataConfig, root: Path, seed: int) -> DataSpli
         return torch.from_numpy(images[index].astype(np.float32) / 255.0)[None].expand(3, -1, -1)
 
     ids = [f"fashion-{'train' if i < len(official_train) else 'test'}-{i if i < len(official_train) else i - len(official_train):05d}" for i in range(len(labels))]
-    return _make_splits(config, ids, labels, load, official_train[train_pos], official_train[val_pos], test_index, FASHION_MNIST_CLASSES)
+    return _make_splits(config, seed, ids, labels, load, official_train[train_pos], official_train[val_pos], test_index, FASHION_MNIST_CLASSES)
 
 
 # ---------------------------------------------------------------------- files
@@ -311,7 +332,7 @@ def _cub_splits(config: DataConfig, root: Path, seed: int) -> DataSplits:
         raise UserError(f"data.root {root}: train_test_split.txt must mark some images 1 (train) and some 0 (test)")
     train_pos, val_pos = stratified_holdout(labels[official_train], config.val_fraction, seed)
     return _make_splits(
-        config, [f"cub-{i}" for i in image_ids], labels, load, official_train[train_pos], official_train[val_pos], test_index, class_names
+        config, seed, [f"cub-{i}" for i in image_ids], labels, load, official_train[train_pos], official_train[val_pos], test_index, class_names
     )
 
 
@@ -361,4 +382,4 @@ def _imagefolder_splits(config: DataConfig, root: Path, seed: int) -> DataSplits
     if len(val_index) == 0:
         train_pos, val_pos = stratified_holdout(label_array[train_index], config.val_fraction, seed)
         train_index, val_index = train_index[train_pos], train_index[val_pos]
-    return _make_splits(config, ids, label_array, load, train_index, val_index, test_index, class_names)
+    return _make_splits(config, seed, ids, label_array, load, train_index, val_index, test_index, class_names)

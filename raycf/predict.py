@@ -64,10 +64,25 @@ def predict_splits(study: StudyConfig, images: StoreRef, model_bytes: bytes, mod
     return pd.concat(frames, ignore_index=True)
 
 
-def predict_on_ray(study: StudyConfig, images: StoreRef, models: dict[str, bytes]) -> pd.DataFrame:
-    """:func:`predict_splits` for each named ``model.pt``, as parallel Ray tasks (one GPU each with ``debug.use_gpu``)."""
+def predict_models(study: StudyConfig, images: StoreRef, models: dict[str, bytes], splits: tuple[str, ...] = SPLITS, use_gpu: bool = False) -> pd.DataFrame:
+    """:func:`predict_splits` for several named models, one after the other, in this process."""
+    return pd.concat([predict_splits(study, images, model_bytes, name, splits, use_gpu) for name, model_bytes in models.items()], ignore_index=True)
+
+
+def predict_on_ray(study: StudyConfig, images: StoreRef, models: dict[str, bytes], tasks: int | None = None) -> pd.DataFrame:
+    """:func:`predict_splits` for each named ``model.pt``, as parallel Ray tasks (one GPU each with ``debug.use_gpu``), rows in the models' order.
+
+    ``tasks``: at most that many tasks, each predicting its share of the
+    models in turn (fewer worker start-ups when there are many small
+    models); None: one task per model.
+    """
     import ray
 
-    task = ray.remote(predict_splits).options(num_cpus=1, num_gpus=1 if study.debug.use_gpu else 0)
-    frames = ray.get([task.remote(study, images, model_bytes, name, SPLITS, study.debug.use_gpu) for name, model_bytes in models.items()])
-    return pd.concat(frames, ignore_index=True)
+    names = list(models)
+    count = len(names) if tasks is None else max(1, min(tasks, len(names)))
+    shares = [names[start::count] for start in range(count)]
+    task = ray.remote(predict_models).options(num_cpus=1, num_gpus=1 if study.debug.use_gpu else 0)
+    frames = ray.get([task.remote(study, images, {name: models[name] for name in share}, SPLITS, study.debug.use_gpu) for share in shares])
+    frame = pd.concat(frames, ignore_index=True)
+    position = frame["model"].map({name: index for index, name in enumerate(names)}).to_numpy()
+    return frame.iloc[np.argsort(position, kind="stable")].reset_index(drop=True)

@@ -12,12 +12,18 @@ only to draw them.  Output, ``<results>/report/``:
 * every figure as a PNG file beside it (``auroc.png``, ``class_recall.png``,
   ``pareto.png``, ``param_importances.png``, ``parallel_coordinate.png``,
   ``global_mc.png``, ``gallery_fixed.png``, ``gallery_broken.png``,
-  ``gallery_confidence.png``).
+  ``gallery_confidence.png``);
+* ``search_noise.json``: the search's spread against validation noise and
+  Optuna's parameter importances, as numbers (:func:`search_noise_section`).
 
 Contents: the study (manifest, stages, config); Table 1 (detection) with the
-threshold-free AUROC of every agreement score against max softmax; Tables 2
-and 3 and the per-class recall change; the leaderboard's top 10 and its Pareto
-front; Optuna's parameter importances and parallel coordinates; the global MC
+threshold-free AUROC of every agreement score against max softmax (bootstrap
+intervals); the learned detector (confidence alone vs confidence + CFE
+signals); Tables 2 and 3 and the per-class recall change; with ``final.seeds`` > 1, debug retraining
+against the control over seeds (paired t intervals, the class group); the leaderboard's
+top 10 and its Pareto front; Optuna's parameter importances and parallel
+coordinates; whether the trials differ by more than validation noise (also
+``search_noise.json``, with the importances as numbers); the global MC
 filters of every class (class × filter counts); and a gallery in the manner of
 the paper's Figure 2: test images the debugged model fixed, broke, or became
 more confident on, each with Grad-CAM before and after and its MC filters.
@@ -28,6 +34,7 @@ instead of failing.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -84,6 +91,7 @@ class Section:
     anchor: str
     title: str
     blocks: list[str | Figure] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)  # data files written beside the page: name -> text
 
     def add(self, block: str | Figure) -> None:
         self.blocks.append(block)
@@ -186,7 +194,7 @@ def recall_change_figure(class_recall: pd.DataFrame) -> bytes:
 
 
 def auroc_figure(error_scores: pd.DataFrame) -> bytes:
-    """AUROC of each error score (errors as positives) per split; the max-softmax baseline hatched."""
+    """AUROC of each error score (errors as positives) per split, with its bootstrap interval when there is one; the max-softmax baseline hatched."""
     from raycf.method.detection import error_quality_frame
 
     quality = error_quality_frame(error_scores)
@@ -197,7 +205,7 @@ def auroc_figure(error_scores: pd.DataFrame) -> bytes:
     positions = np.arange(len(quality))
     for offset, split in enumerate(splits):
         values = quality[f"auroc {split}"].to_numpy(dtype=float)
-        bars = axes.barh(positions + offset * height, values, height=height, label=split)
+        bars = axes.barh(positions + offset * height, values, height=height, label=split, xerr=_interval_bars(error_scores, split, quality.index, values))
         for bar, name in zip(bars, quality.index):
             if name == "max_softmax":
                 bar.set_hatch("//")
@@ -209,6 +217,16 @@ def auroc_figure(error_scores: pd.DataFrame) -> bytes:
     axes.legend(fontsize="small", loc="lower right")
     axes.set_title("Error detection without thresholds: agreement scores vs max softmax (hatched)")
     return png_bytes(figure)
+
+
+def _interval_bars(error_scores: pd.DataFrame, split: str, scores: pd.Index, values: np.ndarray) -> np.ndarray | None:
+    """Error bars (2×n distances below and above each value) of the bootstrap AUROC intervals, or None without them."""
+    if "auroc_lo" not in error_scores:
+        return None
+    rows = error_scores[error_scores["split"] == split].set_index("score").reindex(scores)
+    below = values - rows["auroc_lo"].to_numpy(dtype=float)
+    above = rows["auroc_hi"].to_numpy(dtype=float) - values
+    return np.clip(np.nan_to_num(np.vstack([below, above])), 0, None)  # a percentile interval may sit beside its estimate
 
 
 def pareto_figure(board: pd.DataFrame, front: pd.DataFrame, x: str, y: str) -> bytes:
@@ -352,7 +370,7 @@ def study_section(context: ReportContext) -> Section:
 
 def detection_section(context: ReportContext) -> Section:
     """Paper Table 1 and the threshold-free comparison with max softmax."""
-    from raycf.method.detection import error_quality_frame, table1_frame
+    from raycf.method.detection import error_interval_frame, error_quality_frame, table1_frame
 
     section = Section("detection", "Misclassification detection (paper Table 1)")
     detection = context.frame("analysis", "detection.parquet")
@@ -366,18 +384,82 @@ def detection_section(context: ReportContext) -> Section:
         f"global MC filters (τ = {analysis.tau:g}); flagged images are re-ranked among their top-k classes (altered accuracy)."
     )
     section.table(table1_frame(detection), "Table 1: errors detected and new errors per setting")
-    quality = error_quality_frame(error_scores).reset_index()
-    section.table(quality, "Error detection without thresholds: AUROC and AUPR (errors as positives; higher = better detector)")
+    if "auroc_lo" in error_scores:
+        for split in (name for name in ("test", "val") if name in set(error_scores["split"])):
+            first = error_scores[error_scores["split"] == split].iloc[0]
+            section.table(
+                error_interval_frame(error_scores, split).reset_index(),
+                f"{split}: error detection without thresholds (errors as positives; higher = better detector), with bootstrap 95 % "
+                f"intervals ({int(first['bootstrap'])} resamples of the {int(first['images'])} images; the difference with max softmax paired)",
+            )
+    else:
+        quality = error_quality_frame(error_scores).reset_index()
+        section.table(quality, "Error detection without thresholds: AUROC and AUPR (errors as positives; higher = better detector)")
     scores = error_scores.set_index(["split", "score"])
     for split in ("test", "val"):
         if (split, "f1") in scores.index and (split, "max_softmax") in scores.index:
-            f1, softmax = scores.loc[(split, "f1"), "auroc"], scores.loc[(split, "max_softmax"), "auroc"]
-            verdict = "better than" if f1 > softmax else "not better than"
-            section.paragraph(
-                f"{split}: AUROC of the F1 agreement {f1:.3f} vs max softmax {softmax:.3f}: the agreement score is {verdict} the "
-                f"classifier's own confidence ({int(scores.loc[(split, 'f1'), 'errors'])} errors in {int(scores.loc[(split, 'f1'), 'images'])} images)."
-            )
+            section.paragraph(agreement_verdict(split, scores.loc[(split, "f1")], scores.loc[(split, "max_softmax")]))
     section.add(Figure("auroc", "AUROC of each score; max softmax is the baseline (hatched).", auroc_figure(error_scores)))
+    return section
+
+
+def agreement_verdict(split: str, f1: pd.Series, softmax: pd.Series) -> str:
+    """A sentence: is the F1 agreement a better error detector than max softmax on ``split`` (by the paired interval when there is one)?"""
+    from raycf.method.detection import with_interval
+
+    low, high = f1.get("auroc_diff_lo", float("nan")), f1.get("auroc_diff_hi", float("nan"))
+    if pd.isna(low) or pd.isna(high):
+        verdict = "better than" if f1["auroc"] > softmax["auroc"] else "not better than"
+    else:
+        verdict = "better than" if low > 0 else "worse than" if high < 0 else "not distinguishable from"
+    difference = with_interval(f1["auroc"] - softmax["auroc"], low, high, signed=True)
+    return (
+        f"{split}: AUROC of the F1 agreement {f1['auroc']:.3f} vs max softmax {softmax['auroc']:.3f} (difference {difference}): the "
+        f"agreement score is {verdict} the classifier's own confidence ({int(f1['errors'])} errors in {int(f1['images'])} images)."
+    )
+
+
+def learned_detector_section(context: ReportContext) -> Section:
+    """Do the CFE signals add to confidence?  Two logistic regressions fitted on validation, scored on test."""
+    from raycf.method.detection import with_interval
+    from raycf.method.learned_detector import coefficient_frame, detector_summary
+
+    section = Section("learned-detector", "Learned detector: do the CFE signals add to confidence?")
+    learned = context.frame("analysis", "learned_detector.parquet")
+    if learned is None:
+        section.note("analysis/learned_detector.parquet is missing: run `raycf analyze STUDY`.")
+        return section
+    section.paragraph(
+        "Logistic regressions (standardised features, class-balanced, L2) predict 'the prediction is wrong', fitted on the "
+        "validation split and scored on the test split: one on the softmax alone (max softmax, margin of the top two, entropy), "
+        "one on those plus the CFE signals (agreement scores, MC-set size, masked confidence, MI-set size)."
+    )
+    reason = str(learned["reason"].iloc[0])
+    if reason:
+        section.note(f"No learned detector: {reason}.")
+        return section
+    shown = pd.DataFrame(
+        {
+            "detector": learned["detector"],
+            "features": learned["features"].str.replace(",", ", "),
+            "AUROC [95 % CI]": [with_interval(*v) for v in zip(learned["auroc"], learned["auroc_lo"], learned["auroc_hi"])],
+            "AUPR [95 % CI]": [with_interval(*v) for v in zip(learned["aupr"], learned["aupr_lo"], learned["aupr_hi"])],
+            f"AUROC − {learned['baseline'].iloc[0]} [95 % CI]": [
+                with_interval(*v, signed=True) for v in zip(learned["auroc_diff"], learned["auroc_diff_lo"], learned["auroc_diff_hi"])
+            ],
+        }
+    )
+    first = learned.iloc[0]
+    section.table(
+        shown,
+        f"Test AUROC and AUPR ({int(first['errors'])} errors in {int(first['images'])} images; fitted on {int(first['fit_errors'])} errors in "
+        f"{int(first['fit_images'])} validation images); bootstrap 95 % intervals, {int(first['bootstrap'])} resamples, the difference paired",
+    )
+    missing = [name for name in learned["missing_features"].iloc[-1].split(",") if name]
+    if missing:
+        section.note(f"Signals this study does not have, left out: {', '.join(missing)}.")
+    section.paragraph(detector_summary(learned) + ".")
+    section.table(coefficient_frame(learned).reset_index(names="feature"), "Fitted coefficients: log-odds of an error per standard deviation of each feature")
     return section
 
 
@@ -416,7 +498,58 @@ def final_section(context: ReportContext) -> Section:
             section.table(table3.drop(columns=["class_index"], errors="ignore"), "Table 3: classes whose test recall changed most (debugged vs base)")
     if class_recall is not None and len(class_recall):
         section.add(Figure("class_recall", "Per-class test recall change from the base model.", recall_change_figure(class_recall)))
+    add_seed_comparison(section, context)
     return section
+
+
+def add_seed_comparison(section: Section, context: ReportContext) -> None:
+    """With ``final.seeds`` > 1: the control, the study's λ and the best trial over retraining seeds (paired intervals, the class group)."""
+    from raycf.method.replication import format_interval
+
+    summary = context.frame("final", "seed_summary.parquet")
+    seeds = context.frame("final", "seeds.parquet")
+    if summary is None or seeds is None:
+        return  # final.seeds is 1: Tables 2 and 3 are the whole comparison
+    section.add("<h3>Over retraining seeds (final.seeds)</h3>")
+    count = int(seeds["seed"].nunique())
+    section.paragraph(
+        f"The control (λ1 = λ2 = 0), the study's own λ (reference) and the best searched trial's parameters (best) were each retrained "
+        f"{count} times from the base model; a seed changes the data order, the view drawn per epoch and dropout, the same for the three. "
+        f"Each run keeps its best validation epoch and is run once over every split. Seed 0 is the search's own draw: the best trial "
+        f"was chosen on its seed-0 validation accuracy, so that one value is optimistic; the other seeds and the test split are not."
+    )
+    per_model = seeds.groupby("model", sort=False).agg(
+        runs=("seed", "size"), test_mean=("test_acc", "mean"), test_sd=("test_acc", "std"), val_mean=("val_acc", "mean"), val_sd=("val_acc", "std"), best_epoch=("best_epoch", "mean")
+    ).reset_index()
+    for column in ("test_mean", "test_sd", "val_mean", "val_sd"):
+        per_model[column] = _percent(per_model[column])
+    section.table(per_model.rename(columns={"test_mean": "test %", "test_sd": "test sd", "val_mean": "val %", "val_sd": "val sd", "best_epoch": "mean best epoch"}), "Accuracy over the seeds (mean and sample sd, %)")
+    level = int(round(100 * float(summary["confidence"].iloc[0])))
+    shown = pd.DataFrame(
+        {
+            "comparison": summary["comparison"],
+            "seeds": summary["seeds"],
+            f"test difference [{level} % t interval], points": [format_interval(r.test_diff_mean, r.test_diff_ci_low, r.test_diff_ci_high) for r in summary.itertuples()],
+            "test sd": [f"{100 * v:.2f}" for v in summary["test_diff_sd"]],
+            "seeds better": summary["test_wins"],
+            f"val difference [{level} % t interval], points": [format_interval(r.val_diff_mean, r.val_diff_ci_low, r.val_diff_ci_high) for r in summary.itertuples()],
+        }
+    )
+    section.table(shown, "Accuracy difference from the control of the same seed (paired t interval; an interval holding 0 is no evidence of a difference)")
+    group = context.frame("final", "group_recall.parquet")
+    if group is not None and len(group):
+        rows = pd.DataFrame(
+            {
+                "comparison": group["comparison"],
+                "class": group["class"],
+                "images": group["support"],
+                "base %": _percent(group["recall_base"]),
+                "control %": _percent(group["recall_control_mean"]),
+                "model %": _percent(group["recall_mean"]),
+                f"change [{level} % t interval], points": [format_interval(r.change_mean, r.change_ci_low, r.change_ci_high) for r in group.itertuples()],
+            }
+        )
+        section.table(rows, "Test recall of the class group (final.class_group) over the seeds; (group): all its images together")
 
 
 def search_section(context: ReportContext) -> Section:
@@ -459,7 +592,7 @@ def optuna_figures(context: ReportContext, section: Section) -> list[Figure]:
     section.paragraph(f"Optuna study {study.study_name}: {len(finished)} finished trials told to the sampler (the control is run apart from it).")
     figures = []
     plots: list[tuple[str, str, Callable]] = [
-        ("param_importances", "Optuna's parameter importances (fANOVA) for the objective.", optuna.visualization.matplotlib.plot_param_importances),
+        ("param_importances", "Optuna's parameter importances (fANOVA) for the objective.", functools.partial(optuna.visualization.matplotlib.plot_param_importances, evaluator=importance_evaluator(context))),
         ("parallel_coordinate", "Optuna's parallel coordinates: each line a trial, coloured by the objective.", optuna.visualization.matplotlib.plot_parallel_coordinate),
     ]
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -478,6 +611,82 @@ def optuna_figures(context: ReportContext, section: Section) -> list[Figure]:
             figure = np.ravel(axes)[0].figure
             figures.append(Figure(name, caption, png_bytes(figure)))
     return figures
+
+
+def search_noise_section(context: ReportContext) -> Section:
+    """Do the trials differ by more than validation noise?  The spread of val_acc, its binomial standard error, Optuna's importances.
+
+    Also writes the numbers as ``search_noise.json`` beside the page
+    (validation data only: the leaderboard, the validation split's size and
+    the Optuna storage).
+    """
+    from raycf.leaderboard import read_leaderboard
+    from raycf.method.search_noise import search_noise
+
+    section = Section("search-noise", "Search: do trials differ by more than validation noise?")
+    images = validation_images(context)
+    if not storage.exists(storage.join_uri(context.results, "leaderboard.parquet")) or images is None:
+        section.note("leaderboard.parquet or the validation split's size (analysis/error_scores.parquet) is missing: the search has not run.")
+        return section
+    noise = search_noise(read_leaderboard(context.results), images)
+    section.paragraph(noise["verdict"])
+    shown = {key: value for key, value in noise.items() if key not in ("verdict", "metric")}
+    values = ["–" if value is None or value != value else f"{value:.4g}" if isinstance(value, float) else str(value) for value in shown.values()]
+    section.table(pd.DataFrame({"": list(shown), noise["metric"]: values}), "Spread of the searched trials' objective (control excluded) against its binomial standard error at the mean")
+    importances, why = param_importances(context)
+    if importances:
+        frame = pd.DataFrame({"parameter": list(importances), "importance": list(importances.values())})
+        section.table(frame, f"Optuna's parameter importances (fANOVA, seed {context.study.seed}) for the objective")
+    else:
+        section.note(f"No parameter importances: {why}.")
+    record = {**noise, "importances": importances, "importance_evaluator": "fanova", "importance_seed": context.study.seed}
+    section.files["search_noise.json"] = json.dumps({key: _plain(value) for key, value in record.items()}, indent=2)
+    return section
+
+
+def validation_images(context: ReportContext) -> int | None:
+    """The validation split's size, from the analysis (or the masks), or None."""
+    error_scores = context.frame("analysis", "error_scores.parquet")
+    if error_scores is not None and (error_scores["split"] == "val").any():
+        return int(error_scores.loc[error_scores["split"] == "val", "images"].iloc[0])
+    location = storage.join_uri(context.results, "masks", "val")
+    return storage.read_table(location, columns=["image_index"]).num_rows if storage.exists(location) else None
+
+
+def param_importances(context: ReportContext) -> tuple[dict[str, float], str]:
+    """Optuna's fANOVA importances of the searched parameters (seeded by the study seed), or ``{}`` and why not."""
+    import optuna
+
+    study = load_optuna_study(context)
+    if study is None:
+        return {}, "no Optuna study found (optuna.db or search.storage)"
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(finished) < 2:
+        return {}, f"needs at least 2 finished Optuna trials (this study has {len(finished)})"
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        importances = optuna.importance.get_param_importances(study, evaluator=importance_evaluator(context))
+    except (ValueError, RuntimeError) as error:  # e.g. parameters that never varied
+        return {}, f"Optuna could not compute them ({str(error).splitlines()[0]})"
+    return {name: float(value) for name, value in importances.items()}, ""
+
+
+def importance_evaluator(context: ReportContext):
+    """fANOVA seeded by the study seed: the figure and search_noise.json give the same numbers on every rebuild."""
+    from optuna.importance import FanovaImportanceEvaluator
+
+    return FanovaImportanceEvaluator(seed=context.study.seed)
+
+
+def _plain(value):
+    """A JSON-ready value: NaN as None, numpy scalars as Python numbers, dicts element-wise."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (float, np.floating)):
+        return None if np.isnan(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 def load_optuna_study(context: ReportContext):
@@ -612,8 +821,10 @@ def gallery_images(context: ReportContext) -> dict[str, list[GalleryImage]]:
 SECTIONS: tuple[Callable[[ReportContext], Section], ...] = (
     study_section,
     detection_section,
+    learned_detector_section,
     final_section,
     search_section,
+    search_noise_section,
     global_mc_section,
     gallery_section,
 )
@@ -686,6 +897,8 @@ def build_report(results: str, output: str, study: StudyConfig) -> dict:
     figures = [figure for section in sections for figure in section.figures]
     for figure in figures:
         storage.write_bytes(storage.join_uri(output, f"{figure.name}.png"), figure.png)
+    for name, text in (item for section in sections for item in section.files.items()):
+        storage.write_text(storage.join_uri(output, name), text)
     generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
     page = render_page(f"raycf study report: {study.name}", f"Results {results} · config hash {study.config_hash()} · generated {generated}", sections)
     storage.write_text(storage.join_uri(output, INDEX_FILE), page)

@@ -89,3 +89,22 @@ def test_a_partial_checkpoint_holds_the_retrained_layers_and_completes_with_its_
         from raycf.models import classifier_from_checkpoint
 
         classifier_from_checkpoint(ModelConfig(arch="vgg_tiny"), partial)
+
+
+@pytest.mark.parametrize("arch", ["densenet121", "timm:resnet18"])
+def test_the_arch_string_round_trips_and_a_mismatch_is_refused(tmp_path, arch):
+    from raycf.checkpoint import checkpoint_of
+    from raycf.models import classifier_from_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=arch), 3).eval()
+    path = tmp_path / "model.pt"
+    save_classifier_checkpoint(checkpoint_of(model, ["a", "b", "c"], 32, "h"), str(path))
+    loaded = load_classifier_checkpoint(str(path), expected_arch=arch, expected_classes=3)
+    assert loaded.arch == arch and loaded.num_filters == model.num_filters and "fc.weight" in loaded.state_dict
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.equal(classifier_from_checkpoint(ModelConfig(arch=arch), loaded)(images), model(images))
+    assert torch.equal(build_model(ModelConfig(arch=arch, weights=str(path)), 3).eval()(images), model(images))
+    other = "resnet18" if arch.startswith("timm:") else "densenet169"
+    with pytest.raises(UserError, match=f"checkpoint is for arch {arch}, but the study's model.arch is {other}"):
+        build_model(ModelConfig(arch=other, weights=str(path)), 3)

@@ -59,7 +59,7 @@ def _checkpoint(path: Path, classes: int) -> Path:
 @pytest.mark.parametrize(
     ("sections", "expected"),
     [
-        ({"model": {"arch": "alexnet"}}, "model.arch: Input should be 'vgg16', 'resnet18', 'resnet50' or 'vgg_tiny' (got 'alexnet')"),
+        ({"model": {"arch": "alexnet"}}, "model.arch: alexnet is refused: its head is three fully connected layers over 6×6 maps"),
         ({"data": {"kind": "svhn"}}, "data.kind: Input should be 'digits', 'fashion_mnist', 'cub200' or 'imagefolder' (got 'svhn')"),
         ({"base": {"epochs": -2}}, "base.epochs: Input should be greater than 0 (got -2)"),
         ({"base": {"lr": 0}}, "base.lr: Input should be greater than 0 (got 0)"),

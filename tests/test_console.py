@@ -328,9 +328,11 @@ def test_the_cli_hands_verbose_and_the_results_folder_to_the_console(monkeypatch
     class Study:
         results_uri = str(tmp_path / "digits")
         data, seed, model = None, 0, None
+        final = raycf.config.FinalConfig()
 
     class Splits:
         num_classes = 10
+        class_names = [str(digit) for digit in range(10)]
 
     monkeypatch.setattr(raycf.config, "load_study", lambda *args, **kwargs: Study())
     monkeypatch.setattr(raycf.data, "load_splits", lambda *args, **kwargs: Splits())

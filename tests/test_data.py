@@ -99,11 +99,16 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
         stream.write(header + array.astype(np.uint8).tobytes())
 
 
-def test_fashion_mnist_reads_idx_files_with_the_official_split(tmp_path):
+def _write_fashion_mnist(folder: Path, train: int, test: int) -> None:
+    """A Fashion-MNIST folder of random images, labels cycling through the 10 classes."""
     rng = np.random.default_rng(0)
-    for prefix, count in (("train", 40), ("t10k", 10)):
-        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, size=(count, 28, 28)))
-        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(count) % 10)
+    for prefix, count in (("train", train), ("t10k", test)):
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, size=(count, 28, 28)))
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", np.arange(count) % 10)
+
+
+def test_fashion_mnist_reads_idx_files_with_the_official_split(tmp_path):
+    _write_fashion_mnist(tmp_path, train=40, test=10)
     assert read_idx(tmp_path / "t10k-images-idx3-ubyte.gz").shape == (10, 28, 28)
     splits = load_splits(DataConfig(kind="fashion_mnist", root=str(tmp_path), val_fraction=0.25), seed=0)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (30, 10, 10)
@@ -114,11 +119,42 @@ def test_fashion_mnist_reads_idx_files_with_the_official_split(tmp_path):
         load_splits(DataConfig(kind="fashion_mnist", root=str(tmp_path)), seed=0)
 
 
+def test_fashion_mnist_missing_or_truncated_files_name_the_file_and_the_package(tmp_path):
+    _write_fashion_mnist(tmp_path, train=40, test=10)
+    images = tmp_path / "train-images-idx3-ubyte.gz"
+    whole = gzip.decompress(images.read_bytes())
+    images.write_bytes(gzip.compress(whole[:-100]))
+    with pytest.raises(UserError, match=r"train-images-idx3-ubyte.gz: truncated IDX file \(expected 31360 values .* found 31260; from the Debian package dataset-fashion-mnist\)"):
+        load_splits(DataConfig(kind="fashion_mnist", root=str(tmp_path)), seed=0)
+    images.write_bytes(gzip.compress(whole)[:200])  # a gzip stream cut short
+    with pytest.raises(UserError, match="train-images-idx3-ubyte.gz: unreadable IDX file .*dataset-fashion-mnist"):
+        load_splits(DataConfig(kind="fashion_mnist", root=str(tmp_path)), seed=0)
+    images.unlink()
+    with pytest.raises(UserError, match="missing train-images-idx3-ubyte.gz .*dataset-fashion-mnist"):
+        load_splits(DataConfig(kind="fashion_mnist", root=str(tmp_path)), seed=0)
+
+
+def test_max_per_split_keeps_a_stratified_sample_by_seed(tmp_path):
+    _write_fashion_mnist(tmp_path, train=400, test=100)
+    config = DataConfig(kind="fashion_mnist", root=str(tmp_path), val_fraction=0.25, max_per_split=50)
+    splits = load_splits(config, seed=0)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (50, 50, 50)
+    assert np.bincount(splits.train.labels).tolist() == [5] * 10  # stratified
+    assert splits.test.ids == sorted(splits.test.ids)  # the split's order is kept
+    full = load_splits(config.model_copy(update={"max_per_split": 0}), seed=0)
+    assert set(splits.train.ids) <= set(full.train.ids) and len(full.train) == 300
+    assert load_splits(config, seed=0).train.ids == splits.train.ids
+    assert load_splits(config, seed=1).train.ids != splits.train.ids
+    small = load_splits(config.model_copy(update={"max_per_split": 1000}), seed=0)
+    assert len(small.train) == 300  # a cap above the split's size keeps it whole
+
+
 def test_the_real_fashion_mnist_package():
     from conftest import require_system
 
     require_system("fashion-mnist")
     splits = load_splits(DataConfig(kind="fashion_mnist"), seed=0)
     assert (len(splits.train) + len(splits.val), len(splits.test)) == (60000, 10000)
-    assert sorted(np.bincount(splits.test.labels).tolist()) == [1000] * 10
+    assert np.bincount(splits.test.labels).tolist() == [1000] * 10
+    assert (np.bincount(splits.train.labels) + np.bincount(splits.val.labels)).tolist() == [6000] * 10
     assert splits.train.decode(0).shape == (32, 32, 3)

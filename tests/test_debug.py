@@ -132,6 +132,31 @@ def test_control_and_debugged_runs_see_the_same_batches(tiny, monkeypatch):
     assert debugged.history[-1]["train_nonmc"] < control.history[-1]["train_nonmc"]
 
 
+def test_an_order_seed_draws_another_data_order_and_the_studys_seed_the_same(tiny, monkeypatch):
+    """The final stage's retraining seeds (``DebugJob.order_seed``): the study's own seed is today's run, another one another draw."""
+    labels: list[torch.Tensor] = []
+    real = debug.train_one_epoch
+
+    def recording(model, loader, optimizer, loss_fn, *args, **options):
+        def passthrough():
+            for images, batch_labels in loader:
+                labels.append(batch_labels.clone())
+                yield images, batch_labels
+
+        return real(model, passthrough(), optimizer, loss_fn, *args, **options)
+
+    monkeypatch.setattr(debug, "train_one_epoch", recording)
+    study, images, base_bytes, global_filters, folder = tiny
+    runs = {}
+    for order_seed in (None, study.seed, study.seed + 1):
+        labels.clear()
+        job = debug.DebugJob(study=study, global_filters=global_filters, base_model=base_bytes, lambda1=0.0, lambda2=0.0, images=images, order_seed=order_seed)
+        result = debug.run_debug_training(job, name=f"order-seed-{order_seed}", storage_path=str(folder / "ray"), workers=0)
+        runs[order_seed] = (torch.cat(labels), result.history[-1]["train_loss"])
+    assert torch.equal(runs[None][0], runs[study.seed][0]) and runs[None][1] == runs[study.seed][1]
+    assert not torch.equal(runs[None][0], runs[study.seed + 1][0]) and runs[None][1] != runs[study.seed + 1][1]
+
+
 def test_in_process_run_reports_every_metric_and_keeps_the_best_checkpoint(tiny):
     result = _run(tiny, (0.016, 3.2e-4), "local", workers=0)
     assert parse_classifier_checkpoint(result.best_model_bytes).metrics["epoch"] == result.best_epoch

@@ -14,6 +14,7 @@ from raycf.method.detection import (
     average_precision,
     class_means,
     detection_row,
+    error_score_frame,
     error_score_rows,
     flag_images,
     format_tables,
@@ -229,3 +230,22 @@ def test_error_scores_orient_every_score_towards_errors_and_print():
     detection = pd.DataFrame([detection_row(data, "test", DetectionSetting(metric="f1"), tau=0.9)])
     text = format_tables(detection, pd.DataFrame(list(rows.values())))
     assert "Avg. F1" in text and "max_softmax" in text and "auroc test" in text
+
+
+def test_error_score_frame_adds_bootstrap_intervals_and_the_paired_difference_with_max_softmax():
+    data = tiny_study_data()
+    frame = error_score_frame(data, "test", tau=0.9, freq_threshold=0.0, resamples=200, seed=0).set_index("score")
+    rows = {row["score"]: row for row in error_score_rows(data, "test", tau=0.9, freq_threshold=0.0)}
+    assert frame["auroc"].to_dict() == pytest.approx({name: row["auroc"] for name, row in rows.items()})
+    assert (frame["baseline"] == "max_softmax").all() and (frame["bootstrap"] == 200).all()
+    assert frame.loc["f1", "auroc_diff"] == pytest.approx(4 / 5 - 3.5 / 5)
+    assert (frame.loc["max_softmax", "auroc_diff_lo"], frame.loc["max_softmax", "auroc_diff_hi"]) == (0.0, 0.0)
+    # one error in six images: a resample holds it about two times in three; every interval brackets its estimate
+    assert 100 < frame["bootstrap_defined"].iloc[0] < 170
+    assert ((frame["auroc_lo"] <= frame["auroc"]) & (frame["auroc"] <= frame["auroc_hi"])).all()
+    import pandas as pd
+
+    detection = pd.DataFrame([detection_row(data, "test", DetectionSetting(metric="f1"), tau=0.9)])
+    text = format_tables(detection, frame.reset_index())
+    assert "test: bootstrap 95 % intervals (200 resamples" in text and "AUROC − max softmax [95 % CI]" in text
+    assert f"+0.100 [{frame.loc['f1', 'auroc_diff_lo']:+.3f}, {frame.loc['f1', 'auroc_diff_hi']:+.3f}]" in text

@@ -1,35 +1,114 @@
-"""The classifier contract of METHOD §1 for every architecture."""
+"""The classifier contract of METHOD §1 for every architecture family."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from torch import nn
 
 from raycf.config import ModelConfig
 from raycf.errors import UserError
-from raycf.models import NUM_FILTERS, build_model
+from raycf.method.debug_loss import paper_indicator
+from raycf.models import build_model
+
+# One small member of every family, built at random initialisation on the CPU.
+FAMILY_MEMBERS = [
+    "vgg_tiny", "vgg16", "vgg11_bn", "resnet18", "resnext50_32x4d", "densenet121",
+    "efficientnet_b0", "efficientnet_v2_s", "mobilenet_v2", "regnet_x_400mf", "regnet_y_400mf", "shufflenet_v2_x0_5", "convnext_tiny",
+    "timm:resnet18", "timm:efficientnet_b0", "timm:convnext_atto",
+]
+# Families whose pooling normalises over the channels (ConvNeXt's LayerNorm): there a mask acts on a, after the norm.
+NORMALISED_POOL = {"convnext_tiny", "timm:convnext_atto"}
+SIGNED = {"efficientnet_b0", "efficientnet_v2_s", "convnext_tiny", "timm:resnet18", "timm:efficientnet_b0", "timm:convnext_atto"}
 
 
-@pytest.mark.parametrize("arch", ["vgg_tiny", "vgg16", "resnet18", "resnet50"])
-def test_contract(arch):
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(arch=arch), num_classes=7).eval()
-    images = torch.randn(2, 3, 64, 64)
+@pytest.fixture(scope="module")
+def built():
+    """Each family member, built once for the module (the contract tests only read them)."""
+    models = {}
+
+    def get(arch: str):
+        if arch not in models:
+            torch.manual_seed(0)
+            models[arch] = build_model(ModelConfig(arch=arch), num_classes=7).eval()
+        return models[arch]
+
+    return get
+
+
+@pytest.mark.parametrize("arch", FAMILY_MEMBERS)
+def test_contract(arch, built):
+    model = built(arch)
+    k = model.num_filters
+    assert k == model.fc.in_features and model.fc.out_features == 7 and model.arch == arch
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         activations = model.features(images)
         logits = model(images)
-        assert activations.shape == (2, NUM_FILTERS[arch]) and logits.shape == (2, 7)
-        assert (activations >= 0).all()
+        assert activations.shape == (2, k) and logits.shape == (2, 7)
+        assert model.nonnegative == (arch not in SIGNED)
+        if model.nonnegative:
+            assert (activations >= 0).all()
         assert torch.allclose(model.head(activations), logits, atol=1e-5)
-        assert torch.allclose(model.forward_masked(images, torch.ones(NUM_FILTERS[arch])), logits, atol=1e-5)
-        zero = model.forward_masked(images, torch.zeros(2, NUM_FILTERS[arch]))
+        assert torch.allclose(model.forward_masked(images, torch.ones(k)), logits, atol=1e-5)
+        zero = model.forward_masked(images, torch.zeros(2, k))
         assert torch.allclose(zero, model.fc.bias.expand(2, 7))
+        logits_too, activations_too = model.forward_with_features(images)
+        assert torch.allclose(logits_too, logits, atol=1e-5) and torch.allclose(activations_too, activations, atol=1e-5)
         # Masking a filter in ``a`` equals zeroing its whole feature map before pooling.
-        mask = torch.ones(NUM_FILTERS[arch])
-        mask[:5] = 0
-        maps = model.feature_maps(images)
-        maps[:, :5] = 0
-        assert torch.allclose(model.head(model.pool_maps(maps)), model.forward_masked(images, mask), atol=1e-5)
+        if arch not in NORMALISED_POOL:
+            mask = torch.ones(k)
+            mask[:5] = 0
+            maps = model.feature_maps(images)
+            assert maps.dim() == 4 and maps.shape[1] == k
+            maps[:, :5] = 0
+            assert torch.allclose(model.head(model.pool_maps(maps)), model.forward_masked(images, mask), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", FAMILY_MEMBERS)
+def test_trainable_scopes_of_every_family(arch, built):
+    model = built(arch)
+    parts = list(model.last_conv) if isinstance(model.last_conv, nn.ModuleList) else [model.last_conv]
+    assert isinstance(parts[0], (nn.Conv2d, nn.Linear)) and len(parts) <= 2
+    assert all(isinstance(part, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)) for part in parts[1:])
+    assert any(part is module for part in parts for module in model.trunk.modules())
+    try:
+        head = model.set_trainable("head")
+        assert [id(p) for p in head] == [id(p) for p in model.fc.parameters()]
+        tail = model.set_trainable("last_conv_and_head")
+        expected = {id(p) for part in parts for p in part.parameters()} | {id(p) for p in model.fc.parameters()}
+        assert {id(p) for p in tail} == expected and len(tail) == len(expected)
+        assert sum(p.requires_grad for p in model.parameters()) == len(expected)
+        assert len(model.set_trainable("all")) == len(list(model.parameters()))
+    finally:
+        model.set_trainable("all")
+
+
+def test_each_family_retrains_its_own_last_conv(built):
+    resnet, densenet, convnext = built("resnext50_32x4d"), built("densenet121"), built("convnext_tiny")
+    last_block = resnet.trunk[-1][-1]
+    assert list(resnet.last_conv) == [last_block.conv3, last_block.bn3]
+    # DenseNet: the last dense layer's conv and norm5, the BatchNorm every pooled filter passes through.
+    assert densenet.last_conv[0] is densenet.trunk[0].denseblock4.denselayer16.conv2 and densenet.last_conv[1] is densenet.trunk[0].norm5
+    assert isinstance(densenet.trunk[-1], nn.ReLU)  # torchvision's functional ReLU before pooling
+    # ConvNeXt: the last block's second pointwise layer and the LayerNorm over the pooled vector.
+    assert convnext.last_conv[0] is convnext.trunk[-1][-1].block[5] and convnext.last_conv[1] is convnext.pool[2]
+
+
+@pytest.mark.parametrize("arch", ["convnext_tiny", "resnet18"])
+def test_what_a_signed_a_means_for_the_paper_indicator(arch, built):
+    """With a ≥ 0 the paper's indicator only drops exact zeros; with signed a (ConvNeXt) it is a threshold at a = 0."""
+    with torch.no_grad():
+        activations = built(arch).features(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
+    indicator = paper_indicator(activations)
+    assert torch.equal(indicator > 0, activations > 0)
+    assert (indicator[activations > 0] > 0.5).all()
+    if arch == "convnext_tiny":  # LayerNorm'd a: a good share of every image's filters sits below zero, so inactive
+        assert ((activations < 0).float().mean(1) > 0.25).all()
+    if arch == "resnet18":
+        assert (activations >= 0).all()
 
 
 def test_vgg16_trunk_ends_with_the_block5_conv3_relu():
@@ -40,7 +119,7 @@ def test_vgg16_trunk_ends_with_the_block5_conv3_relu():
 
 
 @pytest.mark.parametrize(("scope", "expected"), [("head", 2), ("last_conv_and_head", 5), ("all", None)])
-def test_trainable_scopes(scope, expected):
+def test_trainable_scopes_of_vgg_tiny(scope, expected):
     model = build_model(ModelConfig(arch="vgg_tiny"), num_classes=4)
     trainable = model.set_trainable(scope)
     assert len(trainable) == (expected if expected is not None else len(list(model.parameters())))
@@ -62,7 +141,7 @@ def test_imagenet_weights_missing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(UserError, match="imagenet weights for resnet18 not found at .*resnet18-f37072fd.pth"):
         build_model(ModelConfig(arch="resnet18", weights="imagenet"), num_classes=3)
-    with pytest.raises(UserError, match="imagenet weights exist for vgg16, resnet18, resnet50, not vgg_tiny"):
+    with pytest.raises(UserError, match="vgg_tiny is raycf's own network: no imagenet weights"):
         build_model(ModelConfig(arch="vgg_tiny", weights="imagenet"), num_classes=3)
 
 
@@ -76,3 +155,43 @@ def test_imagenet_weights_load_from_the_cache(tmp_path, monkeypatch):
     torch.save(reference.state_dict(), cache / "resnet18-f37072fd.pth")
     model = build_model(ModelConfig(arch="resnet18", weights="imagenet"), num_classes=3)
     assert torch.equal(model.trunk[0].weight, reference.conv1.weight)
+
+
+def test_imagenet_weights_of_any_torchvision_arch_come_from_its_registry(tmp_path, monkeypatch):
+    """The file name is torchvision's (get_model_weights(arch).DEFAULT); another cached ImageNet set of the arch serves too."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    from torchvision.models import get_model, get_model_weights
+
+    from raycf.models import imagenet_weights_file
+
+    cache = tmp_path / "hub" / "checkpoints"
+    assert imagenet_weights_file("mobilenet_v2") == cache / Path(get_model_weights("mobilenet_v2").DEFAULT.url).name
+    reference = get_model("shufflenet_v2_x0_5", weights=None)
+    cache.mkdir(parents=True)
+    torch.save(reference.state_dict(), cache / Path(get_model_weights("shufflenet_v2_x0_5").DEFAULT.url).name)
+    model = build_model(ModelConfig(arch="shufflenet_v2_x0_5", weights="imagenet"), num_classes=3)
+    assert torch.equal(model.trunk[0][0].weight, reference.conv1[0].weight) and model.fc.out_features == 3
+    # resnet50's DEFAULT is IMAGENET1K_V2; with only V1 cached (what raycf used before), V1 is loaded.
+    v1 = cache / Path(get_model_weights("resnet50").IMAGENET1K_V1.url).name
+    assert imagenet_weights_file("resnet50") != v1
+    torch.save(get_model("resnet50", weights=None).state_dict(), v1)
+    assert imagenet_weights_file("resnet50") == v1
+
+
+def test_timm_pretrained_weights_come_from_timm_cache_only(tmp_path, monkeypatch):
+    timm = pytest.importorskip("timm")
+    import huggingface_hub.constants
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(UserError, match=r"imagenet weights for timm:resnet18 not in timm's cache \(looked for timm/resnet18.a1_in1k in .*hf.*raycf never downloads"):
+        build_model(ModelConfig(arch="timm:resnet18", weights="imagenet"), num_classes=3)
+    reference = timm.create_model("resnet18")
+    repo = tmp_path / "hf" / "models--timm--resnet18.a1_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc")
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    save_file({key: value.contiguous() for key, value in reference.state_dict().items()}, str(repo / "snapshots" / "abc" / "model.safetensors"))
+    model = build_model(ModelConfig(arch="timm:resnet18", weights="imagenet"), num_classes=3)
+    assert torch.equal(model.trunk.net.conv1.weight, reference.conv1.weight) and model.fc.out_features == 3

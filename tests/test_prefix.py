@@ -127,3 +127,41 @@ def test_a_study_over_its_budget_is_refused_before_anything_runs(tmp_path, capsy
     assert code == 2 and len(lines) == 1
     assert lines[0].startswith("raycf: error: prefix.max_gb=0.001: the frozen-prefix cache would take 13.6 MB ((345 training images × 4 views + 283")
     assert not (tmp_path / "digits").exists()
+
+
+PREFIX_MEMBERS = [
+    "vgg_tiny", "vgg11_bn", "resnet18", "resnext50_32x4d", "densenet121", "efficientnet_b0", "efficientnet_v2_s", "mobilenet_v2",
+    "regnet_y_400mf", "shufflenet_v2_x0_5", "convnext_tiny", "timm:resnet18", "timm:efficientnet_b0", "timm:convnext_atto",
+]
+
+
+@pytest.mark.parametrize("arch", PREFIX_MEMBERS)
+def test_prefix_then_tail_is_the_whole_network_for_every_family(arch):
+    """FrozenPrefix → TrainableTail equals the full forward: in evaluation, and in retraining's mode (frozen norms in eval)."""
+    from raycf.config import ModelConfig
+    from raycf.models import TrainableTail
+    from raycf.training.loops import set_train_mode
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=arch, dropout=0.0), 5)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for scope in ("last_conv_and_head", "head"):
+            model.set_trainable(scope)
+            prefix, tail = FrozenPrefix(model.eval(), scope), TrainableTail(model, scope)
+            cached = prefix(images)
+            logits, activations = tail(*cached)
+            assert torch.allclose(logits, model(images), atol=1e-4) and torch.allclose(activations, model.features(images), atol=1e-4)
+            set_train_mode(tail, freeze_frozen_norms=True)  # trainable BatchNorm layers use the batch's statistics, in both paths
+            logits, activations = tail(*cached)
+            assert torch.allclose(logits, model(images), atol=1e-4), scope
+            assert torch.allclose(activations, model.features(images), atol=1e-4), scope
+
+
+def test_the_cached_shapes_of_other_families():
+    study = study_from_mapping({"name": "c", "data": {"kind": "cub200", "root": "/tmp", "image_size": 224}, "model": {"arch": "densenet121"}})
+    assert cached_shapes(study, 200) == [(512, 7, 7)]  # the input of denseblock4 (the last dense layer's conv2 and norm5 are retrained)
+    assert cached_shapes(with_values(study, {"model.arch": "efficientnet_b0"}), 200) == [(320, 7, 7)]  # the input of the 1×1 conv to 1280
+    assert cached_shapes(with_values(study, {"model.arch": "convnext_tiny"}), 200) == [(768, 7, 7)]  # the input of the last block
+    assert cached_shapes(with_values(study, {"model.arch": "timm:resnet18"}), 200) == [(512, 7, 7)]  # timm: the input of layer4's last block
+    assert cached_shapes(with_values(study, {"model.arch": "timm:resnet18", "debug.trainable": "head"}), 200) == [(512,)]

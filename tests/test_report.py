@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from conftest import require_system, run_cli_without_ray
@@ -130,11 +131,43 @@ def test_report_of_an_unfinished_study_says_what_is_missing(tmp_path):
     output = tmp_path / "out"
     summary = build_report(str(results), str(output), study)
     assert summary["figures"] == []
-    assert summary["sections"] == ["study", "detection", "final", "search", "global-mc", "gallery"]
+    assert summary["sections"] == ["study", "detection", "learned-detector", "final", "search", "search-noise", "global-mc", "gallery"]
     page = (output / "index.html").read_text()
-    for missing in ("analysis/detection.parquet", "final/table2.parquet", "leaderboard.parquet", "analysis/global_mc.parquet", "final.parquet"):
+    for missing in ("analysis/detection.parquet", "analysis/learned_detector.parquet", "final/table2.parquet", "leaderboard.parquet", "analysis/global_mc.parquet", "final.parquet"):
         assert missing in page
-    assert summary["notes"] == 5
+    assert summary["notes"] == 7
+    assert not (output / "search_noise.json").exists()
+
+
+def test_report_shows_intervals_the_learned_detector_and_the_search_noise(tmp_path):
+    from raycf.config import AnalysisConfig
+    from raycf.method.detection import analyse
+    from raycf.method.learned_detector import learned_detector_frame
+    from test_detection import tiny_study_data
+    from test_learned_detector import tiny_study_with_validation
+
+    study = study_from_mapping({"name": "tiny", "storage_path": str(tmp_path)})
+    results = tmp_path / "tiny"
+    (results / "analysis").mkdir(parents=True)
+    (results / "config.yaml").write_text(dump_yaml(study))
+    data = tiny_study_with_validation(tiny_study_data())
+    tables = analyse(data, AnalysisConfig(bootstrap=100, tau=0.9, freq_threshold=0.0), seed=0)
+    tables["learned_detector"] = learned_detector_frame(data, 0.9, 0.0, resamples=100, seed=0)
+    for name, frame in tables.items():
+        frame.to_parquet(results / "analysis" / f"{name}.parquet")
+    board = pd.DataFrame({"trial_id": ["c", "a", "b", "d"], "status": "completed", "is_control": [True, False, False, False], "val_acc": [0.5, 2 / 6, 3 / 6, 4 / 6]})
+    board.to_parquet(results / "leaderboard.parquet")
+    output = tmp_path / "out"
+    summary = build_report(str(results), str(output), study)
+    assert "auroc" in summary["figures"]
+    page = (output / "index.html").read_text()
+    assert "test: error detection without thresholds" in page and "AUROC − max softmax [95 % CI]" in page
+    assert "Learned detector" in page and "AUROC − confidence [95 % CI]" in page and "Fitted coefficients" in page
+    assert "do not differ by more than validation noise" in page  # three trials one image apart on six validation images
+    noise = json.loads((output / "search_noise.json").read_text())
+    assert (noise["trials"], noise["validation_images"], noise["exceeds_noise"]) == (3, 6, False)
+    assert noise["mean"] == pytest.approx(0.5) and noise["binomial_se"] == pytest.approx((0.25 / 6) ** 0.5)
+    assert noise["importances"] == {} and "No parameter importances: no Optuna study found" in page
 
 
 # ------------------------------------------------------------------ the digits smoke study
@@ -221,3 +254,22 @@ def test_report_command_refuses_a_folder_that_is_not_a_study(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "config.yaml" in error[0]
+
+
+def test_parameter_importances_come_from_the_study_optuna_storage_seeded(tmp_path):
+    import optuna
+
+    from raycf.pipeline import stage_hash
+    from raycf.report import ReportContext, param_importances
+
+    study = study_from_mapping({"name": "tiny", "storage_path": str(tmp_path), "seed": 3})
+    results = tmp_path / "tiny"
+    results.mkdir()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    searched = optuna.create_study(study_name=f"tiny-{stage_hash(study, 'search')}", storage=f"sqlite:///{results / 'optuna.db'}", direction="maximize")
+    searched.optimize(lambda trial: trial.suggest_float("lambda1", 0, 1) - 0.01 * trial.suggest_float("tau", 0, 1), n_trials=12)
+    context = ReportContext(results=str(results), study=study)
+    importances, why = param_importances(context)
+    assert why == "" and set(importances) == {"lambda1", "tau"} and sum(importances.values()) == pytest.approx(1)
+    assert importances["lambda1"] > importances["tau"]
+    assert param_importances(context)[0] == importances  # seeded: the same numbers on every rebuild

@@ -27,6 +27,7 @@ masks = pd.read_parquet(results + "/masks/test")
 detection = pd.read_parquet(results + "/analysis/detection.parquet")
 scores = pd.read_parquet(results + "/analysis/error_scores.parquet")
 global_mc = pd.read_parquet(results + "/analysis/global_mc.parquet")
+learned = pd.read_parquet(results + "/analysis/learned_detector.parquet")
 first_mask = np.asarray(masks["mc_mask"].iloc[0])
 print(json.dumps({
     "ray_imported": any(name == "ray" or name.startswith("ray.") for name in sys.modules),
@@ -37,6 +38,8 @@ print(json.dumps({
     "scores": scores.to_dict("records"),
     "global_rows": len(global_mc), "global_columns": list(global_mc.columns),
     "in_global": global_mc.sort_values(["class", "filter"])["in_global"].tolist(),
+    "learned": learned.to_dict("records"),
+    "summary": json.load(open(results + "/analysis/summary.json")),
 }, default=float))
 """
 
@@ -51,6 +54,7 @@ def test_digits_smoke_study_features_to_analyze(smoke_study_results: Path, capsy
     printed = captured.out
     assert "Misclassification detection (paper Table 1)" in printed and "Recall < 0.3" in printed
     assert "Error detection without thresholds" in printed and "max_softmax" in printed
+    assert "bootstrap 95 % intervals" in printed and "learned detector fitted on val" in printed
 
     study = load_study(study_file, [f"storage_path={storage}"], smoke=True)
     results = study.results_uri
@@ -73,6 +77,18 @@ def test_digits_smoke_study_features_to_analyze(smoke_study_results: Path, capsy
     assert [row["total_errors"] for row in rows if row["split"] == "test"] == [read["errors"]] * 4
     assert {"max_softmax", "f1", "recall", "max_softmax_x_f1"} <= {row["score"] for row in read["scores"]}
     assert read["global_rows"] == 10 * 64 and {"class", "filter", "count", "magnitude", "in_global"} <= set(read["global_columns"])
+    # Bootstrap intervals (the study's analysis.bootstrap resamples) bracket each score's AUROC.
+    for row in read["scores"]:
+        assert row["bootstrap"] == study.analysis.bootstrap and row["baseline"] == "max_softmax"
+        assert row["auroc_lo"] <= row["auroc_hi"] and row["auroc_diff_lo"] <= row["auroc_diff_hi"]
+    # The learned detector: both rows, fitted on val, scored on test, every CFE signal of the digits study present.
+    learned = {row["detector"]: row for row in read["learned"]}
+    assert set(learned) == {"confidence", "confidence+cfe"} and learned["confidence+cfe"]["missing_features"] == ""
+    assert learned["confidence+cfe"]["features"].split(",")[-3:] == ["mc_size", "masked_confidence", "mi_size"]
+    if learned["confidence"]["reason"] == "":  # a smoke base model has validation errors, but say so if not
+        assert 0 <= learned["confidence+cfe"]["auroc"] <= 1 and learned["confidence+cfe"]["auroc_diff_lo"] <= learned["confidence+cfe"]["auroc_diff_hi"]
+        assert read["summary"]["test_learned_confidence_cfe_auroc"] == pytest.approx(learned["confidence+cfe"]["auroc"], abs=1e-6)
+    assert learned["confidence"]["errors"] == read["errors"]
 
     # The Ray Data pipeline wrote exactly what the bank computes, in image order.
     bank = load_bank(results)

@@ -16,9 +16,15 @@ so its λ do not depend on the batch size.  The reference's values map as
 Indicators (``debug.indicator``):
 
 * ``paper``: ``s = thresholded_relu_0.5(sigmoid(a))``, exactly the reference.
-  Because ``a ≥ 0``, ``sigmoid(a) ≥ 0.5``: the threshold only removes filters
+  With ``a ≥ 0`` (a ReLU trunk), ``sigmoid(a) ≥ 0.5``: the threshold only removes filters
   that are exactly 0, so every non-zero filter counts as active and ``s`` is a
   saturating count with gradient ``sigmoid'(a)`` where ``a > 0``.
+  With a signed ``a`` (EfficientNet's SiLU trunk, ConvNeXt's LayerNorm after
+  pooling: ``FilterClassifier.nonnegative`` is false) the same formula is a
+  real threshold at ``a = 0``: a filter pooled below zero is inactive, with
+  no gradient, so "active" means "above zero", not "non-zero" (ConvNeXt's
+  ``a`` is normalised over each image's filters: at initialisation about
+  half of them are inactive).
 * ``centred``: the same thresholded sigmoid of ``(a − μ) / σ``, with μ, σ the
   per-filter mean and standard deviation of ``a`` over the training split
   (base model, no augmentation).  A filter is active when it fires above its

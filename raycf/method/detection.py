@@ -31,7 +31,9 @@ version always kept the top-1 class).
 **Error scores**: each agreement score and the max-softmax baseline as a
 threshold-free detector of "is an error" (AUROC, AUPR with errors as
 positives), every score oriented so that higher means more suspicious, plus
-``max_softmax_x_f1`` = 1 − confidence · f1.
+``max_softmax_x_f1`` = 1 − confidence · f1; with percentile-bootstrap 95 %
+intervals over images and, for each score, the paired interval of its AUROC
+minus max softmax's (:mod:`raycf.method.bootstrap`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import pandas as pd
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from raycf.config import AnalysisConfig, DetectionSetting
+from raycf.method.bootstrap import interval_frame
 from raycf.method.global_mc import GlobalMC, accepted_images, global_mc_frame, global_mc_of, global_sets
 
 METRICS = ("recall", "precision", "f1", "magnitude", "head_weight")
@@ -246,8 +249,13 @@ def average_precision(is_positive: np.ndarray, scores: np.ndarray) -> float:
     return float(average_precision_score(is_positive, np.asarray(scores, dtype=np.float64)))
 
 
-def error_score_rows(data: StudyData, split: str, tau: float, freq_threshold: float) -> list[dict]:
-    """AUROC and AUPR of "is an error" for each agreement score, max softmax and their combination."""
+def error_suspicions(data: StudyData, split: str, tau: float, freq_threshold: float) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """"Is the prediction wrong" for each image of ``split``, and every error score oriented so that higher is more suspicious.
+
+    The scores: each agreement metric (``head_weight`` only with the head's
+    weights), ``max_softmax`` (1 − confidence) and ``max_softmax_x_f1``
+    (1 − confidence · F1).
+    """
     reference, _ = reference_for(data, tau, freq_threshold)
     images = data.splits[split]
     metrics = METRICS if data.head_weight is not None else tuple(m for m in METRICS if m != "head_weight")
@@ -256,6 +264,16 @@ def error_score_rows(data: StudyData, split: str, tau: float, freq_threshold: fl
     suspicions = {metric: suspicion(metric, values) for metric, values in scores.items()}
     suspicions["max_softmax"] = 1.0 - images["confidence"].astype(np.float64)
     suspicions["max_softmax_x_f1"] = 1.0 - images["confidence"].astype(np.float64) * scores["f1"]
+    return errors, suspicions
+
+
+def error_score_rows(data: StudyData, split: str, tau: float, freq_threshold: float) -> list[dict]:
+    """AUROC and AUPR of "is an error" for each agreement score, max softmax and their combination."""
+    errors, suspicions = error_suspicions(data, split, tau, freq_threshold)
+    return _score_rows(split, errors, suspicions, tau, freq_threshold)
+
+
+def _score_rows(split: str, errors: np.ndarray, suspicions: dict[str, np.ndarray], tau: float, freq_threshold: float) -> list[dict]:
     return [
         {
             "split": split,
@@ -270,6 +288,20 @@ def error_score_rows(data: StudyData, split: str, tau: float, freq_threshold: fl
         }
         for name, values in suspicions.items()
     ]
+
+
+def error_score_frame(data: StudyData, split: str, tau: float, freq_threshold: float, resamples: int, seed: int) -> pd.DataFrame:
+    """:func:`error_score_rows` with bootstrap 95 % intervals (``resamples`` over the split's images, seeded by ``seed``).
+
+    Added columns: ``auroc_lo``, ``auroc_hi``, ``aupr_lo``, ``aupr_hi``, and
+    the paired interval of each score's AUROC minus max softmax's
+    (``baseline``, ``auroc_diff``, ``auroc_diff_lo``, ``auroc_diff_hi``),
+    ``bootstrap``, ``bootstrap_defined`` (see :mod:`raycf.method.bootstrap`).
+    """
+    errors, suspicions = error_suspicions(data, split, tau, freq_threshold)
+    rows = pd.DataFrame(_score_rows(split, errors, suspicions, tau, freq_threshold))
+    intervals = interval_frame(errors, suspicions, "max_softmax", resamples, seed)
+    return rows.merge(intervals, on="score", how="left", validate="one_to_one")
 
 
 def detection_quality(data: StudyData, tau: float, freq_threshold: float, split: str = "val") -> dict[str, float]:
@@ -301,17 +333,17 @@ def detection_settings(analysis: AnalysisConfig) -> list[tuple[DetectionSetting,
     return [(setting, None) for setting in analysis.settings] + [(own, f"study: {setting_label(own)}")]
 
 
-def analyse(data: StudyData, analysis: AnalysisConfig) -> dict[str, pd.DataFrame]:
-    """The three tables of the analysis (``global_mc``, ``detection``, ``error_scores``)."""
+def analyse(data: StudyData, analysis: AnalysisConfig, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """The three tables of the analysis (``global_mc``, ``detection``, ``error_scores``); ``seed`` seeds the bootstrap."""
     _, global_mc = reference_for(data, analysis.tau, analysis.freq_threshold)
     detection = [
         detection_row(data, split, setting, analysis.tau, label) for split in EVALUATED_SPLITS for setting, label in detection_settings(analysis)
     ]
-    scores = [row for split in EVALUATED_SPLITS for row in error_score_rows(data, split, analysis.tau, analysis.freq_threshold)]
+    scores = [error_score_frame(data, split, analysis.tau, analysis.freq_threshold, analysis.bootstrap, seed) for split in EVALUATED_SPLITS]
     return {
         "global_mc": global_mc_frame(global_mc, analysis.freq_threshold, analysis.tau, data.class_names),
         "detection": pd.DataFrame(detection),
-        "error_scores": pd.DataFrame(scores),
+        "error_scores": pd.concat(scores, ignore_index=True),
     }
 
 
@@ -340,13 +372,50 @@ def error_quality_frame(error_scores: pd.DataFrame) -> pd.DataFrame:
     return quality.loc[order]
 
 
+def with_interval(value: float, low: float = float("nan"), high: float = float("nan"), signed: bool = False) -> str:
+    """``0.912 [0.901, 0.923]`` (``+`` signs with ``signed``); the value alone without an interval; ``–`` without a value."""
+    if pd.isna(value):
+        return "–"
+    shown = "{:+.3f}" if signed else "{:.3f}"
+    if pd.isna(low) or pd.isna(high):
+        return shown.format(value)
+    return f"{shown.format(value)} [{shown.format(low)}, {shown.format(high)}]"
+
+
+def error_interval_frame(error_scores: pd.DataFrame, split: str) -> pd.DataFrame:
+    """One split's AUROC, AUPR and AUROC minus max softmax per score, each with its bootstrap 95 % interval, as text."""
+    rows = error_scores[error_scores["split"] == split].set_index("score")
+    order = [name for name in (*METRICS, "max_softmax", "max_softmax_x_f1") if name in rows.index]
+    rows = rows.loc[order]
+    missing = pd.Series(float("nan"), index=rows.index)
+    softmax_auroc = rows.loc["max_softmax", "auroc"] if "max_softmax" in rows.index else float("nan")
+    difference = rows["auroc_diff"] if "auroc_diff" in rows else rows["auroc"] - softmax_auroc
+    return pd.DataFrame(
+        {
+            "AUROC [95 % CI]": [with_interval(*v) for v in zip(rows["auroc"], rows.get("auroc_lo", missing), rows.get("auroc_hi", missing))],
+            "AUPR [95 % CI]": [with_interval(*v) for v in zip(rows["aupr"], rows.get("aupr_lo", missing), rows.get("aupr_hi", missing))],
+            "AUROC − max softmax [95 % CI]": [
+                with_interval(*v, signed=True) for v in zip(difference, rows.get("auroc_diff_lo", missing), rows.get("auroc_diff_hi", missing))
+            ],
+        },
+        index=rows.index,
+    )
+
+
 def format_tables(detection: pd.DataFrame, error_scores: pd.DataFrame) -> str:
-    """Table 1 (paper columns) and the AUROC table, as text."""
+    """Table 1 (paper columns) and the AUROC tables, as text."""
     tau = error_scores["tau"].iloc[0] if len(error_scores) else float("nan")
     freq = error_scores["freq_threshold"].iloc[0] if len(error_scores) else float("nan")
-    return (
+    text = (
         "Misclassification detection (paper Table 1)\n"
         + table1_frame(detection).to_string(index=False)
         + f"\n\nError detection without thresholds (errors as positives; τ = {tau:g}, f = {freq:g})\n"
         + error_quality_frame(error_scores).to_string(float_format=lambda v: f"{v:.3f}")
     )
+    if "auroc_lo" not in error_scores:
+        return text
+    for split in (name for name in EVALUATED_SPLITS if name in set(error_scores["split"])):
+        resamples = int(error_scores.loc[error_scores["split"] == split, "bootstrap"].iloc[0])
+        text += f"\n\n{split}: bootstrap 95 % intervals ({resamples} resamples of the images; the difference paired)\n"
+        text += error_interval_frame(error_scores, split).to_string()
+    return text

@@ -53,8 +53,9 @@ STAGES: tuple[Stage, ...] = (
         summary="Ray Tune + Optuna over lambda1, lambda2, tau and f; the control first",
     ),
     Stage(
-        "final", reads=(), upstream=("search",), run=entry("final", "run"), folder="final", describe=entry("final", "describe"),
-        summary="the best searched trial and the control evaluated on test once (Tables 2 and 3)",
+        "final", reads=("final",), upstream=("search",), run=entry("final", "run"), folder="final", describe=entry("final", "describe"),
+        summary="the best searched trial and the control evaluated on test once (Tables 2 and 3); with final.seeds > 1, the control, "
+        "the study's lambda and the best trial's retrained over seeds (paired intervals)",
     ),
     Stage(
         "report", reads=(), upstream=("final", "analyze"), run=entry("report", "run"), folder="report", describe=entry("report", "describe"),

@@ -3,7 +3,8 @@
 pandas and numpy over the ``masks/<split>/`` Parquet (no Ray): the method is
 :mod:`raycf.method.global_mc` and :mod:`raycf.method.detection`.  Outputs
 under ``<results>/analysis/``: ``global_mc.parquet``, ``detection.parquet``,
-``error_scores.parquet`` (columns in the README) and ``summary.json``.
+``error_scores.parquet`` (with bootstrap intervals), ``learned_detector.parquet``
+(:mod:`raycf.method.learned_detector`; columns in the README) and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import json
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 
 from raycf import storage
-from raycf.artefacts import load_study_data
+from raycf.artefacts import load_study_data, read_frame
 from raycf.console import log
 from raycf.method.detection import EVALUATED_SPLITS, analyse, format_tables
+from raycf.method.learned_detector import coefficient_frame, detector_summary, learned_detector_frame
 
 if TYPE_CHECKING:
     from raycf.stages.stage import StageRun
@@ -27,12 +30,20 @@ def describe(results: str) -> str:
     folder = storage.join_uri(results, "analysis")
     detection = storage.read_table(storage.join_uri(folder, "detection.parquet")).to_pandas()
     error_scores = storage.read_table(storage.join_uri(folder, "error_scores.parquet")).to_pandas()
-    return format_tables(detection, error_scores)
+    text = format_tables(detection, error_scores)
+    learned = read_frame(results, "analysis", "learned_detector.parquet")
+    if learned is not None:
+        coefficients = coefficient_frame(learned).to_string(float_format=lambda v: f"{v:+.3f}")
+        text += f"\n\n{detector_summary(learned)}\nCoefficients (log-odds per standard deviation)\n{coefficients}"
+    return text
 
 
 def run(run: "StageRun") -> dict:
-    """Write ``global_mc.parquet``, ``detection.parquet``, ``error_scores.parquet``, ``summary.json``."""
-    tables = analyse(load_study_data(run.results), run.study.analysis)
+    """Write ``global_mc.parquet``, ``detection.parquet``, ``error_scores.parquet``, ``learned_detector.parquet``, ``summary.json``."""
+    analysis, seed = run.study.analysis, run.study.seed
+    data = load_study_data(run.results, detector_signals=True)
+    tables = analyse(data, analysis, seed)
+    tables["learned_detector"] = learned_detector_frame(data, analysis.tau, analysis.freq_threshold, analysis.bootstrap, seed)
     for name, frame in tables.items():
         storage.write_frame(frame, run.path(f"{name}.parquet"))
     scores = tables["error_scores"].set_index(["split", "score"])
@@ -42,6 +53,10 @@ def run(run: "StageRun") -> dict:
         for name, key in (("f1", "det"), ("max_softmax", "maxsoftmax"), ("max_softmax_x_f1", "combined")):
             summary[f"{split}_{key}_auroc"] = _rounded(scores.loc[(split, name), "auroc"])
             summary[f"{split}_{key}_aupr"] = _rounded(scores.loc[(split, name), "aupr"])
+            for bound in ("lo", "hi"):
+                summary[f"{split}_{key}_auroc_{bound}"] = _rounded(scores.loc[(split, name), f"auroc_{bound}"])
+        for bound in ("", "_lo", "_hi"):  # the F1 agreement minus max softmax, paired
+            summary[f"{split}_det_auroc_diff{bound}"] = _rounded(scores.loc[(split, "f1"), f"auroc_diff{bound}"])
     log(
         "analyze: AUROC of 'the prediction is wrong': "
         + "; ".join(
@@ -50,9 +65,21 @@ def run(run: "StageRun") -> dict:
             for split in EVALUATED_SPLITS
         )
     )
+    summary.update(_learned_summary(tables["learned_detector"]))
+    log(f"analyze: {detector_summary(tables['learned_detector'])}")
     global_mc = tables["global_mc"]
     summary["global_set_size"] = _rounded(global_mc.groupby("class")["in_global"].sum().mean())
     storage.write_text(run.path("summary.json"), json.dumps(summary, indent=2))
+    return summary
+
+
+def _learned_summary(learned: pd.DataFrame) -> dict:
+    """The learned detectors' test AUROC and the paired difference, for summary.json."""
+    rows = learned.set_index("detector")
+    summary = {f"test_learned_{name.replace('+', '_')}_auroc": _rounded(rows.loc[name, "auroc"]) for name in rows.index}
+    last = rows.iloc[-1]
+    summary.update({f"test_learned_auroc_diff{bound}": _rounded(last[f"auroc_diff{bound}"]) for bound in ("", "_lo", "_hi")})
+    summary["learned_detector_reason"] = str(last["reason"])
     return summary
 
 

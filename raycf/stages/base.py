@@ -15,11 +15,12 @@ import pandas as pd
 
 from raycf import storage
 from raycf.artefacts import store_ref
-from raycf.checkpoint import CHECKPOINT_FILE, load_classifier_checkpoint
+from raycf.checkpoint import CHECKPOINT_FILE
 from raycf.cluster import ensure_ray
 from raycf.console import log
 from raycf.data import load_splits
 from raycf.method.selection import best_epoch
+from raycf.models import adopted_model_bytes
 from raycf.predict import predict_splits
 from raycf.training.base import BaseJob, base_train_loop
 from raycf.training.trainer import fit
@@ -47,8 +48,7 @@ def run(run: "StageRun") -> dict:
         )
         model_bytes, history = outcome.best_files[CHECKPOINT_FILE], list(outcome.return_value)
     else:
-        splits = load_splits(study.data, study.seed)
-        model_bytes = load_classifier_checkpoint(study.model.weights, study.model.arch, splits.num_classes).to_bytes()
+        model_bytes = adopted_model_bytes(study, load_splits(study.data, study.seed).class_names)
         history = []
     storage.write_bytes(run.path(CHECKPOINT_FILE), model_bytes)
     if history:

@@ -11,26 +11,52 @@ Each retrained model is run once over train, val and test
 (``final/predictions.parquet``); the base model's rows come from the
 features stage.  Tables 2 and 3 and ``class_recall.parquet`` are computed
 from those rows: the test split is read once per model.
+
+With ``final.seeds`` = n > 1 the stage also retrains, from the same base
+model on the same frozen-prefix cache, three models n times each: the
+control (λ1 = λ2 = 0), the study's own λ (``reference``: the study file's
+``debug`` section) and the best searched trial's parameters (``best``).
+Seed s (0 … n − 1) draws the data order, the view each image is seen in per
+epoch and dropout from the study's seed + s (the views' augmentations are
+those of the prefix cache); seed 0 is the search's own draw.  The 3n runs are
+one Ray Tune grid over (model, seed) with the search's trial function and
+resources, ``search.max_concurrent`` at once, no early stopping.  Each
+keeps its best validation epoch and is run once over every split;
+``final/seeds.parquet``, ``final/seed_class_recall.parquet``,
+``final/seed_predictions.parquet``, ``final/seed_summary.parquet`` (paired
+t intervals, :mod:`raycf.method.replication`) and, with
+``final.class_group``, ``final/group_recall.parquet`` hold the results.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from raycf import storage
 from raycf.artefacts import PREDICTIONS_FILE, base_model_bytes, base_predictions, class_names, global_mc_sets, prefix_ref, store_ref, trial_model_bytes
+from raycf.checkpoint import CHECKPOINT_FILE, complete, parse_classifier_checkpoint
 from raycf.cluster import ensure_ray
 from raycf.config import StudyConfig
-from raycf.console import log
+from raycf.console import log, verbose
 from raycf.leaderboard import read_leaderboard, sort_by_objective
-from raycf.method.selection import selection_key
-from raycf.method.treatment import format_table2, format_table3, treatment_tables
+from raycf.method.replication import BEST, CONTROL, REFERENCE, check_class_group, format_seed_summary, group_recall, pooled_base_recall, seed_summary
+from raycf.method.selection import SCORE_KEY, best_epoch, selection_key
+from raycf.method.treatment import ModelEvaluation, evaluation_of, format_table2, format_table3, treatment_tables
 from raycf.predict import predict_on_ray
-from raycf.searcher import control_point, parameter_names, trial_study
+from raycf.searcher import control_point, field_value, parameter_names, trial_study
+from raycf.stages.search import SearchContext, train_in_trial, trial_dirname, trial_job, trial_resources
 from raycf.training.debug import DebugJob, run_debug_training
+
+SEEDS_FILE = "seeds.parquet"
+SEED_SUMMARY_FILE = "seed_summary.parquet"
+SEED_CLASS_RECALL_FILE = "seed_class_recall.parquet"
+SEED_PREDICTIONS_FILE = "seed_predictions.parquet"
+GROUP_RECALL_FILE = "group_recall.parquet"
 
 if TYPE_CHECKING:
     from raycf.stages.stage import StageRun
@@ -77,8 +103,10 @@ def full_control(board: pd.DataFrame, base_bytes: bytes) -> tuple[pd.Series | No
 
 
 def run(run: "StageRun") -> dict:
-    """Write ``final.parquet``, ``class_recall.parquet`` and ``final/`` (predictions, Tables 2 and 3)."""
+    """Write ``final.parquet``, ``class_recall.parquet`` and ``final/`` (predictions, Tables 2 and 3; the seed comparison with final.seeds > 1)."""
     study, results = run.study, run.results
+    if study.final.seeds > 1:
+        check_class_group(study.final.class_group, class_names(results))
     ensure_ray()
     board = read_leaderboard(results)
     best = best_searched_trial(board, study)
@@ -86,22 +114,15 @@ def run(run: "StageRun") -> dict:
     best_bytes = trial_model_bytes(best, base_bytes)
     if best_bytes is None:
         raise RuntimeError(f"best trial {best['trial_id']}: its checkpoint {best['checkpoint_path']!r} is gone")
-    control, control_bytes = full_control(board, base_bytes)
-    if control_bytes is None:
-        # Stopped early by ASHA, failed, or not searched: the comparison needs the full schedule.
-        log("final: training the control (lambda1 = lambda2 = 0) for the full schedule")
-        control_study = trial_study(study, control_point(study))
-        filters = global_mc_sets(results, control_study.analysis.tau, control_study.debug.freq_threshold)
-        job = DebugJob(
-            study=control_study, global_filters=filters, base_model=base_bytes, lambda1=0.0, lambda2=0.0, images=store_ref(results), prefix=prefix_ref(results, control_study)
-        )
-        control_run = run_debug_training(job, name=f"final-{run.stage_hash}-control", storage_path=run.ray_storage())
-        control_bytes, control_epoch = control_run.best_model_bytes, control_run.best_epoch
-    else:
-        control_epoch = int(control["best_epoch"])
+    control, control_bytes, control_epoch = the_control(run, board, base_bytes)
+    points = seed_points(study, best)
+    seed_runs = train_seed_grid(run, points, base_bytes) if study.final.seeds > 1 else []
+    # Every retrained model's one pass over the splits, as parallel Ray tasks (the seed runs' many models share search.max_concurrent of them).
+    models = {"control": control_bytes, "debugged": best_bytes, **{seed_run.name: seed_run.model_bytes for seed_run in seed_runs}}
+    retrained = predict_on_ray(study, store_ref(results), models, tasks=study.search.max_concurrent if seed_runs else None)
+    of_seeds = retrained["model"].isin([seed_run.name for seed_run in seed_runs])
     names = parameter_names(study)
-    retrained = predict_on_ray(study, store_ref(results), {"control": control_bytes, "debugged": best_bytes})
-    predictions = pd.concat([base_predictions(results), retrained], ignore_index=True)
+    predictions = pd.concat([base_predictions(results), retrained[~of_seeds]], ignore_index=True)
     tables = treatment_tables(
         predictions,
         class_names(results),
@@ -119,11 +140,31 @@ def run(run: "StageRun") -> dict:
     storage.write_frame(tables.class_recall, storage.join_uri(results, "class_recall.parquet"))
     print(summary_text(tables.table2, tables.table3, verdict), flush=True)
     rows = tables.table2.set_index("model")
-    return {
+    summary = {
         "best_trial": str(best["trial_id"]),
         "control_beats_searched": bool(verdict),
         **{f"{model}_{split}_acc": round(float(rows.loc[model, f"{split}_acc"]), 6) for model in rows.index for split in ("train", "val", "test")},
     }
+    if seed_runs:
+        summary.update(write_seed_comparison(run, seed_runs, seed_rows(retrained[of_seeds], seed_runs), points, tables.class_recall))
+    return summary
+
+
+def the_control(run: "StageRun", board: pd.DataFrame, base_bytes: bytes) -> tuple[pd.Series | None, bytes, int]:
+    """The control's leaderboard row (None when it was not searched), its model and best epoch; retrained for the full schedule when the search's stopped early."""
+    study, results = run.study, run.results
+    control, control_bytes = full_control(board, base_bytes)
+    if control_bytes is not None:
+        return control, control_bytes, int(control["best_epoch"])
+    # Stopped early by ASHA, failed, or not searched: the comparison needs the full schedule.
+    log("final: training the control (lambda1 = lambda2 = 0) for the full schedule")
+    control_study = trial_study(study, control_point(study))
+    filters = global_mc_sets(results, control_study.analysis.tau, control_study.debug.freq_threshold)
+    job = DebugJob(
+        study=control_study, global_filters=filters, base_model=base_bytes, lambda1=0.0, lambda2=0.0, images=store_ref(results), prefix=prefix_ref(results, control_study)
+    )
+    control_run = run_debug_training(job, name=f"final-{run.stage_hash}-control", storage_path=run.ray_storage())
+    return control, control_run.best_model_bytes, control_run.best_epoch
 
 
 def final_frame(table2: pd.DataFrame, names: list[str], control, best: pd.Series, verdict: str) -> pd.DataFrame:
@@ -149,4 +190,178 @@ def describe(results: str) -> str:
     table2 = storage.read_table(storage.join_uri(folder, "table2.parquet")).to_pandas()
     table3 = storage.read_table(storage.join_uri(folder, "table3.parquet")).to_pandas()
     final = storage.read_table(storage.join_uri(results, "final.parquet")).to_pandas()
-    return summary_text(table2, table3, str(final["verdict"].iloc[0]) if "verdict" in final else "")
+    text = summary_text(table2, table3, str(final["verdict"].iloc[0]) if "verdict" in final else "")
+    if not storage.exists(storage.join_uri(folder, SEED_SUMMARY_FILE)):
+        return text
+    seeds = storage.read_table(storage.join_uri(folder, SEED_SUMMARY_FILE)).to_pandas()
+    group_location = storage.join_uri(folder, GROUP_RECALL_FILE)
+    group = storage.read_table(group_location).to_pandas() if storage.exists(group_location) else None
+    return f"{text}\n\n{format_seed_summary(seeds, group)}"
+
+
+# ------------------------------------------------------------------ retraining seeds (final.seeds > 1)
+
+
+@dataclass(frozen=True)
+class SeedGrid:
+    """What every seed run needs: the search's trial context and each model's parameter values."""
+
+    context: SearchContext
+    points: dict[str, dict[str, Any]]  # control, reference, best -> the searched parameters' values
+
+
+@dataclass
+class SeedRun:
+    """One finished (model, seed) retraining: its epochs, its best validation epoch and that epoch's whole model."""
+
+    model: str
+    seed: int
+    trial_id: str
+    history: list[dict[str, Any]]
+    best: dict[str, Any]
+    model_bytes: bytes
+
+    @property
+    def name(self) -> str:
+        """The run's model name in the final pass over the splits: ``best-seed1``."""
+        return f"{self.model}-seed{self.seed}"
+
+
+def plain_value(value: Any) -> Any:
+    """A leaderboard cell as a plain Python value (numpy scalars are not valid study values everywhere)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def seed_points(study: StudyConfig, best: pd.Series) -> dict[str, dict[str, Any]]:
+    """The three retrained models' searched parameters: λ = 0, the study's own values, the best trial's."""
+    names = parameter_names(study)
+    return {
+        CONTROL: control_point(study),
+        REFERENCE: {name: field_value(study, name) for name in names},
+        BEST: {name: plain_value(best[name]) for name in names},
+    }
+
+
+def run_seed_trial(config: dict[str, Any], grid: SeedGrid) -> None:
+    """Tune function trainable: one (model, seed) retraining, reported per epoch as a search trial is."""
+    study = trial_study(grid.context.study, grid.points[config["model"]])
+    job = replace(trial_job(study, grid.context), order_seed=study.seed + int(config["seed"]))
+    train_in_trial(job, grid.context)
+
+
+def train_seed_grid(run: "StageRun", points: dict[str, dict[str, Any]], base_bytes: bytes) -> list[SeedRun]:
+    """Every (model, seed) retraining as one Tune grid, ``search.max_concurrent`` at once; their best-validation models."""
+    import ray.tune as tune
+
+    from raycf.pipeline import clear_ray_runs
+    from raycf.search_console import TrialConsole
+
+    study, seeds = run.study, run.study.final.seeds
+    log(f"final: retraining {', '.join(points)} over {seeds} seeds ({len(points) * seeds} runs, {study.search.max_concurrent} at once)")
+    experiment, tune_storage = f"final-{run.stage_hash}-seeds", run.ray_storage()
+    clear_ray_runs(run.results, experiment)  # a run interrupted before: its seeds start over
+    context = SearchContext(
+        study=study,
+        results=run.results,
+        base_model=base_bytes,
+        images=store_ref(run.results),
+        train_storage=storage.join_uri(tune_storage, experiment + "-train"),
+    )
+    trainable = tune.with_resources(tune.with_parameters(run_seed_trial, grid=SeedGrid(context, points)), trial_resources(study))
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"model": tune.grid_search(list(points)), "seed": tune.grid_search(list(range(seeds)))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=study.search.max_concurrent, trial_dirname_creator=trial_dirname, reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=experiment,
+            storage_path=tune_storage,
+            callbacks=[TrialConsole(["model", "seed"], study.search.metric, study.search.mode, total_trials=len(points) * seeds, epochs=study.debug.epochs, label="final")],
+            failure_config=tune.FailureConfig(max_failures=study.debug.max_failures if study.debug.workers == 1 else 0),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE_KEY, checkpoint_score_order="max"),
+            verbose=1 if verbose() else 0,
+        ),
+    )
+    return [seed_run(result, study, base_bytes) for result in tuner.fit()]
+
+
+def seed_run(result, study: StudyConfig, base_bytes: bytes) -> SeedRun:
+    """A finished grid trial's epochs and its best validation epoch's model (completed with the base model)."""
+    model, seed = str(result.config["model"]), int(result.config["seed"])
+    if result.error is not None:
+        raise RuntimeError(f"final: the {model} retraining of seed {seed} failed: {result.error}")
+    history = result.metrics_dataframe.to_dict("records")
+    chosen = best_epoch(history, study.search.metric, study.search.mode)
+    checkpoint = result.get_best_checkpoint(SCORE_KEY, "max")
+    if checkpoint is None or not chosen:
+        raise RuntimeError(f"final: the {model} retraining of seed {seed} kept no checkpoint")
+    with checkpoint.as_directory() as folder:
+        saved = parse_classifier_checkpoint(Path(folder, CHECKPOINT_FILE).read_bytes(), f"{model} seed {seed} checkpoint")
+    if int(saved.metrics["epoch"]) != int(chosen["epoch"]):
+        raise RuntimeError(f"final: the {model} retraining of seed {seed} kept epoch {saved.metrics['epoch']}, but its best epoch is {chosen['epoch']}")
+    trial_id = str(result.metrics.get("trial_id", "")) if result.metrics else ""
+    return SeedRun(model, seed, trial_id, history, chosen, complete(saved, base_bytes).to_bytes())
+
+
+def seed_rows(predictions: pd.DataFrame, runs: list[SeedRun]) -> pd.DataFrame:
+    """The seed runs' rows of the final pass, ``model`` (control, reference, best) and ``seed`` for the run's name."""
+    by_name = {seed_run.name: seed_run for seed_run in runs}
+    frame = predictions.reset_index(drop=True)
+    frame.insert(frame.columns.get_loc("model") + 1, "seed", frame["model"].map({name: seed_run.seed for name, seed_run in by_name.items()}).astype(np.int64))
+    frame["model"] = frame["model"].map({name: seed_run.model for name, seed_run in by_name.items()})
+    return frame
+
+
+def seeds_frames(study: StudyConfig, runs: list[SeedRun], predictions: pd.DataFrame, points: dict[str, dict[str, Any]], classes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``final/seeds.parquet`` (one row per model and seed) and ``final/seed_class_recall.parquet`` (per model, seed and test class)."""
+    rows, recalls = [], []
+    for seed_run in sorted(runs, key=lambda seed_run: (seed_run.seed, list(points).index(seed_run.model))):
+        evaluation = evaluation_of(predictions[(predictions["model"] == seed_run.model) & (predictions["seed"] == seed_run.seed)], len(classes))
+        rows.append(seed_row(study, seed_run, evaluation, points[seed_run.model]))
+        recalls.append(
+            pd.DataFrame(
+                {
+                    "model": seed_run.model,
+                    "seed": seed_run.seed,
+                    "class": classes,
+                    "class_index": np.arange(len(classes), dtype=np.int64),
+                    "support": evaluation.support["test"].astype(np.int64),
+                    "recall": evaluation.recall["test"],
+                }
+            )
+        )
+    return pd.DataFrame(rows), pd.concat(recalls, ignore_index=True)
+
+
+def seed_row(study: StudyConfig, seed_run: SeedRun, evaluation: ModelEvaluation, point: dict[str, Any]) -> dict[str, Any]:
+    """One row of ``final/seeds.parquet``: the run, its parameters, its best epoch and its accuracies from the final pass."""
+    return {
+        "model": seed_run.model,
+        "seed": seed_run.seed,
+        "order_seed": study.seed + seed_run.seed,
+        "trial_id": seed_run.trial_id,
+        **{name: float(value) if isinstance(value, (int, float)) else value for name, value in point.items()},
+        "best_epoch": int(seed_run.best["epoch"]),
+        "epochs": int(max(row["epoch"] for row in seed_run.history)),
+        **{f"{split}_acc": evaluation.accuracy.get(split, np.nan) for split in ("train", "val", "test")},
+        "val_acc_at_selection": float(seed_run.best.get("val_acc", np.nan)),  # as training measured it (on the prefix cache when it trains on it)
+        "val_loss": float(seed_run.best["val_loss"]),
+        "time_total_s": float(max(row.get("time_total_s", 0.0) for row in seed_run.history)),
+    }
+
+
+def write_seed_comparison(run: "StageRun", runs: list[SeedRun], predictions: pd.DataFrame, points: dict[str, dict[str, Any]], class_recall: pd.DataFrame) -> dict:
+    """Write the seed runs' tables and their comparison with the control (``final/seed*.parquet``, ``group_recall.parquet``); print it."""
+    study = run.study
+    seeds, class_recalls = seeds_frames(study, runs, predictions, points, class_names(run.results))
+    summary = seed_summary(seeds)
+    group = study.final.class_group
+    group_table = group_recall(class_recalls, group, pooled_base_recall(class_recall, group)) if group else None
+    storage.write_frame(seeds, run.path(SEEDS_FILE))
+    storage.write_frame(class_recalls, run.path(SEED_CLASS_RECALL_FILE))
+    storage.write_frame(predictions, run.path(SEED_PREDICTIONS_FILE))
+    storage.write_frame(summary, run.path(SEED_SUMMARY_FILE))
+    if group_table is not None:
+        storage.write_frame(group_table, run.path(GROUP_RECALL_FILE))
+    print(f"\n{format_seed_summary(summary, group_table)}", flush=True)
+    by_model = summary.set_index("model")
+    return {"seeds": study.final.seeds, **{f"{model}_minus_control_test_acc": round(float(by_model.loc[model, "test_diff_mean"]), 6) for model in by_model.index}}

@@ -79,10 +79,15 @@ def trial_job(study: StudyConfig, context: SearchContext) -> DebugJob:
 
 def run_trial(config: dict[str, Any], context: SearchContext) -> None:
     """Tune function trainable: debug retraining for one point, reported per epoch."""
+    study = trial_study(context.study, config)
+    train_in_trial(trial_job(study, context), context)
+
+
+def train_in_trial(job: DebugJob, context: SearchContext) -> None:
+    """Run ``job`` inside the calling Tune trial (one worker), or drive a TorchTrainer from it (several), reporting every epoch to Tune."""
     import ray.tune
 
-    study = trial_study(context.study, config)
-    job = trial_job(study, context)
+    study = job.study
     if study.debug.workers == 1:
         debug_train_loop(job, TuneSession(study.debug.use_gpu))
         return

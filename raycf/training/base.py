@@ -126,7 +126,7 @@ def base_train_loop(job: BaseJob, session: Session) -> list[dict[str, Any]]:
     prepare_device(device)
     precision = Precision.of(study.model.precision, device)
     seed_everything(study.seed)  # identical initial weights on every rank
-    model = prepare_model(build_model(study.model, len(job.class_names)), device)
+    model = prepare_model(build_model(study.model, len(job.class_names), dataset_classes=job.class_names), device)
     phases = base_phases(study)
     total_epochs = sum(phase.epochs for phase in phases)
     state = restore_classifier(session, model) or TrainState()

@@ -5,7 +5,9 @@ with different λ: starting from the base model, the ``debug.trainable`` layers
 are retrained with SGD for ``debug.epochs`` epochs.  Every epoch each training
 image is seen in one of its ``debug.views`` views (:mod:`raycf.views`); the
 data order, the views and the dropout draws depend only on (seed, epoch), so
-the control and the debugged run see the same batches.
+the control and the debugged run see the same batches.  ``DebugJob.order_seed``
+replaces the study's seed in those draws (the final stage's retraining
+seeds); the views' augmentations stay those of the study's seed.
 
 Two paths compute the same thing: on the frozen-prefix cache
 (:mod:`raycf.prefix_cache`: only the trainable layers run) when the scope
@@ -75,10 +77,18 @@ class DebugJob:
     extra_metrics: dict[str, float] = field(default_factory=dict)  # constants added to every report (a trial's detection quality)
     print_epochs: bool = True
     fail_once: FailOnce | None = None
+    # Seed of the data order, of the view each image is seen in per epoch and of dropout; None: the study's seed.
+    # The views themselves (their augmentations) always follow the study's seed: the prefix cache holds them.
+    order_seed: int | None = None
 
     @property
     def label(self) -> str:
         return "control" if self.lambda1 == self.lambda2 == 0 else "debug"
+
+    @property
+    def run_seed(self) -> int:
+        """The seed of this run's data order, epoch views and dropout (:attr:`order_seed`, else the study's)."""
+        return self.study.seed if self.order_seed is None else self.order_seed
 
 
 @torch.no_grad()
@@ -118,7 +128,7 @@ def cached_inputs(job: DebugJob, model: FilterClassifier, store, device: torch.d
     num_train = len(store.labels("train"))
 
     def train_inputs(_data, indices, epoch):
-        return cache.batch("train", indices, epoch_views(study.seed, epoch, num_train, study.debug.views)[indices], device)
+        return cache.batch("train", indices, epoch_views(job.run_seed, epoch, num_train, study.debug.views)[indices], device)
 
     return Inputs(
         train=CachedSplit(store.labels("train")),
@@ -136,7 +146,7 @@ def image_inputs(job: DebugJob, model: FilterClassifier, store, device: torch.de
     num_train = len(store.labels("train"))
 
     def train_inputs(images, indices, epoch):
-        views = epoch_views(study.seed, epoch, num_train, study.debug.views)[indices]
+        views = epoch_views(job.run_seed, epoch, num_train, study.debug.views)[indices]
         return model_inputs(images, data.image_size, data.augment, view_seeds(study.seed, "train", indices, views), plain=views == 0)
 
     return Inputs(
@@ -180,14 +190,14 @@ def debug_train_loop(job: DebugJob, session: Session) -> list[dict[str, Any]]:
     if state.optimizer:
         optimizer.load_state_dict(state.optimizer)
 
-    train_data, sampler = train_loader(inputs.train, config.batch_size, study.seed, rank, world_size, data.loader_workers)
+    train_data, sampler = train_loader(inputs.train, config.batch_size, job.run_seed, rank, world_size, data.loader_workers)
     val_data = eval_loader(inputs.val, config.eval_batch_size, rank, world_size, data.loader_workers)
     flops = FlopCount()
     for epoch in range(state.next_epoch, config.epochs):
         if job.fail_once is not None:
             job.fail_once.maybe_fail(epoch, rank)
         started = time.time()
-        seed_everything(epoch_seed(study.seed, epoch, rank))
+        seed_everything(epoch_seed(job.run_seed, epoch, rank))
         sampler.set_epoch(epoch)
         batches = device_batches(train_data, device, lambda data_, indices, epoch=epoch: inputs.train_inputs(data_, indices, epoch))
         train_metrics = train_one_epoch(wrapped, batches, optimizer, loss_fn, precision=precision, freeze_frozen_norms=True, forward=inputs.forward, flops=flops)

@@ -1,0 +1,185 @@
+"""Bring your own CNN: torchvision and timm state_dicts as model.weights, the refused architectures, and a study of a user's model."""
+
+from __future__ import annotations
+
+import sys
+
+import pandas as pd
+import pytest
+import torch
+import torchvision
+
+from conftest import ray_address, run_cli, write_study
+from raycf.checkpoint import load_classifier_checkpoint
+from raycf.cli import main
+from raycf.config import ModelConfig
+from raycf.errors import UserError
+from raycf.models import build_model, check_model_weights
+
+IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _saved(tmp_path, net: torch.nn.Module, name: str = "user.pt", prefix: str = "") -> str:
+    """A user-style state_dict file (what ``torch.save(model.state_dict(), path)`` writes)."""
+    path = tmp_path / name
+    torch.save({f"{prefix}{key}": value for key, value in net.state_dict().items()}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def user_resnet():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=3).eval()
+
+
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_a_torchvision_state_dict_is_the_users_model(tmp_path, user_resnet, prefix):
+    path = _saved(tmp_path, user_resnet, prefix=prefix)  # "module.": saved from a DDP-wrapped model
+    check_model_weights(ModelConfig(arch="resnet18", weights=path), 3, ["a", "b", "c"])
+    model = build_model(ModelConfig(arch="resnet18", weights=path), 3).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(IMAGES), user_resnet(IMAGES), atol=1e-5)
+
+
+def test_a_timm_state_dict_is_the_users_model(tmp_path):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    user = timm.create_model("resnet18", num_classes=3).eval()
+    path = _saved(tmp_path, user)
+    check_model_weights(ModelConfig(arch="timm:resnet18", weights=path), 3)
+    model = build_model(ModelConfig(arch="timm:resnet18", weights=path), 3).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(IMAGES), user(IMAGES), atol=1e-5)
+        assert torch.allclose(model.features(IMAGES), user.forward_head(user.forward_features(IMAGES), pre_logits=True), atol=1e-5)
+
+
+def test_class_names_put_the_heads_rows_in_the_dataset_order(tmp_path, user_resnet):
+    path = _saved(tmp_path, user_resnet)
+    dataset = ["cat", "dog", "fox"]
+    config = ModelConfig(arch="resnet18", weights=path, class_names=["fox", "cat", "dog"])  # the head's order
+    check_model_weights(config, 3, dataset)
+    model = build_model(config, 3, dataset_classes=dataset).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(IMAGES), user_resnet(IMAGES)[:, [1, 2, 0]], atol=1e-5)
+    with pytest.raises(UserError, match=r"^model.class_names: 2 names, but the dataset has 3 classes$"):
+        check_model_weights(ModelConfig(arch="resnet18", weights=path, class_names=["cat", "dog"]), 3, dataset)
+    with pytest.raises(UserError, match="model.class_names: 'dgo' where the dataset has 'dog'"):
+        check_model_weights(ModelConfig(arch="resnet18", weights=path, class_names=["fox", "cat", "dgo"]), 3, dataset)
+    with pytest.raises(UserError, match="model.class_names: states the class order of a state_dict's head"):
+        check_model_weights(ModelConfig(arch="resnet18", class_names=dataset), 3, dataset)
+
+
+def test_a_head_for_another_class_count_is_refused_unless_the_trunk_alone_is_adopted(tmp_path, user_resnet):
+    path = _saved(tmp_path, user_resnet)
+    with pytest.raises(UserError, match=r"its head has 3 classes, but the dataset has 5 \(expected a state_dict trained on this dataset, or model.weights_trunk_only: true"):
+        check_model_weights(ModelConfig(arch="resnet18", weights=path), 5)
+    config = ModelConfig(arch="resnet18", weights=path, weights_trunk_only=True)
+    check_model_weights(config, 5)
+    model = build_model(config, 5)
+    assert torch.equal(model.trunk[0].weight, user_resnet.conv1.weight) and model.fc.out_features == 5
+
+
+def test_a_state_dict_of_another_arch_is_named(tmp_path, user_resnet):
+    path = _saved(tmp_path, user_resnet)
+    with pytest.raises(UserError, match=r"not a state_dict of resnet34 \(missing layer1.2.conv1.weight, .* \(96 in all\)\)"):
+        check_model_weights(ModelConfig(arch="resnet34", weights=path), 3)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="not a state_dict of resnet18 .*unexpected weights"):
+        build_model(ModelConfig(arch="resnet18", weights=str(tmp_path / "other.pt")), 3)
+
+
+def test_a_torchvision_vgg_state_dict_is_refused_unless_its_trunk_is_adopted(tmp_path):
+    # torchvision's vgg11 with its three FC layers (shrunk here: their shapes do not matter, they are never loaded).
+    with torch.device("meta"):
+        vgg = torchvision.models.vgg11()
+    vgg.features.to_empty(device="cpu")
+    for parameter in vgg.features.parameters():
+        torch.nn.init.normal_(parameter)
+    state = {f"features.{key}": value for key, value in vgg.features.state_dict().items()}
+    state.update({f"classifier.{i}.{kind}": torch.zeros(2, 2) if kind == "weight" else torch.zeros(2) for i in (0, 3, 6) for kind in ("weight", "bias")})
+    torch.save(state, tmp_path / "vgg.pt")
+    path = str(tmp_path / "vgg.pt")
+    with pytest.raises(UserError, match=r"three FC layers over 7×7 maps, but raycf's vgg11 is its trunk, a 2×2 max pool, GAP and one linear layer .*weights_trunk_only: true"):
+        check_model_weights(ModelConfig(arch="vgg11", weights=path), 3)
+    model = build_model(ModelConfig(arch="vgg11", weights=path, weights_trunk_only=True), 3)
+    assert torch.equal(model.last_conv.weight, vgg.features[-3].weight) and model.fc.in_features == 512
+
+
+# ------------------------------------------------------------ the command line
+
+
+def _one_line_error(capsys, study) -> str:
+    code = main(["train", str(study)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("raycf: error: ") and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("arch", "reason"),
+    [
+        ("alexnet", "its head is three fully connected layers over 6×6 maps"),
+        ("mobilenet_v3_small", "its head is an MLP (Linear, Hardswish, Dropout, Linear)"),
+        ("squeezenet1_1", "its head is a 1×1 conv and a ReLU before pooling"),
+        ("vit_b_16", "a transformer"),
+        ("swin_t", "a transformer"),
+        ("maxvit_t", "a transformer"),
+    ],
+)
+def test_refused_architectures_exit_2_with_their_reason(tmp_path, capsys, arch, reason):
+    err = _one_line_error(capsys, write_study(tmp_path, model={"arch": arch}))
+    assert f"model.arch: {arch} is refused: {reason}" in err
+    assert not (tmp_path / "results").exists()
+
+
+def test_unknown_architectures_name_the_families(tmp_path, capsys):
+    err = _one_line_error(capsys, write_study(tmp_path, model={"arch": "googlenet"}))
+    assert "model.arch: unknown architecture 'googlenet' (expected vgg_tiny, vgg11 … vgg19, vgg*_bn, resnet*" in err and "refused: alexnet" in err
+    err = _one_line_error(capsys, write_study(tmp_path, model={"arch": "resnet7"}))
+    assert "model.arch: torchvision has no model 'resnet7' (its resnet family: resnet101, resnet152, resnet18" in err
+
+
+def test_a_timm_arch_without_timm_names_the_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` now fails, as without the extra
+    err = _one_line_error(capsys, write_study(tmp_path, model={"arch": "timm:resnet18"}))
+    assert "model.arch: timm:<name> needs timm, raycf's optional extra (pip install 'raycf[timm]')" in err
+
+
+def test_a_state_dict_for_another_dataset_exits_2(tmp_path, capsys, user_resnet):
+    err = _one_line_error(capsys, write_study(tmp_path, model={"arch": "resnet18", "weights": _saved(tmp_path, user_resnet)}))
+    assert "its head has 3 classes, but the dataset has 10" in err
+
+
+# ------------------------------------------------------------ a study of the user's model
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "timm:resnet18"])
+def test_a_smoke_study_debugs_a_users_state_dict_as_is(ray_session, imagefolder_root, tmp_path, arch):
+    """An image folder and a state_dict saved from the library's own model, base.train: false: raycf debugs that model."""
+    torch.manual_seed(0)
+    if arch.startswith("timm:"):
+        user = pytest.importorskip("timm").create_model(arch.removeprefix("timm:"), num_classes=2)
+    else:
+        user = getattr(torchvision.models, arch)(num_classes=2)
+    weights = _saved(tmp_path, user)
+    study = write_study(
+        tmp_path,
+        data={"kind": "imagefolder", "root": str(imagefolder_root), "image_size": 32, "decode_actors": 1},
+        model={"arch": arch, "weights": weights},
+        base={"train": False},
+        features={"actors": 1},
+        cfe={"epochs": 1, "views": 1, "workers": 0},
+        masks={"actors": 1},
+        prefix={"actors": 1},
+        debug={"epochs": 1, "views": 1},
+        search={"num_samples": 2, "max_concurrent": 1},
+        smoke={"debug": {"epochs": 1}},
+    )
+    completed = run_cli("study", str(study), "--smoke", env_extra={"RAY_ADDRESS": ray_address()})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = tmp_path / "results" / "t"
+    base = load_classifier_checkpoint(str(results / "base" / "model.pt"), expected_arch=arch, expected_classes=2)
+    assert base.class_names == ["cat", "dog"]
+    assert torch.equal(base.state_dict["fc.weight"], user.get_classifier().weight if arch.startswith("timm:") else user.fc.weight)
+    assert "(adopted from model.weights)" in completed.stderr + completed.stdout
+    assert len(pd.read_parquet(results / "leaderboard.parquet")) == 2 and (results / "final.parquet").is_file()
