@@ -332,6 +332,11 @@ class SearchConfig(StrictModel):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="early stopping")
     storage: str | None = Field(None, description="Optuna storage URL (SQLAlchemy); default: sqlite optuna.db in the results folder")
     include_control: bool = Field(True, description="evaluate λ1 = λ2 = 0 as the first, fixed point")
+    deterministic: bool = Field(
+        False,
+        description="one trial at a time (max_concurrent ignored): ASHA's stop decisions and TPE's proposals follow trial order, "
+        "so a rerun reproduces the search; false: max_concurrent trials at once, and ASHA's asynchronous decisions depend on timing",
+    )
     pareto: tuple[str, str] = Field(
         ("val_acc", "det_auroc"),
         description=f"the two metrics of `raycf leaderboard --pareto` (both maximised) (display only: {UNHASHED})",
@@ -357,6 +362,11 @@ class SearchConfig(StrictModel):
                 )
         return space
 
+
+    @property
+    def concurrency(self) -> int:
+        """Trials running at once: 1 in the deterministic mode, else ``max_concurrent``."""
+        return 1 if self.deterministic else self.max_concurrent
 
     @property
     def searched_space(self) -> dict[str, Distribution]:
