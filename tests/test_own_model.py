@@ -182,4 +182,4 @@ def test_a_smoke_study_debugs_a_users_state_dict_as_is(ray_session, imagefolder_
     assert base.class_names == ["cat", "dog"]
     assert torch.equal(base.state_dict["fc.weight"], user.get_classifier().weight if arch.startswith("timm:") else user.fc.weight)
     assert "(adopted from model.weights)" in completed.stderr + completed.stdout
-    assert len(pd.read_parquet(results / "leaderboard.parquet")) == 2 and (results / "final.parquet").is_file()
+    assert len(pd.read_parquet(results / "leaderboard.parquet")) == 2 and (results / "final" / "final.parquet").is_file()
