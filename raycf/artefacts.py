@@ -271,3 +271,18 @@ def debugged_model_bytes(results: str, base_bytes: bytes | None = None) -> tuple
     rows = board[board["trial_id"] == trial_id]
     model_bytes = trial_model_bytes(rows.iloc[0], base_bytes or base_model_bytes(results), results) if len(rows) else None
     return None if model_bytes is None else (trial_id, model_bytes)
+
+
+def trial_val_predictions(board: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Each leaderboard trial's validation predictions at its best epoch (``val_pred.npy`` beside its ``model.pt``), where it kept them."""
+    import io
+
+    from raycf.training.debug import VAL_PREDICTIONS_FILE
+
+    predictions = {}
+    for row in board.to_dict("records"):
+        folder = str(row.get("checkpoint_path") or "")
+        location = storage.join_uri(folder, VAL_PREDICTIONS_FILE) if folder else ""
+        if folder and storage.exists(location):
+            predictions[str(row["trial_id"])] = np.load(io.BytesIO(storage.read_bytes(location)), allow_pickle=False).astype(np.int64)
+    return predictions

@@ -22,13 +22,14 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from raycf import artefacts, storage
+from raycf import artefacts, field_reads, storage
 from raycf.artefacts import MARKER_FILE
 from raycf.cluster import check_gpus, check_storage_for_cluster
 from raycf.config import StudyConfig, hash_object
 from raycf.console import LOG_FOLDER, RAY_LOG_FILE, log, ray_log_path
 from raycf.data import load_splits
 from raycf.errors import UserError
+from raycf.fingerprints import FILE_FIELDS, content_of, file_fingerprints, reads_field
 from raycf.manifest import finish_manifest, iso_time, raycf_version, write_study_files
 from raycf.prefix_cache import check_budget, uses_cache
 from raycf.stages import STAGES, StageRun, stage_named
@@ -36,17 +37,25 @@ from raycf.stages import STAGES, StageRun, stage_named
 FOLDERS = {stage.name: stage.folder for stage in STAGES}
 
 
-def stage_hash(study: StudyConfig, name: str) -> str:
-    """Hash of a stage's inputs and, recursively, of its upstream stages."""
+def stage_hash(study: StudyConfig, name: str, files: dict[str, dict] | None = None) -> str:
+    """Hash of a stage's inputs (the files it names by content) and, recursively, of its upstream stages."""
     stage = stage_named(name)
-    return hash_object(
-        {
-            "stage": name,
-            "reads": study.section_hash(*stage.reads),
-            "upstream": [stage_hash(study, up) for up in stage.upstream],
-            "raycf": raycf_version(),  # a new release may compute a stage differently
-        }
-    )
+    files = input_files(study) if files is None else files
+    identity = {
+        "stage": name,
+        "reads": study.section_hash(*stage.reads),
+        "upstream": [stage_hash(study, up, files) for up in stage.upstream],
+        "raycf": raycf_version(),  # a new release may compute a stage differently
+    }
+    read_files = {field: print_ for field, print_ in files.items() if reads_field(stage.reads, field)}
+    if read_files:
+        identity["files"] = content_of(read_files)
+    return hash_object(identity)
+
+
+def input_files(study: StudyConfig) -> dict[str, dict]:
+    """Content fingerprints of every file field the study names (model.weights, data.root)."""
+    return file_fingerprints(study, FILE_FIELDS)
 
 
 def read_marker(results: str, name: str) -> dict | None:
@@ -68,6 +77,7 @@ def plan(study: StudyConfig, targets: list[str], force: set[str]) -> list[tuple[
     results = study.results_uri
     decisions: list[tuple[str, str]] = []
     rerun: set[str] = set()
+    files = input_files(study)
     for stage in (stage for stage in STAGES if stage.name in needed):
         marker = read_marker(results, stage.name)
         if stage.name in force:
@@ -76,7 +86,7 @@ def plan(study: StudyConfig, targets: list[str], force: set[str]) -> list[tuple[
             reason = "an upstream stage reran"
         elif marker is None:
             reason = "no finished result yet"
-        elif marker.get("hash") != stage_hash(study, stage.name):
+        elif marker.get("hash") != stage_hash(study, stage.name, files):
             reason = "its inputs changed"
         else:
             decisions.append((stage.name, "cached"))
@@ -150,15 +160,15 @@ def run_stage(study: StudyConfig, name: str, resume: bool = False, fresh: bool =
     """
     stage = stage_named(name)
     results = results or study.results_uri
-    digest = stage_hash(study, name)
+    files = input_files(study)
+    digest = stage_hash(study, name, files)
     if fresh:
-        clear_ray_runs(results, f"{name}-{digest}")
+        clear_stage_runs(results, name, digest)
     withdraw_markers(results, name)
     started = time.time()
-    if storage.is_uri(results):
-        summary = run_in_place(stage, StageRun(study=study, results=results, output=storage.join_uri(results, stage.folder), stage_hash=digest, folders=FOLDERS, resume=resume))
-    else:
-        summary = run_staged(stage, StageRun(study=study, results=results, output="", stage_hash=digest, folders=FOLDERS, resume=resume))
+    stage_study = field_reads.tagged(study, name) if field_reads.enabled() else study
+    run = StageRun(study=stage_study, results=results, output=storage.join_uri(results, stage.folder), stage_hash=digest, folders=FOLDERS, resume=resume)
+    summary = run_in_place(stage, run) if storage.is_uri(results) else run_staged(stage, run)
     duration = time.time() - started
     marker = {
         "stage": name,
@@ -167,6 +177,7 @@ def run_stage(study: StudyConfig, name: str, resume: bool = False, fresh: bool =
         "started_at": iso_time(started),
         "finished_at": iso_time(time.time()),
         "duration_s": round(duration, 2),
+        "inputs": {field: print_ for field, print_ in files.items() if reads_field(stage.reads, field)},
         "summary": summary,
     }
     storage.write_text(storage.join_uri(results, stage.folder, MARKER_FILE), json.dumps(marker, indent=2, default=str))
@@ -227,6 +238,16 @@ def clear_ray_runs(results: str, prefix: str) -> None:
         return
     for entry in filesystem.get_file_info(pafs.FileSelector(root)):
         if entry.type == pafs.FileType.Directory and entry.base_name.startswith(prefix):
+            filesystem.delete_dir(entry.path)
+
+
+def clear_stage_runs(results: str, name: str, digest: str) -> None:
+    """Delete every Ray run of stage ``name`` at hash ``digest``: ``debug-<hash>``, ``debug-control-<hash>``, ``search-<hash>-driver``, …"""
+    filesystem, root = storage.resolve(storage.join_uri(results, "_ray"))
+    if filesystem.get_file_info(root).type != pafs.FileType.Directory:
+        return
+    for entry in filesystem.get_file_info(pafs.FileSelector(root)):
+        if entry.type == pafs.FileType.Directory and entry.base_name.startswith(f"{name}-") and digest in entry.base_name:
             filesystem.delete_dir(entry.path)
 
 

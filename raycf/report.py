@@ -625,18 +625,25 @@ def search_noise_section(context: ReportContext) -> Section:
     the Optuna storage).
     """
     from raycf.leaderboard import read_leaderboard
-    from raycf.method.search_noise import search_noise
+    from raycf.method.search_noise import search_noise, seed_spread
 
     section = Section("search-noise", "Search: do trials differ by more than validation noise?")
     images = validation_images(context)
     if not storage.exists(storage.join_uri(context.results, "leaderboard.parquet")) or images is None:
         section.note("leaderboard.parquet or the validation split's size (analysis/error_scores.parquet) is missing: the search has not run.")
         return section
-    noise = search_noise(read_leaderboard(context.results), images)
+    board = read_leaderboard(context.results)
+    comparison, best = trial_comparison(context, board)
+    seeds = context.frame("final", "seeds.parquet")
+    noise = search_noise(board, images, comparison=comparison, best=best, seeds=seed_spread(seeds) if seeds is not None else None)
     section.paragraph(noise["verdict"])
-    shown = {key: value for key, value in noise.items() if key not in ("verdict", "metric")}
+    section.paragraph(scheduler_note(context.study))
+    shown = {key: value for key, value in noise.items() if key not in ("verdict", "metric", "seed_sd")}
     values = ["–" if value is None or value != value else f"{value:.4g}" if isinstance(value, float) else str(value) for value in shown.values()]
-    section.table(pd.DataFrame({"": list(shown), noise["metric"]: values}), "Spread of the searched trials' objective (control excluded) against its binomial standard error at the mean")
+    section.table(pd.DataFrame({"": list(shown), noise["metric"]: values}), "The searched trials' objective (control excluded) and McNemar's comparison with the best trial")
+    if comparison is not None and len(comparison):
+        section.table(comparison, f"McNemar's exact test of each trial against the best ({best}) on the validation images they disagree on")
+        noise["comparisons"] = comparison.to_dict("records")
     importances, why = param_importances(context)
     if importances:
         frame = pd.DataFrame({"parameter": list(importances), "importance": list(importances.values())})
@@ -646,6 +653,34 @@ def search_noise_section(context: ReportContext) -> Section:
     record = {**noise, "importances": importances, "importance_evaluator": "fanova", "importance_seed": context.study.seed}
     section.files["search_noise.json"] = json.dumps({key: _plain(value) for key, value in record.items()}, indent=2)
     return section
+
+
+def trial_comparison(context: ReportContext, board: pd.DataFrame) -> tuple[pd.DataFrame | None, str]:
+    """McNemar's test of every trial that kept its validation predictions against the best such searched trial, and that trial's id."""
+    from raycf.artefacts import trial_val_predictions
+    from raycf.leaderboard import sort_by_objective
+    from raycf.method.search_noise import compare_with_best
+
+    labels = context.frame("images", "val.parquet")
+    predictions = trial_val_predictions(board)
+    ranked = sort_by_objective(board, context.study.search.metric, context.study.search.mode)
+    candidates = [str(row["trial_id"]) for row in ranked.to_dict("records") if not row.get("is_control") and str(row["trial_id"]) in predictions]
+    if labels is None or not candidates:
+        return None, ""
+    return compare_with_best(predictions, labels["label"].to_numpy(), candidates[0]), candidates[0]
+
+
+def scheduler_note(study: StudyConfig) -> str:
+    """Whether the search's stop decisions can be reproduced: ASHA's asynchronous ones depend on timing."""
+    search = study.search
+    if search.scheduler.asha is None:
+        return "No early stopping: every trial ran its whole schedule."
+    if search.deterministic:
+        return "Deterministic search (search.deterministic): one trial at a time, so ASHA's stop decisions and TPE's proposals follow trial order and a rerun reproduces them."
+    return (
+        f"ASHA stops trials asynchronously, {search.max_concurrent} at a time: which trials it stops depends on the order results arrive in, "
+        "so on timing and machine load, and a rerun may stop others (search.deterministic: true runs one trial at a time and reproduces them)."
+    )
 
 
 def validation_images(context: ReportContext) -> int | None:

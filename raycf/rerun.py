@@ -15,6 +15,7 @@ from raycf.image_store import open_store
 from raycf.errors import UserError
 from raycf.leaderboard import read_leaderboard, sort_by_objective
 from raycf.method.selection import best_epoch
+from raycf.searcher import trial_values
 from raycf.training.debug import DebugJob, run_debug_training
 
 
@@ -118,13 +119,13 @@ def rerun_trial(results: str, trial_id: str | None = None, device: str = "cpu") 
     row = pick_trial(board, trial_id, study.search.metric, study.search.mode)
     if row["status"] == "error" or int(row["epochs"]) == 0:
         raise UserError(f"trial {row['trial_id']} has no finished epoch to compare with (status {row['status']})")
-    params = {name: row[name] for name in board.attrs["parameters"]}
+    params = trial_values(row, board.attrs["parameters"])
     recorded = recorded_conditions(row, study)
     rerun_conditions = Conditions(device, rerun_precision(recorded.precision, device))
     trial = with_values(
         study, {**params, "debug.epochs": int(row["epochs"]), "debug.use_gpu": device == "cuda", "model.precision": rerun_conditions.precision}
     )
-    global_filters = global_mc_sets(results, trial.analysis.tau, trial.debug.freq_threshold)
+    global_filters = global_mc_sets(results, trial.debug.tau, trial.debug.freq_threshold)
     job = DebugJob(
         study=trial,
         global_filters=global_filters,

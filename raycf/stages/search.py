@@ -58,11 +58,16 @@ class SearchContext:
 
 
 def trial_job(study: StudyConfig, context: SearchContext) -> DebugJob:
-    """The debug run of one trial: G at the trial's τ and f, and its detection quality (on val) as extra metrics."""
-    tau = study.analysis.tau
+    """The debug run of one trial: G at the trial's τ and f, and the detection quality (on val) of that G as extra metrics.
+
+    Detection is measured with the trial's own τ and f (``debug.tau``,
+    ``debug.freq_threshold``), so no detection setting (``analysis.*``) enters
+    the search.
+    """
+    tau, freq_threshold = study.debug.tau, study.debug.freq_threshold
     data = load_study_data(context.results, splits=("val",), with_head=False)
-    global_filters = data.global_filters(tau, study.debug.freq_threshold)
-    detection = {key: float(value) for key, value in detection_quality(data, tau, study.analysis.freq_threshold, split="val").items()}
+    global_filters = data.global_filters(tau, freq_threshold)
+    detection = {key: float(value) for key, value in detection_quality(data, tau, freq_threshold, split="val").items()}
     detection["g_size"] = float(np.asarray(global_filters).sum(axis=1).mean())
     return DebugJob(
         study=study,

@@ -240,10 +240,13 @@ def evaluate(
     *,
     precision: Precision | None = None,
     forward: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    predictions: list[torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Loss and accuracy of ``model`` over ``batches`` of ``(inputs, labels)``, summed over all ranks.
 
     ``forward(model, inputs)`` gives logits (default: ``model(inputs)``).
+    ``predictions``: a list this rank's predicted classes are appended to, one
+    tensor per batch, left on the device (no host sync per batch).
     Runs the module inside a DDP wrapper (DDP's forward is a collective that
     would wait forever for a rank whose shard is empty), after giving every
     rank rank 0's buffers, as DDP's forward would: the BatchNorm statistics
@@ -259,7 +262,10 @@ def evaluate(
         with _autocast(precision):
             logits = model(inputs) if forward is None else forward(model, inputs)
         sums["loss"] = sums["loss"] + F.cross_entropy(logits.float(), labels, reduction="sum")
-        sums["correct"] = sums["correct"] + (logits.argmax(1) == labels).sum()
+        predicted = logits.argmax(1)
+        if predictions is not None:
+            predictions.append(predicted)
+        sums["correct"] = sums["correct"] + (predicted == labels).sum()
         sums["count"] = sums["count"] + len(labels)
     totals = all_reduce_sums(sums)
     count = max(totals["count"], 1.0)
