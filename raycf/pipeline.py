@@ -106,9 +106,10 @@ def run_stages(study: StudyConfig, targets: list[str], force: set[str] | None = 
     if unknown:
         raise UserError(f"--force {sorted(unknown)[0]}: unknown stage (expected one of {', '.join(FOLDERS)})")
     results = study.results_uri
-    storage.check_writable(results)
     check_storage_for_cluster(study)
     check_gpus(study)
+    if storage.is_uri(results):  # a missing bucket, no credentials or no permission: one line, before any stage
+        storage.check_writable(results)
     decisions = plan(study, targets, force)
     if any(name == "prefix" and decision != "cached" for name, decision in decisions):
         check_prefix_budget(study)
