@@ -30,7 +30,8 @@ column                 meaning
                        start included) to its end (retries included)
 ``epochs_s``           the sum of its epochs' times (``epoch_s``): ``wall_s − epochs_s`` is its overhead
 ``checkpoint_path``    folder of the best epoch's checkpoint (``model.pt`` inside); the
-                       checkpoint the trial kept, so it exists (one tie rule everywhere)
+                       checkpoint the trial kept, so it exists (one tie rule everywhere);
+                       a full URI (``s3://...``) when the results folder is one
 ``seed``               the study seed; ``config_hash``: hash of the trial's resolved study
 ``raycf_version``,     versions that produced the row (``torch_version``: the trial's own process's)
 ``ray_version``,
