@@ -150,7 +150,8 @@ def test_leaderboard_report_explain_and_rerun_read_the_bucket(resumed_bucket_stu
     report = run_cli("report", results, env_extra=laptop)
     assert report.returncode == 0, report.stderr[-2000:]
     page = storage.read_text(storage.join_uri(results, "report", "index.html"))
-    assert "Grad-CAM" in page and rows[0]["trial_id"] in page
+    # The gallery found the best trial's checkpoint through the leaderboard's URI.
+    assert "Grad-CAM (captum" in page and "No gallery" not in page and rows[0]["trial_id"] in page
 
     image_id = str(pd.read_parquet(storage.join_uri(results, "masks", "test").removeprefix("s3://"), filesystem=storage.resolve(results)[0])["image_id"].iloc[0])
     explain = run_cli("explain", results, image_id, "--out", str(tmp_path / "explanations"), env_extra=laptop)
