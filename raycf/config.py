@@ -139,6 +139,11 @@ class ModelConfig(StrictModel):
         description="with a state_dict in model.weights: adopt its trunk under a new head (its own head is dropped and its class count not "
         "checked); needed for a torchvision VGG state_dict, whose head is three FC layers",
     )
+    weights_prefix: str | None = Field(
+        None,
+        description="the key prefix of the model's weights in model.weights (e.g. model. in a Lightning checkpoint, whose LightningModule holds "
+        "the network as self.model): stripped, and keys outside it ignored; left out, a prefix is found when exactly one fits model.arch",
+    )
     class_names: tuple[str, ...] | None = Field(
         None,
         description="the class order of a state_dict's head when it is not the dataset's sorted class order: the dataset's classes, "
@@ -437,6 +442,15 @@ class StudyConfig(StrictModel):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             raise ValueError(f"name must be letters, digits, '_', '.', '-' (got {name!r})")
         return name
+
+    @model_validator(mode="after")
+    def _adopted_weights_exist(self) -> "StudyConfig":
+        if not self.base.train and self.model.weights in ("none", "imagenet"):
+            raise ValueError(
+                f"base.train: false adopts model.weights as the base model, but model.weights is {self.model.weights} "
+                "(expected a path to a trained model: a raycf checkpoint, a state_dict, a Lightning checkpoint or a safetensors file)"
+            )
+        return self
 
     @property
     def results_uri(self) -> str:
