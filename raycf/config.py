@@ -168,6 +168,11 @@ class ModelConfig(StrictModel):
         description="with a state_dict in model.weights: adopt its trunk under a new head (its own head is dropped and its class count not "
         "checked); needed for a torchvision VGG state_dict, whose head is three FC layers",
     )
+    weights_prefix: str | None = Field(
+        None,
+        description="the key prefix of the model's weights in model.weights (e.g. model. in a Lightning checkpoint, whose LightningModule holds "
+        "the network as self.model): stripped, and keys outside it ignored; left out, a prefix is found when exactly one fits model.arch",
+    )
     class_names: tuple[str, ...] | None = Field(
         None,
         description="the class order of a state_dict's head when it is not the dataset's sorted class order: the dataset's classes, "
@@ -494,6 +499,15 @@ class StudyConfig(StrictModel):
                     DebugConfig.model_validate({**self.debug.model_dump(), field: value})
                 except ValidationError as error:
                     raise ValueError(f"search.space.{name}: {value!r} is not a value of debug.{field}: {error.errors()[0]['msg']}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _adopted_weights_exist(self) -> "StudyConfig":
+        if not self.base.train and self.model.weights in ("none", "imagenet"):
+            raise ValueError(
+                f"base.train: false adopts model.weights as the base model, but model.weights is {self.model.weights} "
+                "(expected a path to a trained model: a raycf checkpoint, a state_dict, a Lightning checkpoint or a safetensors file)"
+            )
         return self
 
     @property
