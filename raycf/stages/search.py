@@ -329,8 +329,10 @@ def run(run: "StageRun") -> dict:
                 # The console callback last: Tune restores callback state by position.
                 callbacks=[
                     tune_callback(study, leaderboard_writer(study, results)),
-                    DriverStateSnapshot(snapshot),
+                    # Optuna's file first: the bucket's copy is never older than the driver state it goes with
+                    # (a proposal newer than that state is adopted on resume, see searcher.adopt_orphan).
                     *uploads,
+                    DriverStateSnapshot(snapshot),
                     TrialConsole(parameter_names(study), study.search.metric, study.search.mode, total_trials=study.search.num_samples, epochs=study.debug.epochs),
                 ],
                 failure_config=tune.FailureConfig(max_failures=study.debug.max_failures if study.debug.workers == 1 else 0),

@@ -228,6 +228,7 @@ def debug_train_loop(job: DebugJob, session: Session) -> list[dict[str, Any]]:
             "epoch_s": time.time() - started,
             "time": time.time(),
             **job.extra_metrics,
+            **run_conditions(device, precision),
         }
         state = TrainState(next_epoch=epoch + 1, history=[*state.history, metrics], phase=PHASE, optimizer=optimizer.state_dict())
         extra = {VAL_PREDICTIONS_FILE: predictions_bytes(val_predictions)} if val_predictions is not None else None
@@ -235,6 +236,11 @@ def debug_train_loop(job: DebugJob, session: Session) -> list[dict[str, Any]]:
         if job.print_epochs:
             print_epoch(session, job.label, metrics, config.epochs)
     return state.history
+
+
+def run_conditions(device: torch.device, precision: Precision) -> dict[str, str]:
+    """What a run computed on and with (reported with every epoch): ``raycf rerun`` reads them back."""
+    return {"device": device.type, "precision": precision.name, "torch": torch.__version__}
 
 
 @dataclass
