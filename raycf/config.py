@@ -168,6 +168,11 @@ class ModelConfig(StrictModel):
         description="with a state_dict in model.weights: adopt its trunk under a new head (its own head is dropped and its class count not "
         "checked); needed for a torchvision VGG state_dict, whose head is three FC layers",
     )
+    weights_prefix: str | None = Field(
+        None,
+        description="the key prefix of the model's weights in model.weights (e.g. model. in a Lightning checkpoint, whose LightningModule holds "
+        "the network as self.model): stripped, and keys outside it ignored; left out, a prefix is found when exactly one fits model.arch",
+    )
     class_names: tuple[str, ...] | None = Field(
         None,
         description="the class order of a state_dict's head when it is not the dataset's sorted class order: the dataset's classes, "
@@ -369,6 +374,11 @@ class SearchConfig(StrictModel):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="early stopping")
     storage: str | None = Field(None, description="Optuna storage URL (SQLAlchemy); default: sqlite optuna.db in the results folder")
     include_control: bool = Field(True, description="evaluate λ1 = λ2 = 0 as the first, fixed point")
+    deterministic: bool = Field(
+        False,
+        description="one trial at a time (max_concurrent ignored): ASHA's stop decisions and TPE's proposals follow trial order, "
+        "so a rerun reproduces the search; false: max_concurrent trials at once, and ASHA's asynchronous decisions depend on timing",
+    )
     pareto: tuple[str, str] = Field(
         ("val_acc", "det_auroc"),
         description="the two metrics of `raycf leaderboard --pareto` and of the report's Pareto figure (both maximised); display only: "
@@ -392,6 +402,11 @@ class SearchConfig(StrictModel):
                 raise ValueError(f"{name!r} cannot be searched: a trial does not consume it (searchable: {searchable_names()})")
         return space
 
+
+    @property
+    def concurrency(self) -> int:
+        """Trials running at once: 1 in the deterministic mode, else ``max_concurrent``."""
+        return 1 if self.deterministic else self.max_concurrent
 
     @property
     def searched_space(self) -> dict[str, Distribution]:
@@ -484,6 +499,15 @@ class StudyConfig(StrictModel):
                     DebugConfig.model_validate({**self.debug.model_dump(), field: value})
                 except ValidationError as error:
                     raise ValueError(f"search.space.{name}: {value!r} is not a value of debug.{field}: {error.errors()[0]['msg']}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _adopted_weights_exist(self) -> "StudyConfig":
+        if not self.base.train and self.model.weights in ("none", "imagenet"):
+            raise ValueError(
+                f"base.train: false adopts model.weights as the base model, but model.weights is {self.model.weights} "
+                "(expected a path to a trained model: a raycf checkpoint, a state_dict, a Lightning checkpoint or a safetensors file)"
+            )
         return self
 
     @property

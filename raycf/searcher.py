@@ -150,7 +150,7 @@ def control_first_searcher(study: StudyConfig, storage_url: str, study_name: str
         storage=optuna.storages.RDBStorage(storage_url),
     )
     control = control_point(study) if study.search.include_control else None
-    return ConcurrencyLimiter(ControlFirst(searcher, control, space), max_concurrent=study.search.max_concurrent)
+    return ConcurrencyLimiter(ControlFirst(searcher, control, space), max_concurrent=study.search.concurrency)
 
 
 def suggest_again(trial, name: str, distribution) -> Any:

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from raycf import storage
-from raycf.artefacts import PREDICTIONS_FILE, base_model_bytes, base_predictions, class_names, global_mc_sets, prefix_ref, store_ref, trial_model_bytes
+from raycf.artefacts import PREDICTIONS_FILE, base_model_bytes, read_final_frame, base_predictions, class_names, global_mc_sets, prefix_ref, store_ref, trial_model_bytes
 from raycf.checkpoint import CHECKPOINT_FILE, complete, parse_classifier_checkpoint
 from raycf.cluster import ensure_ray
 from raycf.config import StudyConfig
@@ -91,7 +91,7 @@ def control_verdict(board: pd.DataFrame, best: pd.Series, study: StudyConfig) ->
     )
 
 
-def full_control(board: pd.DataFrame, base_bytes: bytes) -> tuple[pd.Series | None, bytes | None]:
+def full_control(board: pd.DataFrame, base_bytes: bytes, results: str = "") -> tuple[pd.Series | None, bytes | None]:
     """The control's row and its model, when it ran its whole schedule."""
     controls = board[board["is_control"]]
     if controls.empty:
@@ -99,11 +99,11 @@ def full_control(board: pd.DataFrame, base_bytes: bytes) -> tuple[pd.Series | No
     control = controls.iloc[0]
     if control["status"] != "completed":
         return control, None
-    return control, trial_model_bytes(control, base_bytes)
+    return control, trial_model_bytes(control, base_bytes, results)
 
 
 def run(run: "StageRun") -> dict:
-    """Write ``final.parquet``, ``class_recall.parquet`` and ``final/`` (predictions, Tables 2 and 3; the seed comparison with final.seeds > 1)."""
+    """Write ``final/``: ``final.parquet``, ``class_recall.parquet``, predictions, Tables 2 and 3; the seed comparison with final.seeds > 1)."""
     study, results = run.study, run.results
     if study.final.seeds > 1:
         check_class_group(study.final.class_group, class_names(results))
@@ -111,7 +111,7 @@ def run(run: "StageRun") -> dict:
     board = read_leaderboard(results)
     best = best_searched_trial(board, study)
     base_bytes = base_model_bytes(results)
-    best_bytes = trial_model_bytes(best, base_bytes)
+    best_bytes = trial_model_bytes(best, base_bytes, results)
     if best_bytes is None:
         raise RuntimeError(f"best trial {best['trial_id']}: its checkpoint {best['checkpoint_path']!r} is gone")
     control, control_bytes, control_epoch = the_control(run, board, base_bytes)
@@ -137,8 +137,8 @@ def run(run: "StageRun") -> dict:
     storage.write_frame(predictions, run.path(PREDICTIONS_FILE))
     storage.write_frame(tables.table2, run.path("table2.parquet"))
     storage.write_frame(tables.table3, run.path("table3.parquet"))
-    storage.write_frame(final, storage.join_uri(results, "final.parquet"))
-    storage.write_frame(tables.class_recall, storage.join_uri(results, "class_recall.parquet"))
+    storage.write_frame(final, run.path("final.parquet"))
+    storage.write_frame(tables.class_recall, run.path("class_recall.parquet"))
     print(summary_text(tables.table2, tables.table3, verdict), flush=True)
     rows = tables.table2.set_index("model")
     summary = {
@@ -154,7 +154,7 @@ def run(run: "StageRun") -> dict:
 def the_control(run: "StageRun", board: pd.DataFrame, base_bytes: bytes) -> tuple[pd.Series | None, bytes, int]:
     """The control's leaderboard row (None when it was not searched), its model and best epoch; retrained for the full schedule when the search's stopped early."""
     study, results = run.study, run.results
-    control, control_bytes = full_control(board, base_bytes)
+    control, control_bytes = full_control(board, base_bytes, results)
     if control_bytes is not None:
         return control, control_bytes, int(control["best_epoch"])
     # Stopped early by ASHA, failed, or not searched: the comparison needs the full schedule.
@@ -188,7 +188,7 @@ def describe(results: str) -> str:
     folder = storage.join_uri(results, "final")
     table2 = storage.read_table(storage.join_uri(folder, "table2.parquet")).to_pandas()
     table3 = storage.read_table(storage.join_uri(folder, "table3.parquet")).to_pandas()
-    final = storage.read_table(storage.join_uri(results, "final.parquet")).to_pandas()
+    final = read_final_frame(results, "final.parquet")
     text = summary_text(table2, table3, str(final["verdict"].iloc[0]) if "verdict" in final else "")
     if not storage.exists(storage.join_uri(folder, SEED_SUMMARY_FILE)):
         return text
