@@ -453,7 +453,8 @@ def learned_detector_section(context: ReportContext) -> Section:
     section.table(
         shown,
         f"Test AUROC and AUPR ({int(first['errors'])} errors in {int(first['images'])} images; fitted on {int(first['fit_errors'])} errors in "
-        f"{int(first['fit_images'])} validation images); bootstrap 95 % intervals, {int(first['bootstrap'])} resamples, the difference paired",
+        f"{int(first['fit_images'])} validation images); bootstrap 95 % intervals, {int(first['bootstrap'])} resamples, the difference paired; "
+        "conditional on the fitted coefficients (the resamples are of the test images, the fit is not redone)",
     )
     missing = [name for name in learned["missing_features"].iloc[-1].split(",") if name]
     if missing:
