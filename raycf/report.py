@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 
 from raycf import storage
-from raycf.artefacts import PREDICTIONS_FILE, read_frame
+from raycf.artefacts import PREDICTIONS_FILE, read_final_frame, read_frame
 from raycf.config import StudyConfig
 from raycf.console import log, progress
 from raycf.errors import UserError
@@ -333,6 +333,10 @@ class ReportContext:
     def frame(self, *parts: str) -> pd.DataFrame | None:
         return read_frame(self.results, *parts)
 
+    def final_frame(self, name: str) -> pd.DataFrame | None:
+        """``final/final.parquet`` or ``final/class_recall.parquet`` (older results: at the root)."""
+        return read_final_frame(self.results, name)
+
 
 def study_section(context: ReportContext) -> Section:
     """Manifest, versions, stage timings and the resolved study file."""
@@ -487,7 +491,7 @@ def final_section(context: ReportContext) -> Section:
     section = Section("final", "Debug retraining (paper Tables 2 and 3)")
     table2 = context.frame("final", "table2.parquet")
     table3 = context.frame("final", "table3.parquet")
-    class_recall = context.frame("class_recall.parquet")
+    class_recall = context.final_frame("class_recall.parquet")
     if table2 is None:
         section.note("final/table2.parquet is missing: the study's final stage has not run (`raycf study STUDY`).")
         return section
@@ -507,7 +511,7 @@ def final_section(context: ReportContext) -> Section:
     if {"debugged", "control"} <= set(rows.index):
         change = 100 * (rows.loc["debugged", "test_acc"] - rows.loc["control", "test_acc"])
         section.paragraph(f"Debugged − control test accuracy: {change:+.2f} points.")
-    final = context.frame("final.parquet")
+    final = context.final_frame("final.parquet")
     if final is not None and "verdict" in final and str(final["verdict"].iloc[0]):
         section.paragraph(str(final["verdict"].iloc[0]))
     if table3 is not None:
@@ -787,7 +791,7 @@ def global_mc_section(context: ReportContext) -> Section:
 def gallery_section(context: ReportContext) -> Section:
     """Test images fixed, broken, or made more confident by the debugged model, with Grad-CAM before and after."""
     section = Section("gallery", "Gallery (as the paper's Figure 2)")
-    final = context.frame("final.parquet")
+    final = context.final_frame("final.parquet")
     if final is None:
         section.note("final.parquet is missing: no debugged model to compare with.")
         return section

@@ -2,7 +2,7 @@
 
 The control (λ1 = λ2 = 0) and the debugged model start from the base model
 and see the same batches (:mod:`raycf.training.debug`); G is the global MC
-set at ``analysis.tau`` and ``debug.freq_threshold``.  Each retrained model
+set at ``debug.tau`` and ``debug.freq_threshold``.  Each retrained model
 is then run once over every split; the base model's predictions are those
 of the features stage.  Output, ``<results>/debug/``:
 
@@ -49,9 +49,9 @@ def run(run: "StageRun") -> dict:
     """Debug retraining and its control from the base model; Tables 2 and 3."""
     study, config = run.study, run.study.debug
     ensure_ray()
-    global_filters = np.asarray(global_mc_sets(run.results, study.analysis.tau, config.freq_threshold), dtype=bool)
+    global_filters = np.asarray(global_mc_sets(run.results, config.tau, config.freq_threshold), dtype=bool)
     base_bytes = base_model_bytes(run.results)
-    log(f"debug: global MC filters: {global_filters.sum(1).mean():.1f} of {global_filters.shape[1]} per class (tau {study.analysis.tau}, f {config.freq_threshold})")
+    log(f"debug: global MC filters: {global_filters.sum(1).mean():.1f} of {global_filters.shape[1]} per class (tau {config.tau}, f {config.freq_threshold})")
 
     images, prefix = store_ref(run.results), prefix_ref(run.results, study)
 

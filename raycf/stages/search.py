@@ -58,11 +58,16 @@ class SearchContext:
 
 
 def trial_job(study: StudyConfig, context: SearchContext) -> DebugJob:
-    """The debug run of one trial: G at the trial's τ and f, and its detection quality (on val) as extra metrics."""
-    tau = study.analysis.tau
+    """The debug run of one trial: G at the trial's τ and f, and the detection quality (on val) of that G as extra metrics.
+
+    Detection is measured with the trial's own τ and f (``debug.tau``,
+    ``debug.freq_threshold``), so no detection setting (``analysis.*``) enters
+    the search.
+    """
+    tau, freq_threshold = study.debug.tau, study.debug.freq_threshold
     data = load_study_data(context.results, splits=("val",), with_head=False)
-    global_filters = data.global_filters(tau, study.debug.freq_threshold)
-    detection = {key: float(value) for key, value in detection_quality(data, tau, study.analysis.freq_threshold, split="val").items()}
+    global_filters = data.global_filters(tau, freq_threshold)
+    detection = {key: float(value) for key, value in detection_quality(data, tau, freq_threshold, split="val").items()}
     detection["g_size"] = float(np.asarray(global_filters).sum(axis=1).mean())
     return DebugJob(
         study=study,
@@ -145,7 +150,7 @@ def tune_callback(study: StudyConfig, writer: LeaderboardWriter):
             record.time_total_s = float(result.get("time_total_s", record.time_total_s))
 
         def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-            writer.add_checkpoint(record_of(trial), checkpoint.path)
+            writer.add_checkpoint(record_of(trial), storage.with_scheme(checkpoint.path, writer.results))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             record = record_of(trial)
@@ -171,15 +176,55 @@ def trial_dirname(trial) -> str:
     return f"trial-{trial.trial_id}"
 
 
-def optuna_storage_url(study: StudyConfig, results: str) -> tuple[str, str | None]:
-    """(SQLAlchemy URL, local SQLite file to upload to the results folder afterwards, if any)."""
+OPTUNA_FILE = "optuna.db"
+
+
+def optuna_storage_url(study: StudyConfig, results: str, stage_hash: str, resume: bool) -> tuple[str, str | None]:
+    """(SQLAlchemy URL, local SQLite file kept in the results folder after every step, if any).
+
+    A results folder on an object store cannot hold a live SQLite file: the
+    driver works on a local copy, :class:`OptunaUpload` puts it in the bucket
+    after every step that changed it, and a resumed search (on this head or
+    a new one) starts from the bucket's copy, so no finished trial is lost.
+    """
     if study.search.storage:
         return study.search.storage, None
     if storage.is_uri(results):
-        local = Path(tempfile.gettempdir(), f"raycf-{study.name}-optuna.db")
+        local = Path(tempfile.gettempdir(), f"raycf-{study.name}-{stage_hash}-{OPTUNA_FILE}")
+        local.unlink(missing_ok=True)
+        saved = storage.join_uri(results, OPTUNA_FILE)
+        if resume and storage.exists(saved):
+            local.write_bytes(storage.read_bytes(saved))
         return f"sqlite:///{local}", str(local)
     Path(results).mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{Path(results, 'optuna.db')}", None
+    return f"sqlite:///{Path(results, OPTUNA_FILE)}", None
+
+
+def optuna_upload(local: str, location: str):
+    """A Tune callback that writes the local SQLite file to ``location`` (atomically) after every step that changed it.
+
+    Optuna writes in the driver's thread during a step, so at a step's end
+    the file is consistent.
+    """
+    from ray.tune import Callback
+
+    class OptunaUpload(Callback):
+        def __init__(self) -> None:
+            self.saved: tuple[int, int] | None = None
+
+        def on_step_end(self, iteration: int, trials: list, **info) -> None:
+            path = Path(local)
+            if not path.is_file():
+                return
+            fingerprint = (path.stat().st_size, path.stat().st_mtime_ns)
+            if fingerprint != self.saved:
+                storage.write_bytes(location, path.read_bytes())
+                self.saved = fingerprint
+
+        def on_experiment_end(self, trials: list, **info) -> None:
+            self.on_step_end(0, trials)
+
+    return OptunaUpload()
 
 
 def forget_optuna_study(url: str, name: str) -> None:
@@ -255,10 +300,11 @@ def run(run: "StageRun") -> dict:
     # Tune's console (--verbose): what its status table and trial summaries show
     # (a trainable attribute Tune reads for this), and no per-epoch result dumps.
     trainable._progress_metrics = ("epoch", "val_acc", "train_loss", "det_auroc")
-    url, upload = optuna_storage_url(study, results)
     experiment_path = storage.join_uri(tune_storage, experiment)
     snapshot = storage.join_uri(tune_storage, f"{experiment}-driver", "state.zip")
     saved_state = read_snapshot(snapshot)
+    url, upload = optuna_storage_url(study, results, run.stage_hash, resume=bool(saved_state))
+    uploads = [optuna_upload(upload, storage.join_uri(results, OPTUNA_FILE))] if upload else []
     if saved_state:
         restore_driver_state(saved_state, experiment_path)
         log(f"search: resuming the interrupted search at {experiment_path} (finished trials kept: {len(finished_trials(saved_state))})")
@@ -283,6 +329,9 @@ def run(run: "StageRun") -> dict:
                 # The console callback last: Tune restores callback state by position.
                 callbacks=[
                     tune_callback(study, leaderboard_writer(study, results)),
+                    # Optuna's file first: the bucket's copy is never older than the driver state it goes with
+                    # (a proposal newer than that state is adopted on resume, see searcher.adopt_orphan).
+                    *uploads,
                     DriverStateSnapshot(snapshot),
                     TrialConsole(parameter_names(study), study.search.metric, study.search.mode, total_trials=study.search.num_samples, epochs=study.debug.epochs),
                 ],
@@ -293,7 +342,7 @@ def run(run: "StageRun") -> dict:
         )
     tuner.fit()  # the leaderboard callback wrote leaderboard.parquet
     if upload:
-        storage.write_bytes(storage.join_uri(results, "optuna.db"), Path(upload).read_bytes())
+        storage.write_bytes(storage.join_uri(results, OPTUNA_FILE), Path(upload).read_bytes())
     board = sort_by_objective(read_leaderboard(results), study.search.metric, study.search.mode)
     finished = board[board["status"] != "error"]
     summary = {

@@ -36,7 +36,7 @@ from raycf.method.debug_loss import DebugLoss, FilterStats, global_filters_tenso
 from raycf.method.selection import best_epoch
 from raycf.models import FilterClassifier, TrainableTail, classifier_from_checkpoint
 from raycf.precision import Precision, prepare_device, prepare_model
-from raycf.prefix_cache import CachedSplit, PrefixRef, open_cache
+from raycf.prefix_cache import CachedSplit, PrefixRef, check_cache_matches, open_cache
 from raycf.training.base import print_epoch, report_epoch, restore_classifier
 from raycf.training.loops import FlopCount, device_batches, epoch_seed, eval_loader, evaluate, logits_and_features, seed_everything, train_loader, train_one_epoch
 from raycf.training.session import Session, TrainState
@@ -136,6 +136,7 @@ class Inputs:
 def cached_inputs(job: DebugJob, model: FilterClassifier, store, device: torch.device) -> Inputs:
     """Batches of frozen-prefix activations: only the trainable tail runs."""
     study, cache = job.study, open_cache(job.prefix)
+    check_cache_matches(cache.meta, study, job.prefix.location)
     num_train = len(store.labels("train"))
 
     def train_inputs(_data, indices, epoch):
@@ -227,6 +228,7 @@ def debug_train_loop(job: DebugJob, session: Session) -> list[dict[str, Any]]:
             "epoch_s": time.time() - started,
             "time": time.time(),
             **job.extra_metrics,
+            **run_conditions(device, precision),
         }
         state = TrainState(next_epoch=epoch + 1, history=[*state.history, metrics], phase=PHASE, optimizer=optimizer.state_dict())
         extra = {VAL_PREDICTIONS_FILE: predictions_bytes(val_predictions)} if val_predictions is not None else None
@@ -234,6 +236,11 @@ def debug_train_loop(job: DebugJob, session: Session) -> list[dict[str, Any]]:
         if job.print_epochs:
             print_epoch(session, job.label, metrics, config.epochs)
     return state.history
+
+
+def run_conditions(device: torch.device, precision: Precision) -> dict[str, str]:
+    """What a run computed on and with (reported with every epoch): ``raycf rerun`` reads them back."""
+    return {"device": device.type, "precision": precision.name, "torch": torch.__version__}
 
 
 @dataclass
