@@ -137,15 +137,21 @@ def _load_checked_study(args: argparse.Namespace):
     from raycf import console
     from raycf.config import load_study
     from raycf.data import load_splits
-    from raycf.method.replication import check_class_group
-    from raycf.models import check_model_weights
 
     study = load_study(args.study, args.overrides, smoke=args.smoke)
     console.configure(study.results_uri, verbose=args.verbose)  # before any stage starts Ray (cluster.ensure_ray)
     splits = load_splits(study.data, study.seed, verify_images=True)
-    check_model_weights(study.model, splits.num_classes, splits.class_names)
-    check_class_group(study.final.class_group, splits.class_names)
+    check_study_inputs(study, splits.class_names)
     return study
+
+
+def check_study_inputs(study, class_names: list[str]) -> None:
+    """The pre-checks of a validated study against its dataset's classes (UserError, one line): the model and its weights, the class group."""
+    from raycf.method.replication import check_class_group
+    from raycf.models import check_model_weights
+
+    check_model_weights(study.model, len(class_names), class_names)
+    check_class_group(study.final.class_group, class_names)
 
 
 def _run_stage_command(args: argparse.Namespace) -> int:

@@ -93,7 +93,7 @@ class TrialRecord:
     """What the search knows about one trial (filled from Tune's callbacks)."""
 
     trial_id: str
-    params: dict[str, float]
+    params: dict[str, Any]
     status: str = "running"
     history: list[dict[str, Any]] = field(default_factory=list)
     error: str = ""
@@ -119,7 +119,7 @@ def trial_row(record: TrialRecord, parameter_names: list[str], metric: str, mode
     best = best_epoch(record.history, metric, mode)
     last = record.history[-1] if record.history else {}
     row: dict[str, Any] = {"trial_id": record.trial_id, "status": record.status, "is_control": record.is_control}
-    row.update({name: as_number(record.params.get(name)) for name in parameter_names})
+    row.update({name: record.params.get(name) for name in parameter_names})  # as given: a number, a text choice, a boolean or None (not given)
     row.update(
         {
             "val_acc": as_number(best.get("val_acc")),

@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 
 from raycf import storage
-from raycf.artefacts import PREDICTIONS_FILE, read_frame
+from raycf.artefacts import PREDICTIONS_FILE, read_final_frame, read_frame
 from raycf.config import StudyConfig
 from raycf.console import log, progress
 from raycf.errors import UserError
@@ -333,6 +333,10 @@ class ReportContext:
     def frame(self, *parts: str) -> pd.DataFrame | None:
         return read_frame(self.results, *parts)
 
+    def final_frame(self, name: str) -> pd.DataFrame | None:
+        """``final/final.parquet`` or ``final/class_recall.parquet`` (older results: at the root)."""
+        return read_final_frame(self.results, name)
+
 
 def study_section(context: ReportContext) -> Section:
     """Manifest, versions, stage timings and the resolved study file."""
@@ -468,7 +472,7 @@ def final_section(context: ReportContext) -> Section:
     section = Section("final", "Debug retraining (paper Tables 2 and 3)")
     table2 = context.frame("final", "table2.parquet")
     table3 = context.frame("final", "table3.parquet")
-    class_recall = context.frame("class_recall.parquet")
+    class_recall = context.final_frame("class_recall.parquet")
     if table2 is None:
         section.note("final/table2.parquet is missing: the study's final stage has not run (`raycf study STUDY`).")
         return section
@@ -488,7 +492,7 @@ def final_section(context: ReportContext) -> Section:
     if {"debugged", "control"} <= set(rows.index):
         change = 100 * (rows.loc["debugged", "test_acc"] - rows.loc["control", "test_acc"])
         section.paragraph(f"Debugged − control test accuracy: {change:+.2f} points.")
-    final = context.frame("final.parquet")
+    final = context.final_frame("final.parquet")
     if final is not None and "verdict" in final and str(final["verdict"].iloc[0]):
         section.paragraph(str(final["verdict"].iloc[0]))
     if table3 is not None:
@@ -621,18 +625,25 @@ def search_noise_section(context: ReportContext) -> Section:
     the Optuna storage).
     """
     from raycf.leaderboard import read_leaderboard
-    from raycf.method.search_noise import search_noise
+    from raycf.method.search_noise import search_noise, seed_spread
 
     section = Section("search-noise", "Search: do trials differ by more than validation noise?")
     images = validation_images(context)
     if not storage.exists(storage.join_uri(context.results, "leaderboard.parquet")) or images is None:
         section.note("leaderboard.parquet or the validation split's size (analysis/error_scores.parquet) is missing: the search has not run.")
         return section
-    noise = search_noise(read_leaderboard(context.results), images)
+    board = read_leaderboard(context.results)
+    comparison, best = trial_comparison(context, board)
+    seeds = context.frame("final", "seeds.parquet")
+    noise = search_noise(board, images, comparison=comparison, best=best, seeds=seed_spread(seeds) if seeds is not None else None)
     section.paragraph(noise["verdict"])
-    shown = {key: value for key, value in noise.items() if key not in ("verdict", "metric")}
+    section.paragraph(scheduler_note(context.study))
+    shown = {key: value for key, value in noise.items() if key not in ("verdict", "metric", "seed_sd")}
     values = ["–" if value is None or value != value else f"{value:.4g}" if isinstance(value, float) else str(value) for value in shown.values()]
-    section.table(pd.DataFrame({"": list(shown), noise["metric"]: values}), "Spread of the searched trials' objective (control excluded) against its binomial standard error at the mean")
+    section.table(pd.DataFrame({"": list(shown), noise["metric"]: values}), "The searched trials' objective (control excluded) and McNemar's comparison with the best trial")
+    if comparison is not None and len(comparison):
+        section.table(comparison, f"McNemar's exact test of each trial against the best ({best}) on the validation images they disagree on")
+        noise["comparisons"] = comparison.to_dict("records")
     importances, why = param_importances(context)
     if importances:
         frame = pd.DataFrame({"parameter": list(importances), "importance": list(importances.values())})
@@ -642,6 +653,34 @@ def search_noise_section(context: ReportContext) -> Section:
     record = {**noise, "importances": importances, "importance_evaluator": "fanova", "importance_seed": context.study.seed}
     section.files["search_noise.json"] = json.dumps({key: _plain(value) for key, value in record.items()}, indent=2)
     return section
+
+
+def trial_comparison(context: ReportContext, board: pd.DataFrame) -> tuple[pd.DataFrame | None, str]:
+    """McNemar's test of every trial that kept its validation predictions against the best such searched trial, and that trial's id."""
+    from raycf.artefacts import trial_val_predictions
+    from raycf.leaderboard import sort_by_objective
+    from raycf.method.search_noise import compare_with_best
+
+    labels = context.frame("images", "val.parquet")
+    predictions = trial_val_predictions(board)
+    ranked = sort_by_objective(board, context.study.search.metric, context.study.search.mode)
+    candidates = [str(row["trial_id"]) for row in ranked.to_dict("records") if not row.get("is_control") and str(row["trial_id"]) in predictions]
+    if labels is None or not candidates:
+        return None, ""
+    return compare_with_best(predictions, labels["label"].to_numpy(), candidates[0]), candidates[0]
+
+
+def scheduler_note(study: StudyConfig) -> str:
+    """Whether the search's stop decisions can be reproduced: ASHA's asynchronous ones depend on timing."""
+    search = study.search
+    if search.scheduler.asha is None:
+        return "No early stopping: every trial ran its whole schedule."
+    if search.deterministic:
+        return "Deterministic search (search.deterministic): one trial at a time, so ASHA's stop decisions and TPE's proposals follow trial order and a rerun reproduces them."
+    return (
+        f"ASHA stops trials asynchronously, {search.max_concurrent} at a time: which trials it stops depends on the order results arrive in, "
+        "so on timing and machine load, and a rerun may stop others (search.deterministic: true runs one trial at a time and reproduces them)."
+    )
 
 
 def validation_images(context: ReportContext) -> int | None:
@@ -733,7 +772,7 @@ def global_mc_section(context: ReportContext) -> Section:
 def gallery_section(context: ReportContext) -> Section:
     """Test images fixed, broken, or made more confident by the debugged model, with Grad-CAM before and after."""
     section = Section("gallery", "Gallery (as the paper's Figure 2)")
-    final = context.frame("final.parquet")
+    final = context.final_frame("final.parquet")
     if final is None:
         section.note("final.parquet is missing: no debugged model to compare with.")
         return section

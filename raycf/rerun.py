@@ -15,6 +15,7 @@ from raycf.image_store import open_store
 from raycf.errors import UserError
 from raycf.leaderboard import read_leaderboard, sort_by_objective
 from raycf.method.selection import best_epoch
+from raycf.searcher import trial_values
 from raycf.stages.jobs import debug_job
 from raycf.training.debug import run_debug_training
 
@@ -61,7 +62,7 @@ def rerun_trial(results: str, trial_id: str | None = None, device: str = "cpu") 
     row = pick_trial(board, trial_id, study.search.metric, study.search.mode)
     if row["status"] == "error" or int(row["epochs"]) == 0:
         raise UserError(f"trial {row['trial_id']} has no finished epoch to compare with (status {row['status']})")
-    params = {name: row[name] for name in board.attrs["parameters"]}
+    params = trial_values(row, board.attrs["parameters"])
     trial = with_values(study, {**params, "debug.epochs": int(row["epochs"]), "debug.use_gpu": device == "cuda"})
     job = debug_job(trial, results, base_model_bytes(results), print_epochs=False)  # on the prefix cache when the trial was
     torch.set_num_threads(1)  # as in a one-CPU Ray worker: same reduction order, same numbers

@@ -219,7 +219,10 @@ def test_auroc_is_undefined_without_both_classes():
 def test_error_scores_orient_every_score_towards_errors_and_print():
     data = tiny_study_data()
     rows = {row["score"]: row for row in error_score_rows(data, "test", tau=0.9, freq_threshold=0.0)}
-    assert set(rows) == {"recall", "precision", "f1", "magnitude", "head_weight", "max_softmax", "max_softmax_x_f1"}
+    agreement = {"recall", "precision", "f1", "magnitude", "head_weight"}
+    assert set(rows) == agreement | {f"{name}_centred" for name in agreement} | {"mc_size", "max_softmax", "max_softmax_x_f1"}
+    # MC-set sizes [2, 1, 1, 1, 2, 2]: the error (size 2) beats three right images and ties two
+    assert rows["mc_size"]["auroc"] == pytest.approx((3 + 2 * 0.5) / 5)
     # the wrong image (4) has confidence 0.6: less confident than two right images, tied with three
     assert rows["max_softmax"]["auroc"] == pytest.approx((2 + 3 * 0.5) / 5)
     # its F1 against G_0 = {0, 1} is 0.5; the right images have 1, 2/3, 0, 2/3, 1: four agree more

@@ -235,7 +235,7 @@ def test_seed_summary_and_group_recall_are_what_the_seed_tables_give(seeded_resu
     group = pd.read_parquet(seeded_results / "final" / "group_recall.parquet")
     recalls = pd.read_parquet(seeded_results / "final" / "seed_class_recall.parquet").set_index(["model", "seed", "class"])
     assert list(group["class"]) == ["3", "5", "8", "(group)"] * 2
-    base = pd.read_parquet(seeded_results / "class_recall.parquet").set_index("class")
+    base = pd.read_parquet(seeded_results / "final" / "class_recall.parquet").set_index("class")
     for row in group[group["class"] != "(group)"].to_dict("records"):
         changes = [recalls.loc[(row["model"], s, row["class"]), "recall"] - recalls.loc[("control", s, row["class"]), "recall"] for s in (0, 1)]
         assert row["change_mean"] == pytest.approx(sum(changes) / 2, abs=1e-12) and row["recall_base"] == base.loc[row["class"], "recall_base"]
@@ -246,7 +246,7 @@ def test_seed_summary_and_group_recall_are_what_the_seed_tables_give(seeded_resu
 def test_the_seed_runs_leave_tables_2_and_3_as_they_were(seeded_results, smoke_study_results):
     import json
 
-    for name in ("final.parquet", "class_recall.parquet", "final/table2.parquet", "final/table3.parquet", "final/predictions.parquet"):
+    for name in ("final/final.parquet", "final/class_recall.parquet", "final/table2.parquet", "final/table3.parquet", "final/predictions.parquet"):
         pd.testing.assert_frame_equal(pd.read_parquet(seeded_results / name), pd.read_parquet(smoke_study_results / name), check_exact=True)
     marker = json.loads((seeded_results / "final" / "_stage.json").read_text())
     assert marker["summary"]["seeds"] == 2 and set(marker["summary"]) >= {"best_minus_control_test_acc", "reference_minus_control_test_acc"}
@@ -263,9 +263,7 @@ def test_an_interrupted_seed_grid_resumes_with_its_finished_runs_kept(seeded_res
 
     results = tmp_path / "results" / "digits"
     shutil.copytree(seeded_results, results)
-    shutil.rmtree(results / "final")
-    for name in ("final.parquet", "class_recall.parquet"):
-        (results / name).unlink()
+    shutil.rmtree(results / "final")  # its outputs and marker: the stage never finished
     environment = {**os.environ, "RAY_ADDRESS": ray_address()}
     arguments = ["studies/digits.yaml", f"storage_path={tmp_path / 'results'}", *SEED_SETTINGS]
     done = subprocess.run([sys.executable, "-c", RUN_FINAL_STAGE, *arguments], capture_output=True, text=True, cwd=REPO, env=environment, timeout=600)

@@ -11,8 +11,9 @@ import torchvision
 
 from conftest import ray_address, run_cli, write_study
 from raycf.checkpoint import load_classifier_checkpoint
-from raycf.cli import main
-from raycf.config import ModelConfig
+from raycf.cli import check_study_inputs, main
+from raycf.config import DataConfig, ModelConfig, StudyConfig
+from raycf.data import load_splits
 from raycf.errors import UserError
 from raycf.models import build_model, check_model_weights
 
@@ -105,6 +106,56 @@ def test_a_torchvision_vgg_state_dict_is_refused_unless_its_trunk_is_adopted(tmp
     assert torch.equal(model.last_conv.weight, vgg.features[-3].weight) and model.fc.in_features == 512
 
 
+
+def _lightning(tmp_path, net: torch.nn.Module, prefix: str = "model.", name: str = "user.ckpt") -> str:
+    """What a LightningModule holding the network as ``self.model`` saves: the weights under ``model.``, its other parts beside them."""
+    state = {f"{prefix}{key}": value for key, value in net.state_dict().items()}
+    state["criterion.weight"] = torch.ones(3)  # e.g. a weighted loss: not part of the network
+    path = tmp_path / name
+    torch.save({"epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.4.0", "state_dict": state, "optimizer_states": [], "lr_schedulers": []}, path)
+    return str(path)
+
+
+def test_a_lightning_checkpoint_is_read_with_its_prefix_found_or_named(tmp_path, user_resnet):
+    path = _lightning(tmp_path, user_resnet)
+    for config in (ModelConfig(arch="resnet18", weights=path), ModelConfig(arch="resnet18", weights=path, weights_prefix="model.")):
+        check_model_weights(config, 3)
+        with torch.no_grad():
+            assert torch.allclose(build_model(config, 3).eval()(IMAGES), user_resnet(IMAGES), atol=1e-5)
+    with pytest.raises(UserError, match=r"^model.weights_prefix: no key of .*user.ckpt starts with 'net.' \(its first keys: model.conv1.weight"):
+        check_model_weights(ModelConfig(arch="resnet18", weights=path, weights_prefix="net."), 3)
+    # The same network twice (e.g. a teacher and a student): the prefix is not unambiguous.
+    state = {**{f"student.{k}": v for k, v in user_resnet.state_dict().items()}, **{f"teacher.{k}": v for k, v in user_resnet.state_dict().items()}}
+    torch.save({"state_dict": state}, tmp_path / "two.ckpt")
+    with pytest.raises(UserError, match=r"found under several prefixes \(student., teacher.\); set model.weights_prefix"):
+        check_model_weights(ModelConfig(arch="resnet18", weights=str(tmp_path / "two.ckpt")), 3)
+    check_model_weights(ModelConfig(arch="resnet18", weights=str(tmp_path / "two.ckpt"), weights_prefix="student."), 3)
+
+
+def test_a_safetensors_file_is_read(tmp_path, user_resnet):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "user.safetensors"
+    save_file({key: value.contiguous() for key, value in user_resnet.state_dict().items()}, str(path))
+    config = ModelConfig(arch="resnet18", weights=str(path))
+    check_model_weights(config, 3)
+    with torch.no_grad():
+        assert torch.allclose(build_model(config, 3).eval()(IMAGES), user_resnet(IMAGES), atol=1e-5)
+
+
+def test_a_pickled_module_or_torchscript_is_refused_with_the_recipe(tmp_path, user_resnet):
+    torch.save(user_resnet, tmp_path / "whole.pt")
+    whole = str(tmp_path / "whole.pt")
+    with pytest.raises(UserError, match=r"whole.pt: a pickled module, not weights .*torch.save\(torch.load\('.*whole.pt', weights_only=False\).state_dict\(\), 'weights.pt'\)"):
+        check_model_weights(ModelConfig(arch="resnet18", weights=whole), 3)
+    torch.jit.save(torch.jit.script(user_resnet), tmp_path / "scripted.pt")
+    scripted = str(tmp_path / "scripted.pt")
+    with pytest.raises(UserError, match=r"scripted.pt: a TorchScript module, not weights .*torch.save\(torch.jit.load\('.*scripted.pt'\).state_dict\(\), 'weights.pt'\)"):
+        check_model_weights(ModelConfig(arch="resnet18", weights=scripted), 3)
+    torch.save(torch.jit.load(scripted).state_dict(), tmp_path / "weights.pt")  # the recipe works
+    check_model_weights(ModelConfig(arch="resnet18", weights=str(tmp_path / "weights.pt")), 3)
+
+
 # ------------------------------------------------------------ the command line
 
 
@@ -154,24 +205,34 @@ def test_a_state_dict_for_another_dataset_exits_2(tmp_path, capsys, user_resnet)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "timm:resnet18"])
-def test_a_smoke_study_debugs_a_users_state_dict_as_is(ray_session, imagefolder_root, tmp_path, arch):
-    """An image folder and a state_dict saved from the library's own model, base.train: false: raycf debugs that model."""
+def test_a_smoke_study_debugs_a_users_state_dict(ray_session, imagefolder_root, tmp_path, arch):
+    """An image folder and a state_dict saved from the library's own model.
+
+    resnet18: base.train: false, raycf debugs that model as is.  timm:resnet18:
+    base training starts from it.  Both: the training split holds one image
+    more than a multiple of the batch size (a batch of one would crash
+    BatchNorm in base training and in every search trial).
+    """
     torch.manual_seed(0)
     if arch.startswith("timm:"):
         user = pytest.importorskip("timm").create_model(arch.removeprefix("timm:"), num_classes=2)
     else:
         user = getattr(torchvision.models, arch)(num_classes=2)
     weights = _saved(tmp_path, user)
+    data = {"kind": "imagefolder", "root": str(imagefolder_root), "image_size": 32, "decode_actors": 1}
+    train_count = len(load_splits(DataConfig(**data), 0).train)
+    batch_size = train_count - 1  # the last batch would hold one image
+    adopted = not arch.startswith("timm:")
     study = write_study(
         tmp_path,
-        data={"kind": "imagefolder", "root": str(imagefolder_root), "image_size": 32, "decode_actors": 1},
+        data=data,
         model={"arch": arch, "weights": weights},
-        base={"train": False},
+        base={"train": False} if adopted else {"epochs": 1, "batch_size": batch_size, "workers": 1},
         features={"actors": 1},
         cfe={"epochs": 1, "views": 1, "workers": 0},
         masks={"actors": 1},
         prefix={"actors": 1},
-        debug={"epochs": 1, "views": 1},
+        debug={"epochs": 1, "views": 1, "batch_size": batch_size},
         search={"num_samples": 2, "max_concurrent": 1},
         smoke={"debug": {"epochs": 1}},
     )
@@ -180,6 +241,37 @@ def test_a_smoke_study_debugs_a_users_state_dict_as_is(ray_session, imagefolder_
     results = tmp_path / "results" / "t"
     base = load_classifier_checkpoint(str(results / "base" / "model.pt"), expected_arch=arch, expected_classes=2)
     assert base.class_names == ["cat", "dog"]
-    assert torch.equal(base.state_dict["fc.weight"], user.get_classifier().weight if arch.startswith("timm:") else user.fc.weight)
-    assert "(adopted from model.weights)" in completed.stderr + completed.stdout
-    assert len(pd.read_parquet(results / "leaderboard.parquet")) == 2 and (results / "final.parquet").is_file()
+    user_head = user.get_classifier().weight if arch.startswith("timm:") else user.fc.weight
+    assert torch.equal(base.state_dict["fc.weight"], user_head) == adopted
+    assert ("(adopted from model.weights)" in completed.stderr + completed.stdout) == adopted
+    board = pd.read_parquet(results / "leaderboard.parquet")
+    assert len(board) == 2 and (results / "final" / "final.parquet").is_file()
+
+
+def _accepted_names() -> list[str]:
+    """Every torchvision name architectures.py accepts, vgg_tiny, and the timm members of the contract test."""
+    from raycf.architectures import family_of
+
+    def accepted(name: str) -> bool:
+        try:
+            family_of(name)
+        except ValueError:
+            return False
+        return True
+
+    return ["vgg_tiny", *(name for name in torchvision.models.list_models(module=torchvision.models) if accepted(name)), "timm:resnet18", "timm:efficientnet_b0", "timm:convnext_atto"]
+
+
+@pytest.mark.parametrize("arch", _accepted_names())
+def test_every_accepted_name_passes_the_cli_pre_checks(arch):
+    """The pre-checks `raycf study` runs before anything is written (the models are built on the meta device: RegNet too)."""
+    if arch.startswith("timm:"):
+        pytest.importorskip("timm")
+    check_study_inputs(StudyConfig(name="t", model=ModelConfig(arch=arch)), ["cat", "dog"])
+
+
+def test_base_train_false_without_weights_exits_2_before_anything_is_written(tmp_path, capsys):
+    for weights in ("none", "imagenet"):
+        err = _one_line_error(capsys, write_study(tmp_path, model={"arch": "resnet18", "weights": weights}, base={"train": False}))
+        assert f"base.train: false adopts model.weights as the base model, but model.weights is {weights}" in err
+        assert not (tmp_path / "results").exists()

@@ -38,7 +38,6 @@ RESOURCE_SETTINGS = [
     "debug.eval_batch_size=33",
     "search.driver_cpus=0.5",
     "search.driver_resources={raycf_driver: 0.01}",
-    "search.pareto=[val_acc, g_size]",
 ]
 
 

@@ -23,7 +23,7 @@ def test_a_study_file_with_only_data_and_model_runs_its_smoke_study(ray_session,
     results = tmp_path / "results" / "minimal"
     board = pd.read_parquet(results / "leaderboard.parquet")
     assert list(board.columns[3:7]) == ["lambda1", "lambda2", "tau", "freq_threshold"] and len(board) == 2
-    assert (results / "final.parquet").is_file() and (results / "report" / "index.html").is_file()
+    assert (results / "final" / "final.parquet").is_file() and (results / "report" / "index.html").is_file()
 
 
 def _copy_cached_stages(source: Path, target: Path) -> None:
@@ -46,6 +46,6 @@ def test_a_search_whose_epochs_all_tie_keeps_every_best_checkpoint(ray_session, 
     for row in board.to_dict("records"):
         assert row["best_epoch"] == 1 and row["epochs"] == 2  # the rule: the earliest of tied epochs
         assert load_classifier_checkpoint(f"{row['checkpoint_path']}/model.pt").metrics["epoch"] == 1  # and it was kept
-    final = pd.read_parquet(results / "final.parquet").set_index("model")
+    final = pd.read_parquet(results / "final" / "final.parquet").set_index("model")
     assert final.loc["debugged", "trial_id"] == board.loc[~board["is_control"], "trial_id"].iloc[0]  # a searched trial: the earlier of the tied
     assert not final["control_beats_searched"].any()  # tied, not beaten

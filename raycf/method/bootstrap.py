@@ -152,8 +152,10 @@ def interval_frame(is_positive: np.ndarray, scores: Mapping[str, np.ndarray], ba
     Columns: ``score``, ``auroc_lo``, ``auroc_hi``, ``aupr_lo``, ``aupr_hi``,
     ``baseline``, ``auroc_diff`` (this score's AUROC minus the baseline's on
     the split itself), ``auroc_diff_lo``, ``auroc_diff_hi`` (the baseline's
-    own row: 0 and [0, 0]), ``bootstrap`` (resamples drawn), ``bootstrap_defined``
-    (resamples with both an error and a right prediction).
+    own row: 0 and [0, 0]), ``auroc_diff_p`` (the two-sided bootstrap p-value
+    of "no difference", :func:`bootstrap_p_value`; the baseline's own row: 1),
+    ``bootstrap`` (resamples drawn), ``bootstrap_defined`` (resamples with
+    both an error and a right prediction).
     """
     if baseline not in scores:
         raise ValueError(f"the baseline {baseline!r} is not one of the scores ({', '.join(scores)})")
@@ -177,8 +179,62 @@ def interval_frame(is_positive: np.ndarray, scores: Mapping[str, np.ndarray], ba
                 "auroc_diff": float(points[name] - points[baseline]),
                 "auroc_diff_lo": diff_lo,
                 "auroc_diff_hi": diff_hi,
+                "auroc_diff_p": bootstrap_p_value(metrics["auroc"] - reference),
                 "bootstrap": int(resamples),
                 "bootstrap_defined": int((~np.isnan(metrics["auroc"])).sum()),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def bootstrap_p_value(differences: np.ndarray) -> float:
+    """Two-sided p-value of "the difference is 0" from its resampled values: twice the smaller share on either side of 0, at most 1.
+
+    The percentile interval at level 1 − α excludes 0 about when this is
+    below α; the defined (non-NaN) values count; NaN when there are none.
+    A difference that is 0 on every resample (a score against itself) has p = 1.
+    """
+    values = np.asarray(differences, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return float("nan")
+    return float(min(1.0, 2 * min(np.mean(values <= 0), np.mean(values >= 0))))
+
+
+def within_class_interval_frame(
+    is_positive: np.ndarray, scores: Mapping[str, np.ndarray], classes: np.ndarray, baseline: str, resamples: int, seed: int
+) -> pd.DataFrame:
+    """Each score's within-class AUROC (:func:`raycf.method.class_centred.within_class_auroc`) with the resamples of :func:`interval_frame`.
+
+    The same ``seed`` draws the same resamples as :func:`interval_frame`, so
+    these intervals sit beside its pooled ones.  Columns: ``score``,
+    ``auroc_within``, ``auroc_within_lo``, ``auroc_within_hi``,
+    ``auroc_within_diff`` (minus the ``baseline`` score's), its paired
+    ``auroc_within_diff_lo``, ``auroc_within_diff_hi`` and ``auroc_within_diff_p``.
+    """
+    from raycf.method.class_centred import within_class_auroc
+
+    samples: dict[str, list[np.ndarray]] = {name: [] for name in scores}
+    for counts in resample_counts(len(is_positive), resamples, seed):
+        for name, values in scores.items():
+            samples[name].append(within_class_auroc(is_positive, values, classes, counts))
+    drawn = {name: np.concatenate(parts) if parts else np.empty(0) for name, parts in samples.items()}
+    points = {name: float(within_class_auroc(is_positive, values, classes)[0]) for name, values in scores.items()}
+    rows = []
+    for name, values in drawn.items():
+        low, high = percentile_interval(values)
+        differences = values - drawn[baseline]
+        diff_low, diff_high = percentile_interval(differences)
+        rows.append(
+            {
+                "score": name,
+                "auroc_within": points[name],
+                "auroc_within_lo": low,
+                "auroc_within_hi": high,
+                "auroc_within_diff": points[name] - points[baseline],
+                "auroc_within_diff_lo": diff_low,
+                "auroc_within_diff_hi": diff_high,
+                "auroc_within_diff_p": bootstrap_p_value(differences),
             }
         )
     return pd.DataFrame(rows)

@@ -45,12 +45,15 @@ import pandas as pd
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from raycf.config import AnalysisConfig, DetectionSetting
-from raycf.method.bootstrap import interval_frame
+from raycf.method.bootstrap import interval_frame, within_class_interval_frame
+from raycf.method.class_centred import centre_by_class, class_statistics
 from raycf.method.global_mc import GlobalMC, accepted_images, global_mc_frame, global_mc_of, global_sets
 
 METRICS = ("recall", "precision", "f1", "magnitude", "head_weight")
 LOWER_AGREES = frozenset({"magnitude"})  # distances: a lower value means more agreement
 METRIC_NAMES = {"recall": "Recall", "precision": "Precision", "f1": "F1", "magnitude": "Magnitude distance", "head_weight": "Head weight"}
+CENTRED = "_centred"  # suffix of an agreement score's class-centred form
+SCORE_ORDER = (*METRICS, *(f"{metric}{CENTRED}" for metric in METRICS), "mc_size", "max_softmax", "max_softmax_x_f1")
 EVALUATED_SPLITS = ("test", "val")
 SPLIT_COLUMNS = ["label", "pred", "confidence", "mc_mask", "a", "topk_classes", "topk_mc_masks"]
 
@@ -192,10 +195,16 @@ def class_thresholds(data: StudyData, reference: Reference, setting: DetectionSe
     """
     if setting.threshold != "avg":
         return np.full(data.num_classes, float(setting.threshold))
-    train, metric = data.train, setting.metric
+    classes, scores = accepted_training_scores(data, reference, tau, (setting.metric,))
+    return class_means(scores[setting.metric], classes, data.num_classes)
+
+
+def accepted_training_scores(data: StudyData, reference: Reference, tau: float, metrics=METRICS) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The classes of the accepted training images (at ``tau``) and their agreement scores against their own class."""
+    train = data.train
     accepted = accepted_images(train["label"], train["pred"], train["confidence"], train["masked_pred"], tau)
-    train_scores = agreement_scores(train["mc_mask"][accepted], train["a"][accepted], train["label"][accepted], reference, (metric,))[metric]
-    return class_means(train_scores, train["label"][accepted], data.num_classes)
+    classes = train["label"][accepted]
+    return classes, agreement_scores(train["mc_mask"][accepted], train["a"][accepted], classes, reference, metrics)
 
 
 def detection_row(data: StudyData, split: str, setting: DetectionSetting, tau: float, label: str | None = None) -> dict:
@@ -253,8 +262,11 @@ def error_suspicions(data: StudyData, split: str, tau: float, freq_threshold: fl
     """"Is the prediction wrong" for each image of ``split``, and every error score oriented so that higher is more suspicious.
 
     The scores: each agreement metric (``head_weight`` only with the head's
-    weights), ``max_softmax`` (1 − confidence) and ``max_softmax_x_f1``
-    (1 − confidence · F1).
+    weights), then each one's class-centred form ``<metric>_centred``
+    (:mod:`raycf.method.class_centred`: centred on the predicted class's
+    accepted training images at ``tau``), ``mc_size`` (|L|: a larger MC set
+    is more suspicious), ``max_softmax`` (1 − confidence) and
+    ``max_softmax_x_f1`` (1 − confidence · F1).
     """
     reference, _ = reference_for(data, tau, freq_threshold)
     images = data.splits[split]
@@ -262,6 +274,11 @@ def error_suspicions(data: StudyData, split: str, tau: float, freq_threshold: fl
     scores = agreement_scores(images["mc_mask"], images["a"], images["pred"], reference, metrics)
     errors = images["pred"] != images["label"]
     suspicions = {metric: suspicion(metric, values) for metric, values in scores.items()}
+    train_classes, train_scores = accepted_training_scores(data, reference, tau, metrics)
+    for metric, values in scores.items():
+        means, sds = class_statistics(train_scores[metric], train_classes, data.num_classes)
+        suspicions[f"{metric}{CENTRED}"] = suspicion(metric, centre_by_class(values, images["pred"], means, sds))
+    suspicions["mc_size"] = np.asarray(images["mc_mask"], dtype=bool).sum(axis=1).astype(np.float64)
     suspicions["max_softmax"] = 1.0 - images["confidence"].astype(np.float64)
     suspicions["max_softmax_x_f1"] = 1.0 - images["confidence"].astype(np.float64) * scores["f1"]
     return errors, suspicions
@@ -295,13 +312,27 @@ def error_score_frame(data: StudyData, split: str, tau: float, freq_threshold: f
 
     Added columns: ``auroc_lo``, ``auroc_hi``, ``aupr_lo``, ``aupr_hi``, and
     the paired interval of each score's AUROC minus max softmax's
-    (``baseline``, ``auroc_diff``, ``auroc_diff_lo``, ``auroc_diff_hi``),
-    ``bootstrap``, ``bootstrap_defined`` (see :mod:`raycf.method.bootstrap`).
+    (``baseline``, ``auroc_diff``, ``auroc_diff_lo``, ``auroc_diff_hi``,
+    ``auroc_diff_p``), ``bootstrap``, ``bootstrap_defined`` (see
+    :mod:`raycf.method.bootstrap`); the within-class AUROC on the same
+    resamples (``auroc_within``, ``auroc_within_lo``, ``auroc_within_hi``,
+    ``auroc_within_diff``, ``auroc_within_diff_lo``, ``auroc_within_diff_hi``,
+    ``auroc_within_diff_p``: images grouped by predicted class); and
+    ``auroc_diff_p_holm``, ``auroc_within_diff_p_holm``: the p-values
+    Holm-adjusted over the split's scores other than max softmax.
     """
+    from raycf.method.multiple import holm
+
     errors, suspicions = error_suspicions(data, split, tau, freq_threshold)
     rows = pd.DataFrame(_score_rows(split, errors, suspicions, tau, freq_threshold))
     intervals = interval_frame(errors, suspicions, "max_softmax", resamples, seed)
-    return rows.merge(intervals, on="score", how="left", validate="one_to_one")
+    within = within_class_interval_frame(errors, suspicions, data.splits[split]["pred"], "max_softmax", resamples, seed)
+    frame = rows.merge(intervals, on="score", how="left", validate="one_to_one").merge(within, on="score", how="left", validate="one_to_one")
+    compared = frame["score"] != "max_softmax"
+    for column in ("auroc_diff_p", "auroc_within_diff_p"):
+        frame[f"{column}_holm"] = np.nan
+        frame.loc[compared, f"{column}_holm"] = holm(frame.loc[compared, column].to_numpy())
+    return frame
 
 
 def detection_quality(data: StudyData, tau: float, freq_threshold: float, split: str = "val") -> dict[str, float]:
@@ -333,12 +364,67 @@ def detection_settings(analysis: AnalysisConfig) -> list[tuple[DetectionSetting,
     return [(setting, None) for setting in analysis.settings] + [(own, f"study: {setting_label(own)}")]
 
 
+def control_row(data: StudyData, split: str, flags: np.ndarray, label: str, control: str, tau: float, skip_threshold: float = 0.0) -> dict:
+    """A Table 1 row of a control that flags ``flags`` without the filters: the counts; no re-ranking (altered = accuracy)."""
+    images = data.splits[split]
+    errors = images["pred"] != images["label"]
+    accuracy = float((~errors).mean()) if len(errors) else 0.0
+    return {
+        "split": split,
+        "setting": label,
+        "metric": "max_softmax",
+        "threshold_kind": control,
+        "threshold": float("nan"),
+        "skip_threshold": skip_threshold,
+        "freq_threshold": float("nan"),
+        "tau": tau,
+        "images": len(errors),
+        "skipped": int((images["confidence"] > skip_threshold).sum()) if skip_threshold > 0 else 0,
+        **table1_counts(flags, errors),
+        "accuracy": accuracy,
+        "altered_accuracy": accuracy,
+        "relabelled": 0,
+        "fixed": 0,
+        "broken": 0,
+        "control": control,
+    }
+
+
+def skip_gate_flags(confidences: np.ndarray, skip_threshold: float) -> np.ndarray:
+    """Every image the skip gate lets through (confidence ≤ s), as a rule that flags them all."""
+    return np.asarray(confidences) <= skip_threshold
+
+
+def least_confident_flags(confidences: np.ndarray, count: int) -> np.ndarray:
+    """The ``count`` least confident images (ties: the earlier image), as flags."""
+    flags = np.zeros(len(confidences), dtype=bool)
+    flags[np.argsort(np.asarray(confidences), kind="stable")[: max(0, int(count))]] = True
+    return flags
+
+
+def control_rows(data: StudyData, split: str, rules: list[dict], tau: float) -> list[dict]:
+    """Table 1's controls on ``split``: the skip gate alone (per distinct skip threshold > 0 of ``rules``), and max softmax
+    flagging as many images as each CFE rule of ``rules`` (its rows, as :func:`detection_row` wrote them)."""
+    confidences = data.splits[split]["confidence"]
+    gates = sorted({float(rule["skip_threshold"]) for rule in rules if rule["skip_threshold"] > 0})
+    rows = [control_row(data, split, skip_gate_flags(confidences, gate), f"control: skip gate alone (confidence ≤ {gate:g})", "skip gate", tau, gate) for gate in gates]
+    for rule in rules:
+        flags = least_confident_flags(confidences, rule["flagged"])
+        rows.append(control_row(data, split, flags, f"control: max softmax, as many as {rule['setting']}", "max softmax", tau))
+    return rows
+
+
 def analyse(data: StudyData, analysis: AnalysisConfig, seed: int = 0) -> dict[str, pd.DataFrame]:
-    """The three tables of the analysis (``global_mc``, ``detection``, ``error_scores``); ``seed`` seeds the bootstrap."""
+    """The three tables of the analysis (``global_mc``, ``detection``, ``error_scores``); ``seed`` seeds the bootstrap.
+
+    ``detection`` holds the configured rules (``control`` empty), then per
+    split Table 1's controls (:func:`control_rows`; ``control`` names them).
+    """
     _, global_mc = reference_for(data, analysis.tau, analysis.freq_threshold)
-    detection = [
-        detection_row(data, split, setting, analysis.tau, label) for split in EVALUATED_SPLITS for setting, label in detection_settings(analysis)
-    ]
+    detection = []
+    for split in EVALUATED_SPLITS:
+        rules = [{**detection_row(data, split, setting, analysis.tau, label), "control": ""} for setting, label in detection_settings(analysis)]
+        detection += rules + control_rows(data, split, rules, analysis.tau)
     scores = [error_score_frame(data, split, analysis.tau, analysis.freq_threshold, analysis.bootstrap, seed) for split in EVALUATED_SPLITS]
     return {
         "global_mc": global_mc_frame(global_mc, analysis.freq_threshold, analysis.tau, data.class_names),
@@ -354,7 +440,7 @@ def table1_frame(detection: pd.DataFrame) -> pd.DataFrame:
             "split": detection["split"],
             "total errors": detection["total_errors"],
             "skip thr.": [f"{100 * v:g}%" for v in detection["skip_threshold"]],
-            "freq. thr.": [f"{100 * v:g}%" for v in detection["freq_threshold"]],
+            "freq. thr.": ["–" if pd.isna(v) else f"{100 * v:g}%" for v in detection["freq_threshold"]],
             "metric": detection["setting"],
             "errors detected": [f"{n} ({p:.0f}%)" for n, p in zip(detection["errors_detected"], detection["errors_detected_pct"])],
             "new errors": detection["new_errors"],
@@ -368,7 +454,7 @@ def error_quality_frame(error_scores: pd.DataFrame) -> pd.DataFrame:
     """AUROC and AUPR per score (rows, the agreement scores first, then max softmax) and split (columns)."""
     quality = error_scores.pivot(index="score", columns="split", values=["auroc", "aupr"])
     quality.columns = [f"{metric} {split}" for metric, split in quality.columns]
-    order = [name for name in (*METRICS, "max_softmax", "max_softmax_x_f1") if name in quality.index]
+    order = [name for name in SCORE_ORDER if name in quality.index]
     return quality.loc[order]
 
 
@@ -385,7 +471,7 @@ def with_interval(value: float, low: float = float("nan"), high: float = float("
 def error_interval_frame(error_scores: pd.DataFrame, split: str) -> pd.DataFrame:
     """One split's AUROC, AUPR and AUROC minus max softmax per score, each with its bootstrap 95 % interval, as text."""
     rows = error_scores[error_scores["split"] == split].set_index("score")
-    order = [name for name in (*METRICS, "max_softmax", "max_softmax_x_f1") if name in rows.index]
+    order = [name for name in SCORE_ORDER if name in rows.index]
     rows = rows.loc[order]
     missing = pd.Series(float("nan"), index=rows.index)
     softmax_auroc = rows.loc["max_softmax", "auroc"] if "max_softmax" in rows.index else float("nan")
@@ -397,9 +483,23 @@ def error_interval_frame(error_scores: pd.DataFrame, split: str) -> pd.DataFrame
             "AUROC − max softmax [95 % CI]": [
                 with_interval(*v, signed=True) for v in zip(difference, rows.get("auroc_diff_lo", missing), rows.get("auroc_diff_hi", missing))
             ],
+            **_within_class_columns(rows),
         },
         index=rows.index,
     )
+
+
+def _within_class_columns(rows: pd.DataFrame) -> dict[str, list[str]]:
+    """The Holm-adjusted p of the difference, and the within-class AUROC with its difference, where the frame has them."""
+    columns: dict[str, list[str]] = {}
+    if "auroc_diff_p_holm" in rows:
+        columns["Holm p"] = ["–" if pd.isna(v) else f"{v:.3g}" for v in rows["auroc_diff_p_holm"]]
+    if "auroc_within" in rows:
+        columns["within-class AUROC [95 % CI]"] = [with_interval(*v) for v in zip(rows["auroc_within"], rows["auroc_within_lo"], rows["auroc_within_hi"])]
+        columns["within-class − max softmax [95 % CI]"] = [
+            with_interval(*v, signed=True) for v in zip(rows["auroc_within_diff"], rows["auroc_within_diff_lo"], rows["auroc_within_diff_hi"])
+        ]
+    return columns
 
 
 def format_tables(detection: pd.DataFrame, error_scores: pd.DataFrame) -> str:

@@ -45,11 +45,11 @@ STAGES: tuple[Stage, ...] = (
         summary="the activations entering the first retrained layer, for every view of every training image (Ray Data)",
     ),
     Stage(
-        "debug", reads=("debug", "analysis.tau"), upstream=("masks", "prefix"), run=entry("debug", "run"), folder="debug", describe=entry("debug", "describe"),
+        "debug", reads=("debug", "search.metric", "search.mode"), upstream=("masks", "prefix"), run=entry("debug", "run"), folder="debug", describe=entry("debug", "describe"),
         command="debug", summary="retrain with the debugging loss and its fine-tuning control on Ray Train; print Tables 2 and 3",
     ),
     Stage(
-        "search", reads=("search", "debug", "analysis.tau", "analysis.freq_threshold"), upstream=("masks", "prefix"), run=entry("search", "run"), folder="search",
+        "search", reads=("search", "debug"), upstream=("masks", "prefix"), run=entry("search", "run"), folder="search",
         summary="Ray Tune + Optuna over lambda1, lambda2, tau and f; the control first",
     ),
     Stage(
@@ -58,7 +58,7 @@ STAGES: tuple[Stage, ...] = (
         "the study's lambda and the best trial's retrained over seeds (paired intervals)",
     ),
     Stage(
-        "report", reads=(), upstream=("final", "analyze"), run=entry("report", "run"), folder="report", describe=entry("report", "describe"),
+        "report", reads=("search.pareto",), upstream=("final", "analyze"), run=entry("report", "run"), folder="report", describe=entry("report", "describe"),
         summary="one self-contained HTML page with the study's tables and figures",
     ),
 )  # fmt: skip

@@ -57,6 +57,10 @@ def run(run: "StageRun") -> dict:
                 summary[f"{split}_{key}_auroc_{bound}"] = _rounded(scores.loc[(split, name), f"auroc_{bound}"])
         for bound in ("", "_lo", "_hi"):  # the F1 agreement minus max softmax, paired
             summary[f"{split}_det_auroc_diff{bound}"] = _rounded(scores.loc[(split, "f1"), f"auroc_diff{bound}"])
+        for name, key in (("f1_centred", "det_centred"), ("mc_size", "mcsize")):  # the class-aware F1 and the set size alone
+            for bound in ("", "_lo", "_hi"):
+                summary[f"{split}_{key}_auroc{bound}"] = _rounded(scores.loc[(split, name), f"auroc{bound}"])
+        summary[f"{split}_det_auroc_within"] = _rounded(scores.loc[(split, "f1"), "auroc_within"])
     log(
         "analyze: AUROC of 'the prediction is wrong': "
         + "; ".join(

@@ -2,7 +2,7 @@
 
 The control (λ1 = λ2 = 0) and the debugged model start from the base model
 and see the same batches (:mod:`raycf.training.debug`); G is the global MC
-set at ``analysis.tau`` and ``debug.freq_threshold``.  Each retrained model
+set at ``debug.tau`` and ``debug.freq_threshold``.  Each retrained model
 is then run once over every split; the base model's predictions are those
 of the features stage.  Output, ``<results>/debug/``:
 
@@ -53,7 +53,7 @@ def run(run: "StageRun") -> dict:
     base_bytes = base_model_bytes(run.results)
     control_job = debug_job(study, run.results, base_bytes, lambdas=(0.0, 0.0))
     global_filters = control_job.global_filters
-    log(f"debug: global MC filters: {global_filters.sum(1).mean():.1f} of {global_filters.shape[1]} per class (tau {study.analysis.tau}, f {config.freq_threshold})")
+    log(f"debug: global MC filters: {global_filters.sum(1).mean():.1f} of {global_filters.shape[1]} per class (tau {config.tau}, f {config.freq_threshold})")
 
     log(f"debug: control (lambda1 = lambda2 = 0), {config.epochs} epochs, {config.workers} worker(s)")
     control = run_debug_training(control_job, name=f"debug-control-{run.stage_hash}", storage_path=run.ray_storage())

@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from raycf import storage
-from raycf.artefacts import PREDICTIONS_FILE, base_model_bytes, base_predictions, class_names, prefix_ref, store_ref, trial_model_bytes
+from raycf.artefacts import PREDICTIONS_FILE, base_model_bytes, read_final_frame, base_predictions, class_names, prefix_ref, store_ref, trial_model_bytes
 from raycf.checkpoint import CHECKPOINT_FILE, complete, parse_classifier_checkpoint
 from raycf.cluster import ensure_ray
 from raycf.config import StudyConfig
@@ -53,8 +53,8 @@ from raycf.method.replication import BEST, CONTROL, REFERENCE, check_class_group
 from raycf.method.selection import SCORE_KEY, best_epoch, selection_key
 from raycf.method.treatment import ModelEvaluation, evaluation_of, format_table2, format_table3, treatment_tables
 from raycf.predict import predict_on_ray
-from raycf.searcher import control_point, field_value, parameter_names, trial_study
 from raycf.prefix_cache import PrefixRef
+from raycf.searcher import control_point, field_value, parameter_names, trial_study, trial_values
 from raycf.stages.jobs import TrialContext, debug_job, run_trial, trainable_of, trial_context, tune_run
 from raycf.training.debug import run_debug_training
 
@@ -97,7 +97,7 @@ def control_verdict(board: pd.DataFrame, best: pd.Series, study: StudyConfig) ->
     )
 
 
-def full_control(board: pd.DataFrame, base_bytes: bytes) -> tuple[pd.Series | None, bytes | None]:
+def full_control(board: pd.DataFrame, base_bytes: bytes, results: str = "") -> tuple[pd.Series | None, bytes | None]:
     """The control's row and its model, when it ran its whole schedule."""
     controls = board[board["is_control"]]
     if controls.empty:
@@ -105,11 +105,11 @@ def full_control(board: pd.DataFrame, base_bytes: bytes) -> tuple[pd.Series | No
     control = controls.iloc[0]
     if control["status"] != "completed":
         return control, None
-    return control, trial_model_bytes(control, base_bytes)
+    return control, trial_model_bytes(control, base_bytes, results)
 
 
 def run(run: "StageRun") -> dict:
-    """Write ``final.parquet``, ``class_recall.parquet`` and ``final/`` (predictions, Tables 2 and 3; the seed comparison with final.seeds > 1)."""
+    """Write ``final/``: ``final.parquet``, ``class_recall.parquet``, predictions, Tables 2 and 3; the seed comparison with final.seeds > 1)."""
     study, results = run.study, run.results
     if study.final.seeds > 1:
         check_class_group(study.final.class_group, class_names(results))
@@ -117,7 +117,7 @@ def run(run: "StageRun") -> dict:
     board = read_leaderboard(results)
     best = best_searched_trial(board, study)
     base_bytes = base_model_bytes(results)
-    best_bytes = trial_model_bytes(best, base_bytes)
+    best_bytes = trial_model_bytes(best, base_bytes, results)
     if best_bytes is None:
         raise RuntimeError(f"best trial {best['trial_id']}: its checkpoint {best['checkpoint_path']!r} is gone")
     control, control_run = the_control(run, board, base_bytes)
@@ -134,18 +134,19 @@ def run(run: "StageRun") -> dict:
     tables = treatment_tables(
         predictions,
         class_names(results),
-        debugged_config=trial_study(study, {name: best[name] for name in names}).debug,
+        debugged_config=trial_study(study, trial_values(best, names)).debug,
         control_best_epoch=int(control_run.best["epoch"]),
         debugged_best_epoch=int(best["best_epoch"]),
     )
     verdict = control_verdict(board, best, study)
-    final = final_frame(tables.table2, names, control_point(study) if control is None else control, best, verdict)
+    control_values = control_point(study) if control is None else {**control_point(study), **trial_values(control, names)}
+    final = final_frame(tables.table2, names, control_values, {name: field_value(study, name) for name in names} | trial_values(best, names), verdict)
     final.insert(1, "trial_id", ["", "" if control is None else str(control["trial_id"]), str(best["trial_id"])])
     storage.write_frame(predictions, run.path(PREDICTIONS_FILE))
     storage.write_frame(tables.table2, run.path("table2.parquet"))
     storage.write_frame(tables.table3, run.path("table3.parquet"))
-    storage.write_frame(final, storage.join_uri(results, "final.parquet"))
-    storage.write_frame(tables.class_recall, storage.join_uri(results, "class_recall.parquet"))
+    storage.write_frame(final, run.path("final.parquet"))
+    storage.write_frame(tables.class_recall, run.path("class_recall.parquet"))
     print(summary_text(tables.table2, tables.table3, verdict), flush=True)
     rows = tables.table2.set_index("model")
     summary = {
@@ -161,7 +162,7 @@ def run(run: "StageRun") -> dict:
 def the_control(run: "StageRun", board: pd.DataFrame, base_bytes: bytes) -> tuple[pd.Series | None, "SeedRun"]:
     """The control's leaderboard row (None when it was not searched) and its run (seed 0); retrained for the full schedule when the search's stopped early."""
     study, results = run.study, run.results
-    control, control_bytes = full_control(board, base_bytes)
+    control, control_bytes = full_control(board, base_bytes, results)
     if control_bytes is not None:
         return control, searched_run(CONTROL, control, control_bytes)
     # Stopped early by ASHA, failed, or not searched: the comparison needs the full schedule.
@@ -174,11 +175,9 @@ def the_control(run: "StageRun", board: pd.DataFrame, base_bytes: bytes) -> tupl
     return control, SeedRun(CONTROL, 0, "" if control is None else str(control["trial_id"]), epochs, time_total_s, best, trained.best_model_bytes)
 
 
-def final_frame(table2: pd.DataFrame, names: list[str], control, best: pd.Series, verdict: str) -> pd.DataFrame:
-    """``final.parquet``: Table 2's rows with every searched parameter's value and the verdict on the control."""
-    parameters = pd.DataFrame(
-        [{name: np.nan for name in names}, {name: float(control[name]) for name in names}, {name: float(best[name]) for name in names}]
-    )
+def final_frame(table2: pd.DataFrame, names: list[str], control: dict[str, Any], best: dict[str, Any], verdict: str) -> pd.DataFrame:
+    """``final.parquet``: Table 2's rows with every searched parameter's value (of its own type; none for the base) and the verdict on the control."""
+    parameters = pd.DataFrame([{name: None for name in names}, {name: control[name] for name in names}, {name: best[name] for name in names}], dtype=object)
     final = pd.concat([table2.drop(columns=["lambda1", "lambda2"]), parameters], axis=1)
     final["control_beats_searched"] = bool(verdict)
     final["verdict"] = verdict
@@ -196,7 +195,7 @@ def describe(results: str) -> str:
     folder = storage.join_uri(results, "final")
     table2 = storage.read_table(storage.join_uri(folder, "table2.parquet")).to_pandas()
     table3 = storage.read_table(storage.join_uri(folder, "table3.parquet")).to_pandas()
-    final = storage.read_table(storage.join_uri(results, "final.parquet")).to_pandas()
+    final = read_final_frame(results, "final.parquet")
     text = summary_text(table2, table3, str(final["verdict"].iloc[0]) if "verdict" in final else "")
     if not storage.exists(storage.join_uri(folder, SEED_SUMMARY_FILE)):
         return text
@@ -246,18 +245,13 @@ def run_name(model: str, seed: int) -> str:
     return f"{model}-seed{seed}"
 
 
-def plain_value(value: Any) -> Any:
-    """A leaderboard cell as a plain Python value (numpy scalars are not valid study values everywhere)."""
-    return value.item() if isinstance(value, np.generic) else value
-
-
 def seed_points(study: StudyConfig, best: pd.Series) -> dict[str, dict[str, Any]]:
     """The three retrained models' searched parameters: λ = 0, the study's own values, the best trial's."""
     names = parameter_names(study)
     return {
         CONTROL: control_point(study),
         REFERENCE: {name: field_value(study, name) for name in names},
-        BEST: {name: plain_value(best[name]) for name in names},
+        BEST: {name: field_value(study, name) for name in names} | trial_values(best, names),
     }
 
 
@@ -386,7 +380,7 @@ def seed_row(study: StudyConfig, seed_run: SeedRun, evaluation: ModelEvaluation,
         "seed": seed_run.seed,
         "order_seed": study.seed + seed_run.seed,
         "trial_id": seed_run.trial_id,
-        **{name: float(value) if isinstance(value, (int, float)) else value for name, value in point.items()},
+        **{name: float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value for name, value in point.items()},
         "best_epoch": int(seed_run.best["epoch"]),
         "epochs": seed_run.epochs,
         **{f"{split}_acc": evaluation.accuracy.get(split, np.nan) for split in ("train", "val", "test")},

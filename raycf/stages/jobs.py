@@ -40,23 +40,24 @@ def debug_job(
     with_detection: bool = False,
     print_epochs: bool = True,
 ) -> DebugJob:
-    """The debug (or control) run of ``study`` on ``results``: G at ``analysis.tau`` and ``debug.freq_threshold``, its inputs.
+    """The debug (or control) run of ``study`` on ``results``: G at ``debug.tau`` and ``debug.freq_threshold``, its inputs.
 
     ``lambdas``: (λ1, λ2), the study's own by default (``(0, 0)``: the
-    control).  ``with_detection`` adds the detection quality on val at the
-    study's τ and G's mean size as constant metrics of every report (a search
+    control).  ``with_detection`` adds the detection quality on val of that G
+    (the run's own τ and f: no detection setting, ``analysis.*``, enters a
+    search) and G's mean size as constant metrics of every report (a search
     trial's).  ``order_seed``: see :attr:`DebugJob.order_seed`.
     """
-    tau = study.analysis.tau
+    tau, freq_threshold = study.debug.tau, study.debug.freq_threshold
     lambda1, lambda2 = (study.debug.lambda1, study.debug.lambda2) if lambdas is None else lambdas
     extra: dict[str, float] = {}
     if with_detection:
         data = validation_masks(results, written_key(results, "masks"))
-        global_filters = data.global_filters(tau, study.debug.freq_threshold)
-        extra = {key: float(value) for key, value in detection_quality(data, tau, study.analysis.freq_threshold, split="val").items()}
+        global_filters = data.global_filters(tau, freq_threshold)
+        extra = {key: float(value) for key, value in detection_quality(data, tau, freq_threshold, split="val").items()}
         extra["g_size"] = float(np.asarray(global_filters).sum(axis=1).mean())
     else:
-        global_filters = global_mc_sets(results, tau, study.debug.freq_threshold)
+        global_filters = global_mc_sets(results, tau, freq_threshold)
     return DebugJob(
         study=study,
         global_filters=np.asarray(global_filters, dtype=bool),

@@ -78,7 +78,7 @@ def tune_callback(study: StudyConfig, writer: LeaderboardWriter):
             record.time_total_s = float(result.get("time_total_s", record.time_total_s))
 
         def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-            writer.add_checkpoint(record_of(trial), checkpoint.path)
+            writer.add_checkpoint(record_of(trial), storage.with_scheme(checkpoint.path, writer.results))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             record = record_of(trial)
@@ -99,15 +99,55 @@ def tune_callback(study: StudyConfig, writer: LeaderboardWriter):
     return LeaderboardCallback()
 
 
-def optuna_storage_url(study: StudyConfig, results: str) -> tuple[str, str | None]:
-    """(SQLAlchemy URL, local SQLite file to upload to the results folder afterwards, if any)."""
+OPTUNA_FILE = "optuna.db"
+
+
+def optuna_storage_url(study: StudyConfig, results: str, stage_hash: str, resume: bool) -> tuple[str, str | None]:
+    """(SQLAlchemy URL, local SQLite file kept in the results folder after every step, if any).
+
+    A results folder on an object store cannot hold a live SQLite file: the
+    driver works on a local copy, :class:`OptunaUpload` puts it in the bucket
+    after every step that changed it, and a resumed search (on this head or
+    a new one) starts from the bucket's copy, so no finished trial is lost.
+    """
     if study.search.storage:
         return study.search.storage, None
     if storage.is_uri(results):
-        local = Path(tempfile.gettempdir(), f"raycf-{study.name}-optuna.db")
+        local = Path(tempfile.gettempdir(), f"raycf-{study.name}-{stage_hash}-{OPTUNA_FILE}")
+        local.unlink(missing_ok=True)
+        saved = storage.join_uri(results, OPTUNA_FILE)
+        if resume and storage.exists(saved):
+            local.write_bytes(storage.read_bytes(saved))
         return f"sqlite:///{local}", str(local)
     Path(results).mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{Path(results, 'optuna.db')}", None
+    return f"sqlite:///{Path(results, OPTUNA_FILE)}", None
+
+
+def optuna_upload(local: str, location: str):
+    """A Tune callback that writes the local SQLite file to ``location`` (atomically) after every step that changed it.
+
+    Optuna writes in the driver's thread during a step, so at a step's end
+    the file is consistent.
+    """
+    from ray.tune import Callback
+
+    class OptunaUpload(Callback):
+        def __init__(self) -> None:
+            self.saved: tuple[int, int] | None = None
+
+        def on_step_end(self, iteration: int, trials: list, **info) -> None:
+            path = Path(local)
+            if not path.is_file():
+                return
+            fingerprint = (path.stat().st_size, path.stat().st_mtime_ns)
+            if fingerprint != self.saved:
+                storage.write_bytes(location, path.read_bytes())
+                self.saved = fingerprint
+
+        def on_experiment_end(self, trials: list, **info) -> None:
+            self.on_step_end(0, trials)
+
+    return OptunaUpload()
 
 
 def forget_optuna_study(url: str, name: str) -> None:
@@ -166,10 +206,11 @@ def run(run: "StageRun") -> dict:
     tune_storage = run.ray_storage()
     context = trial_context(study, results, base_model_bytes(results), tune_storage, experiment)
     trainable = trainable_of(study, context)
-    url, upload = optuna_storage_url(study, results)
     experiment_path = storage.join_uri(tune_storage, experiment)
     snapshot = storage.join_uri(tune_storage, f"{experiment}-driver", "state.zip")
     saved_state = read_snapshot(snapshot)
+    url, upload = optuna_storage_url(study, results, run.stage_hash, resume=bool(saved_state))
+    uploads = [optuna_upload(upload, storage.join_uri(results, OPTUNA_FILE))] if upload else []
     if saved_state:
         restore_driver_state(saved_state, experiment_path)
         log(f"search: resuming the interrupted search at {experiment_path} (finished trials kept: {len(finished_trials(saved_state))})")
@@ -187,6 +228,7 @@ def run(run: "StageRun") -> dict:
             callbacks=[
                 tune_callback(study, leaderboard_writer(study, results)),
                 DriverStateSnapshot(snapshot),
+                *uploads,
                 TrialConsole(parameter_names(study), study.search.metric, study.search.mode, total_trials=study.search.num_samples, epochs=study.debug.epochs),
             ],
             metric=study.search.metric,
@@ -197,7 +239,7 @@ def run(run: "StageRun") -> dict:
         )
     tuner.fit()  # the leaderboard callback wrote leaderboard.parquet
     if upload:
-        storage.write_bytes(storage.join_uri(results, "optuna.db"), Path(upload).read_bytes())
+        storage.write_bytes(storage.join_uri(results, OPTUNA_FILE), Path(upload).read_bytes())
     board = sort_by_objective(read_leaderboard(results), study.search.metric, study.search.mode)
     finished = board[board["status"] != "error"]
     summary = {

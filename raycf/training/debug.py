@@ -36,7 +36,7 @@ from raycf.method.debug_loss import DebugLoss, FilterStats, global_filters_tenso
 from raycf.method.selection import best_epoch
 from raycf.models import FilterClassifier, TrainableTail, classifier_from_checkpoint
 from raycf.precision import Precision, prepare_device, prepare_model
-from raycf.prefix_cache import CachedSplit, PrefixRef, open_cache
+from raycf.prefix_cache import CachedSplit, PrefixRef, check_cache_matches, open_cache
 from raycf.training.base import print_epoch, report_epoch, restore_classifier
 from raycf.training.loops import FlopCount, device_batches, epoch_seed, eval_loader, evaluate, logits_and_features, seed_everything, train_loader, train_one_epoch
 from raycf.training.session import Session, TrainState
@@ -44,6 +44,17 @@ from raycf.training.trainer import fit, run_local
 from raycf.views import epoch_views, model_inputs, view_seeds
 
 PHASE = "debug"
+VAL_PREDICTIONS_FILE = "val_pred.npy"  # beside model.pt: the epoch's predicted class of each validation image, in split order
+
+
+def predictions_bytes(batches: list[torch.Tensor]) -> bytes:
+    """Predicted classes (one tensor per batch) as a compact ``.npy`` (uint16): what McNemar's test of two trials needs."""
+    import io
+
+    predicted = torch.cat(batches).cpu().numpy() if batches else np.zeros(0)
+    buffer = io.BytesIO()
+    np.save(buffer, predicted.astype(np.uint16), allow_pickle=False)
+    return buffer.getvalue()
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,7 @@ class Inputs:
 def cached_inputs(job: DebugJob, model: FilterClassifier, store, device: torch.device) -> Inputs:
     """Batches of frozen-prefix activations: only the trainable tail runs."""
     study, cache = job.study, open_cache(job.prefix)
+    check_cache_matches(cache.meta, study, job.prefix.location)
     num_train = len(store.labels("train"))
 
     def train_inputs(_data, indices, epoch):
@@ -207,7 +219,8 @@ def debug_train_loop(job: DebugJob, session: Session) -> list[dict[str, Any]]:
         batches = device_batches(train_data, device, lambda data_, indices, epoch=epoch: inputs.train_inputs(data_, indices, epoch))
         train_metrics = train_one_epoch(wrapped, batches, optimizer, loss_fn, precision=precision, freeze_frozen_norms=True, forward=inputs.forward, flops=flops)
         val_batches = device_batches(val_data, device, inputs.val_inputs)
-        val_metrics = evaluate(wrapped, val_batches, precision=precision, forward=lambda module, batch: inputs.forward(module, batch)[0])
+        val_predictions: list[torch.Tensor] | None = [] if world_size == 1 else None  # one rank holds the whole split in order
+        val_metrics = evaluate(wrapped, val_batches, precision=precision, forward=lambda module, batch: inputs.forward(module, batch)[0], predictions=val_predictions)
         # Tune's status table shows the first metrics: keep the objective among them.
         metrics = {
             "epoch": epoch + 1,
@@ -225,7 +238,8 @@ def debug_train_loop(job: DebugJob, session: Session) -> list[dict[str, Any]]:
         }
         state = TrainState(next_epoch=epoch + 1, history=[*state.history, metrics], phase=PHASE, optimizer=optimizer.state_dict())
         reporting = time.time()
-        report_epoch(session, metrics, model, state, class_names, study, (study.search.metric, study.search.mode), base_hash, only_improving=True)
+        extra = {VAL_PREDICTIONS_FILE: predictions_bytes(val_predictions)} if val_predictions is not None else None
+        report_epoch(session, metrics, model, state, class_names, study, (study.search.metric, study.search.mode), base_hash, extra, only_improving=True)
         report_s = time.time() - reporting
         if job.print_epochs:
             print_epoch(session, job.label, metrics, config.epochs)
