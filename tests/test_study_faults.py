@@ -79,7 +79,7 @@ def test_the_search_resumes_from_every_kill_point_and_a_categorical_space_runs_t
     assert len({(t.params["lambda1"], t.params["debug.indicator"]) for t in trials}) == 2  # the resumed sampler did not draw a point again
     # Typed values end to end: the text choice is text, the unsearched lambda2 is the study's own.
     assert set(searched["debug.indicator"]) <= {"paper", "centred"} and searched["lambda2"].isna().all()
-    final = pd.read_parquet(results / "final.parquet").set_index("model")
+    final = pd.read_parquet(results / "final" / "final.parquet").set_index("model")
     best = searched.set_index("trial_id").loc[final.loc["debugged", "trial_id"]]
     assert final.loc["debugged", "debug.indicator"] == best["debug.indicator"] and final.loc["control", "debug.indicator"] == "paper"
     assert final.loc["debugged", "lambda2"] == pytest.approx(3.2e-4) and final.loc["debugged", "lambda1"] == pytest.approx(best["lambda1"])
