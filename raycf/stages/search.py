@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from raycf import storage
+from raycf import kill_points, storage
 from raycf.artefacts import base_model_bytes
 from raycf.cluster import ensure_ray
 from raycf.config import StudyConfig
@@ -71,11 +71,13 @@ def tune_callback(study: StudyConfig, writer: LeaderboardWriter):
             record = record_of(trial)
             record.status, record.error = "running", ""  # also a restarted one
             writer.write()
+            kill_points.reached("started")
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             record = record_of(trial)
             writer.add_epoch(record, {key: value for key, value in result.items() if isinstance(value, (int, float, str)) and key != "config"})
             record.time_total_s = float(result.get("time_total_s", record.time_total_s))
+            kill_points.reached("reported")
 
         def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
             writer.add_checkpoint(record_of(trial), storage.with_scheme(checkpoint.path, writer.results))
@@ -83,6 +85,7 @@ def tune_callback(study: StudyConfig, writer: LeaderboardWriter):
         def on_trial_complete(self, iteration, trials, trial, **info):
             record = record_of(trial)
             writer.finish(record, writer.status_of_finished(record))
+            kill_points.reached("completed")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             writer.finish(record_of(trial), "error", error_summary(trial)[:300])
