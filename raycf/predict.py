@@ -43,7 +43,7 @@ def predict_splits(study: StudyConfig, images: StoreRef, model_bytes: bytes, mod
         dataset = StoredImages(store, split)
         loader = DataLoader(dataset, batch_size=study.debug.eval_batch_size, pin_memory=device.type == "cuda", collate_fn=batched_collate(dataset))
         confidences, predictions = [], []
-        for inputs, _labels in device_batches(loader, device, lambda images, _indices: model_inputs(images, study.data.image_size)):
+        for inputs, _labels in device_batches(loader, device, lambda images, _indices: model_inputs(images, study.data.image_size, preprocess=study.data.preprocess)):
             with precision.autocast():
                 best = torch.softmax(model(inputs).float(), dim=1).max(dim=1)
             confidences.append(best.values)

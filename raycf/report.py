@@ -384,6 +384,9 @@ def detection_section(context: ReportContext) -> Section:
         f"global MC filters (τ = {analysis.tau:g}); flagged images are re-ranked among their top-k classes (altered accuracy)."
     )
     section.table(table1_frame(detection), "Table 1: errors detected and new errors per setting")
+    flagged = context.frame("analysis", "flagged.parquet")
+    if flagged is not None:
+        add_flagged(section, flagged, context.results)
     if "auroc_lo" in error_scores:
         for split in (name for name in ("test", "val") if name in set(error_scores["split"])):
             first = error_scores[error_scores["split"] == split].iloc[0]
@@ -401,6 +404,20 @@ def detection_section(context: ReportContext) -> Section:
             section.paragraph(agreement_verdict(split, scores.loc[(split, "f1")], scores.loc[(split, "max_softmax")]))
     section.add(Figure("auroc", "AUROC of each score; max softmax is the baseline (hatched).", auroc_figure(error_scores)))
     return section
+
+
+def add_flagged(section: Section, flagged: pd.DataFrame, results: str, shown: int = 10) -> None:
+    """Link ``analysis/flagged.parquet`` and the command that explains its first images; show its first rows."""
+    own = [column for column in flagged.columns if column.startswith("flag: study:")]
+    count = int(flagged[own[0]].sum()) if own else 0
+    section.blocks.append(
+        f'<p>Every test image, most suspicious first: <a href="../analysis/flagged.parquet">analysis/flagged.parquet</a> '
+        f"({len(flagged)} images, {count} flagged by the study's own setting; columns: scores, one flag per setting, the predicted "
+        f"class's global filters each MC set lacks and the extra ones it has). Bundles for the most suspicious: "
+        f"<code>{html.escape(f'raycf explain {results} --flagged {min(shown, max(count, 1))}')}</code>.</p>"
+    )
+    columns = [c for c in ("rank", "image_id", "label_name", "pred_name", "confidence", "f1", *own) if c in flagged.columns]
+    section.table(flagged[columns].head(shown), f"The {min(shown, len(flagged))} most suspicious test images")
 
 
 def agreement_verdict(split: str, f1: pd.Series, softmax: pd.Series) -> str:
@@ -791,7 +808,7 @@ def gallery_images(context: ReportContext) -> dict[str, list[GalleryImage]]:
         if len(indices) == 0:
             groups[group] = []
             continue
-        images = model_inputs(torch.stack([dataset[int(i)][0] for i in indices]), study.data.image_size)  # read only to draw them
+        images = model_inputs(torch.stack([dataset[int(i)][0] for i in indices]), study.data.image_size, preprocess=study.data.preprocess)  # read only to draw them
         cams_before = grad_cam(before, images, pred_before[indices].tolist()).numpy()
         cams_after = grad_cam(after, images, pred_after[indices].tolist()).numpy()
         groups[group] = []
