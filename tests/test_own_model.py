@@ -27,7 +27,7 @@ from raycf.cli import check_study_inputs, main
 from raycf.config import DataConfig, ModelConfig, StudyConfig
 from raycf.data import load_splits
 from raycf.errors import UserError
-from raycf.models import build_model, check_model_weights, classifier_from_checkpoint
+from raycf.models import adopted_model_bytes, build_model, check_model_weights, classifier_from_checkpoint
 
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -362,21 +362,22 @@ def test_export_refuses_a_gone_checkpoint_before_writing(own_model_study, tmp_pa
 
 
 def test_a_safetensors_file_of_the_same_model_gives_the_same_base_model(own_model_study, tmp_path):
-    """The resnet18 study's Lightning checkpoint, again as safetensors: the base stage adopts the same weights."""
-    if own_model_study.arch != "resnet18":
-        pytest.skip("the torchvision study is the Lightning one")
+    """The study's weights file (resnet18: the Lightning checkpoint), again as safetensors: the pre-checks pass and the base stage adopts the same model."""
     from safetensors.torch import save_file
 
     save_file({key: value.contiguous() for key, value in own_model_study.user.state_dict().items()}, str(tmp_path / "user.safetensors"))
     config = load_results_study(str(own_model_study.results))
-    study = write_study(
-        tmp_path, data={**config.data.model_dump(mode="json"), "preprocess": {"mode": "weights"}}, model={"arch": "resnet18", "weights": str(tmp_path / "user.safetensors")}, base={"train": False}
-    )
-    completed = run_cli("train", str(study), env_extra={"RAY_ADDRESS": ray_address()})
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    again = load_classifier_checkpoint(str(tmp_path / "results" / "t" / "base" / "model.pt"))
-    first = load_classifier_checkpoint(str(own_model_study.results / "base" / "model.pt"))
-    assert again.state_dict.keys() == first.state_dict.keys() and all(torch.equal(again.state_dict[k], first.state_dict[k]) for k in first.state_dict)
+    config = config.model_copy(update={"base": config.base.model_copy(update={"train": False})})
+    adopted = {}
+    for name, weights in (("study's file", config.model.weights), ("safetensors", str(tmp_path / "user.safetensors"))):
+        study = config.model_copy(update={"model": config.model.model_copy(update={"weights": weights})})
+        check_study_inputs(study, ["cat", "dog"])
+        adopted[name] = parse_classifier_checkpoint(adopted_model_bytes(study, ["cat", "dog"]), name).state_dict
+    first, again = adopted.values()
+    assert again.keys() == first.keys() and all(torch.equal(again[key], first[key]) for key in first)
+    if own_model_study.adopted:  # base.train: false: the study's base model is that adoption
+        base = load_classifier_checkpoint(str(own_model_study.results / "base" / "model.pt")).state_dict
+        assert all(torch.equal(base[key], again[key]) for key in base)
 
 def _accepted_names() -> list[str]:
     """Every torchvision name architectures.py accepts, vgg_tiny, and the timm members of the contract test."""
