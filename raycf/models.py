@@ -810,6 +810,32 @@ def classifier_from_checkpoint(config: ModelConfig, checkpoint: "ClassifierCheck
     return model.eval()
 
 
+def native_from_checkpoint(config: ModelConfig, checkpoint: "ClassifierCheckpoint", head_order: list[str] | None = None) -> nn.Module:
+    """The torchvision or timm module of ``config.arch`` holding a complete checkpoint's weights, in eval mode on the CPU.
+
+    Its ``state_dict`` has the library's own key names; ``head_order`` (class
+    names) puts the head's rows in that order (default: the checkpoint's).
+    Refused (ValueError) for raycf's VGG, whose head no library builds.
+    """
+    family = _family(config.arch)
+    if family == VGG_TINY or (family != "timm" and not TORCHVISION_FAMILIES[family].linear_head):
+        raise ValueError(f"{config.arch}: raycf's VGG head (GAP and one linear layer) has no torchvision or timm module")
+    num_classes = checkpoint.num_classes
+    if family == "timm":
+        native = _timm_native(config.arch, num_classes)
+        model = _timm_classifier(config.arch, native, num_classes, config.dropout)
+    else:
+        native = _torchvision_native(config.arch, family, num_classes)
+        model = _torchvision_classifier(config.arch, family, native, num_classes, config.dropout)
+    model.load_state_dict(checkpoint.state_dict)  # the classifier shares its modules with the library's module
+    if head_order is not None:
+        rows = [list(checkpoint.class_names).index(name) for name in head_order]
+        with torch.no_grad():
+            for parameter in native.head_module().parameters():
+                parameter.copy_(parameter[rows])
+    return native.net.eval()
+
+
 def check_model_weights(config: ModelConfig, num_classes: int, class_names: list[str] | None = None) -> None:
     """Fail early (UserError) if ``model.arch`` cannot be built or ``model.weights`` cannot be loaded for this dataset.
 

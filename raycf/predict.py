@@ -91,7 +91,7 @@ def image_logits(model: FilterClassifier, store, split: str, study: StudyConfig,
     """Per batch of the split's stored images (plain), a call that runs the whole network on it."""
     dataset = StoredImages(store, split)
     loader = DataLoader(dataset, batch_size=study.debug.eval_batch_size, pin_memory=device.type == "cuda", collate_fn=batched_collate(dataset))
-    for inputs, _labels in device_batches(loader, device, lambda images, _indices: model_inputs(images, study.data.image_size)):
+    for inputs, _labels in device_batches(loader, device, lambda images, _indices: model_inputs(images, study.data.image_size, preprocess=study.data.preprocess)):
         yield lambda inputs=inputs: model(inputs)
 
 

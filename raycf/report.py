@@ -392,6 +392,9 @@ def detection_section(context: ReportContext) -> Section:
         "Table 1: errors detected and new errors per setting; the 'control:' rows flag without the filters "
         "(every image the skip gate lets through; the least confident images, as many as a CFE rule flags)",
     )
+    flagged = context.frame("analysis", "flagged.parquet")
+    if flagged is not None:
+        add_flagged(section, flagged, context.results)
     if "auroc_lo" in error_scores:
         for split in (name for name in ("test", "val") if name in set(error_scores["split"])):
             first = error_scores[error_scores["split"] == split].iloc[0]
@@ -423,6 +426,20 @@ def class_aware_sentence(split: str, f1: pd.Series, centred: pd.Series, softmax:
         f"within each predicted class, weighted by its errors, {with_interval(f1['auroc_within'], f1['auroc_within_lo'], f1['auroc_within_hi'])} "
         f"against max softmax's {with_interval(softmax['auroc_within'], softmax['auroc_within_lo'], softmax['auroc_within_hi'])}."
     )
+
+
+def add_flagged(section: Section, flagged: pd.DataFrame, results: str, shown: int = 10) -> None:
+    """Link ``analysis/flagged.parquet`` and the command that explains its first images; show its first rows."""
+    own = [column for column in flagged.columns if column.startswith("flag: study:")]
+    count = int(flagged[own[0]].sum()) if own else 0
+    section.blocks.append(
+        f'<p>Every test image, most suspicious first: <a href="../analysis/flagged.parquet">analysis/flagged.parquet</a> '
+        f"({len(flagged)} images, {count} flagged by the study's own setting; columns: scores, one flag per setting, the predicted "
+        f"class's global filters each MC set lacks and the extra ones it has). Bundles for the most suspicious: "
+        f"<code>{html.escape(f'raycf explain {results} --flagged {min(shown, max(count, 1))}')}</code>.</p>"
+    )
+    columns = [c for c in ("rank", "image_id", "label_name", "pred_name", "confidence", "f1", *own) if c in flagged.columns]
+    section.table(flagged[columns].head(shown), f"The {min(shown, len(flagged))} most suspicious test images")
 
 
 def agreement_verdict(split: str, f1: pd.Series, softmax: pd.Series) -> str:
@@ -849,7 +866,7 @@ def gallery_images(context: ReportContext) -> dict[str, list[GalleryImage]]:
         if len(indices) == 0:
             groups[group] = []
             continue
-        images = model_inputs(torch.stack([dataset[int(i)][0] for i in indices]), study.data.image_size)  # read only to draw them
+        images = model_inputs(torch.stack([dataset[int(i)][0] for i in indices]), study.data.image_size, preprocess=study.data.preprocess)  # read only to draw them
         cams_before = grad_cam(before, images, pred_before[indices].tolist()).numpy()
         cams_after = grad_cam(after, images, pred_after[indices].tolist()).numpy()
         groups[group] = []

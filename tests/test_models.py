@@ -236,3 +236,29 @@ def test_the_training_loader_never_forms_a_batch_of_one(count, batch_size, world
         per_rank = max(1, batch_size // world_size)
         assert all(size > 1 for size in sizes) or shard == 1 or per_rank == 1
         assert max(sizes) <= per_rank + 1
+
+
+@pytest.mark.parametrize("arch", [arch for arch in FAMILY_MEMBERS if not arch.startswith("vgg")])
+def test_the_exported_state_dict_loads_in_its_library_with_raycfs_logits(arch, built):
+    """What `raycf export` writes for a torchvision or timm arch: the library's own module, built fresh, loads it (strict) and gives raycf's logits."""
+    import io
+
+    from raycf.checkpoint import checkpoint_of
+    from raycf.models import native_from_checkpoint
+
+    model = built(arch)
+    classes = [f"c{i}" for i in range(7)]
+    head_order = classes[3:] + classes[:3]  # the user's head order, not the sorted one
+    state = native_from_checkpoint(ModelConfig(arch=arch), checkpoint_of(model, classes, 32, "h"), head_order).state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    if arch.startswith("timm:"):
+        fresh = pytest.importorskip("timm").create_model(arch.removeprefix("timm:"), num_classes=7)
+    else:
+        import torchvision
+
+        fresh = torchvision.models.get_model(arch, num_classes=7)
+    fresh.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(images), model(images)[:, [classes.index(name) for name in head_order]], rtol=0, atol=1e-5)

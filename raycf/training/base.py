@@ -140,7 +140,7 @@ def base_train_loop(job: BaseJob, session: Session) -> list[dict[str, Any]]:
     store = open_store(job.images)
     train_data, sampler = train_loader(StoredImages(store, "train"), study.base.batch_size, study.seed, rank, world_size, data.loader_workers)
     val_data = eval_loader(StoredImages(store, "val"), study.base.eval_batch_size, rank, world_size, data.loader_workers)
-    plain = lambda images, _indices: model_inputs(images, data.image_size)  # noqa: E731 - the evaluation transform
+    plain = lambda images, _indices: model_inputs(images, data.image_size, preprocess=data.preprocess)  # noqa: E731 - the evaluation transform
 
     wrapped, optimizer, current = model, None, None
     for epoch in range(state.next_epoch, total_epochs):
@@ -159,7 +159,7 @@ def base_train_loop(job: BaseJob, session: Session) -> list[dict[str, Any]]:
         sampler.set_epoch(epoch)
 
         def augmented(images, indices, epoch=epoch):
-            return model_inputs(images, data.image_size, data.augment, epoch_seeds(study.seed, epoch, indices))
+            return model_inputs(images, data.image_size, data.augment, epoch_seeds(study.seed, epoch, indices), preprocess=data.preprocess)
 
         train_metrics = train_one_epoch(wrapped, device_batches(train_data, device, augmented), optimizer, cross_entropy_loss, precision=precision, flops=flops)
         val_metrics = evaluate(wrapped, device_batches(val_data, device, plain), precision=precision)

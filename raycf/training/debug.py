@@ -159,13 +159,13 @@ def image_inputs(job: DebugJob, model: FilterClassifier, store, device: torch.de
 
     def train_inputs(images, indices, epoch):
         views = epoch_views(job.run_seed, epoch, num_train, study.debug.views)[indices]
-        return model_inputs(images, data.image_size, data.augment, view_seeds(study.seed, "train", indices, views), plain=views == 0)
+        return model_inputs(images, data.image_size, data.augment, view_seeds(study.seed, "train", indices, views), plain=views == 0, preprocess=data.preprocess)
 
     return Inputs(
         train=StoredImages(store, "train"),
         val=StoredImages(store, "val"),
         train_inputs=train_inputs,
-        val_inputs=lambda images, _indices: model_inputs(images, data.image_size),
+        val_inputs=lambda images, _indices: model_inputs(images, data.image_size, preprocess=data.preprocess),
         trainable=model,
         forward=logits_and_features,
     )
@@ -193,7 +193,7 @@ def debug_train_loop(job: DebugJob, session: Session) -> list[dict[str, Any]]:
     stats = None
     if config.indicator == "centred":  # from the base model's plain training images, before any restored weights
         plain = eval_loader(StoredImages(store, "train"), config.eval_batch_size, rank, world_size, data.loader_workers)
-        stats = filter_statistics(model, device_batches(plain, device, lambda images, _indices: model_inputs(images, data.image_size)), device)
+        stats = filter_statistics(model, device_batches(plain, device, lambda images, _indices: model_inputs(images, data.image_size, preprocess=data.preprocess)), device)
     global_filters = global_filters_tensor(job.global_filters, model.num_classes, model.num_filters)
     loss_fn = DebugLoss(global_filters, job.lambda1, job.lambda2, config.indicator, stats).to(device)
 
