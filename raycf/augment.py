@@ -75,6 +75,9 @@ import torch.nn.functional as F
 from raycf.config import AugmentConfig
 from raycf.data import IMAGENET_MEAN, IMAGENET_STD
 
+Normalisation = tuple[tuple[float, float, float], tuple[float, float, float]]  # (mean, std) per RGB channel, images in [0, 1]
+IMAGENET: Normalisation = (IMAGENET_MEAN, IMAGENET_STD)
+
 _DRAWS_PER_IMAGE = 8  # angle, tx, ty, shear, zx, zy, flip (+1 spare: adding a draw must not change the others)
 _UINT64 = (1 << 64) - 1
 
@@ -146,8 +149,8 @@ def affine_matrices(params: AffineParams, height: int, width: int) -> torch.Tens
     return (to_normalised @ pixel_matrix @ to_pixels @ mirror)[:, :2, :]
 
 
-def augment_batch(images: torch.Tensor, seeds: torch.Tensor, config: AugmentConfig, out_size: int) -> torch.Tensor:
-    """Augment a uint8 B×3×S×S batch on its own device: float32 B×3×out×out, ImageNet-normalised.
+def augment_batch(images: torch.Tensor, seeds: torch.Tensor, config: AugmentConfig, out_size: int, normalisation: Normalisation = IMAGENET) -> torch.Tensor:
+    """Augment a uint8 B×3×S×S batch on its own device: float32 B×3×out×out, normalised (ImageNet's mean and std by default).
 
     Each image's parameters come from its seed (:func:`sample_params`); the
     affine map, the resize from S to ``out_size`` and the flip are one
@@ -155,10 +158,10 @@ def augment_batch(images: torch.Tensor, seeds: torch.Tensor, config: AugmentConf
     """
     if seeds.shape != images.shape[:1]:
         raise ValueError(f"seeds: expected one seed per image, shape ({len(images)},) (got {tuple(seeds.shape)})")
-    return warp_batch(images, sample_params(config, seeds.cpu()), out_size)
+    return warp_batch(images, sample_params(config, seeds.cpu()), out_size, normalisation)
 
 
-def warp_batch(images: torch.Tensor, params: AffineParams, out_size: int) -> torch.Tensor:
+def warp_batch(images: torch.Tensor, params: AffineParams, out_size: int, normalisation: Normalisation = IMAGENET) -> torch.Tensor:
     """Apply given parameters to a uint8 B×3×H×W batch: float32 B×3×out×out, normalised.
 
     One ``affine_grid`` + ``grid_sample`` (bilinear, border fill) in float32,
@@ -175,7 +178,7 @@ def warp_batch(images: torch.Tensor, params: AffineParams, out_size: int) -> tor
             part = slice(start, start + _chunk(images))
             grid = affine_grid(theta[part], out_size)
             warped[part] = F.grid_sample(images[part].contiguous().float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return normalise_255(warped)
+        return normalise_255(warped, normalisation)
 
 
 def _chunk(images: torch.Tensor) -> int:
@@ -201,7 +204,7 @@ def affine_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
     return grid
 
 
-def evaluate_batch(images: torch.Tensor, out_size: int) -> torch.Tensor:
+def evaluate_batch(images: torch.Tensor, out_size: int, normalisation: Normalisation = IMAGENET) -> torch.Tensor:
     """No augmentation: uint8 B×3×H×W → float32 B×3×out×out, normalised, on the images' device.
 
     Resized bilinearly (antialiased when shrinking); when the images already
@@ -210,20 +213,21 @@ def evaluate_batch(images: torch.Tensor, out_size: int) -> torch.Tensor:
     _check_images(images)
     height, width = images.shape[-2:]
     if (height, width) == (out_size, out_size):
-        return normalise_255(images.contiguous().float())
+        return normalise_255(images.contiguous().float(), normalisation)
     resized = torch.empty(len(images), images.shape[1], out_size, out_size, device=images.device)
     with torch.autocast(images.device.type, enabled=False):
         for start in range(0, len(images), _chunk(images)):
             part = slice(start, start + _chunk(images))
             pixels = images[part].contiguous().float()
             resized[part] = F.interpolate(pixels, size=(out_size, out_size), mode="bilinear", align_corners=False, antialias=out_size < max(height, width))
-        return normalise_255(resized)
+        return normalise_255(resized, normalisation)
 
 
-def normalise_255(pixels: torch.Tensor) -> torch.Tensor:
-    """ImageNet normalisation of float B×3×H×W images in [0, 255], in place: one fused multiply-add per value."""
-    std = torch.tensor(IMAGENET_STD, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
+def normalise_255(pixels: torch.Tensor, normalisation: Normalisation = IMAGENET) -> torch.Tensor:
+    """``(pixels / 255 − mean) / std`` of float B×3×H×W images in [0, 255], in place: one fused multiply-add per value."""
+    mean_values, std_values = normalisation
+    std = torch.tensor(std_values, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
+    mean = torch.tensor(mean_values, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
     return pixels.mul_(1 / (255 * std)).sub_(mean / std)
 
 

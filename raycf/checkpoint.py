@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import zipfile
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -174,21 +175,68 @@ def parse_classifier_checkpoint(
 
 
 def read_weights_file(location: str) -> ClassifierCheckpoint | dict[str, torch.Tensor]:
-    """``model.weights: PATH``: a raycf checkpoint (not yet checked) or a plain torchvision/timm ``state_dict``.
+    """``model.weights: PATH``: a raycf checkpoint (not yet checked) or a torchvision/timm ``state_dict``.
 
-    Read with ``weights_only=True``, so loading can never run code.  A
-    ``state_dict`` saved from a DDP-wrapped model loses its ``module.`` prefix.
+    Accepted: a plain ``state_dict`` (``torch.save(model.state_dict(), PATH)``),
+    a Lightning-style checkpoint (its ``"state_dict"``; a key prefix such as
+    ``model.`` is stripped later, see :func:`raycf.models.strip_prefix`) and a
+    safetensors file.  Read with ``weights_only=True``, so loading can never
+    run code; a pickled module or a TorchScript file is refused with the
+    recipe that saves its ``state_dict``.  A ``state_dict`` saved from a
+    DDP-wrapped model loses its ``module.`` prefix.
     """
     if not storage.exists(location):
         raise UserError(f"{location}: checkpoint not found (expected a raycf model.pt, or a torchvision or timm state_dict)")
-    payload = _safe_load(storage.read_bytes(location), location, "raycf checkpoint or state_dict")
+    data = storage.read_bytes(location)
+    if _is_safetensors(data):
+        return _tensor_mapping(_safetensors_load(data, location), location)
+    if _is_torchscript(data):
+        raise UserError(
+            f"{location}: a TorchScript module, not weights (expected a state_dict: "
+            f"torch.save(torch.jit.load({location!r}).state_dict(), 'weights.pt'), then model.weights: weights.pt)"
+        )
+    payload = _safe_load(data, location, "raycf checkpoint or state_dict")
     if _is_raycf(payload):
         return _checkpoint_from(payload)
+    if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):  # a Lightning checkpoint
+        payload = payload["state_dict"]
+    return _tensor_mapping(payload, location)
+
+
+def _tensor_mapping(payload: object, location: str) -> dict[str, torch.Tensor]:
     if not isinstance(payload, dict) or not payload or not all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in payload.items()):
         raise UserError(f"{location}: neither a raycf checkpoint nor a state_dict (expected a model.pt, or a mapping of parameter names to tensors)")
     if all(key.startswith("module.") for key in payload):
         payload = {key.removeprefix("module."): value for key, value in payload.items()}
     return payload
+
+
+def _is_safetensors(data: bytes) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then a JSON header."""
+    if len(data) < 10:
+        return False
+    header = int.from_bytes(data[:8], "little")
+    return 0 < header <= len(data) - 8 and data[8:9] == b"{"
+
+
+def _safetensors_load(data: bytes, location: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except Exception as error:  # noqa: BLE001 - any failure means a damaged file
+        raise UserError(f"{location}: not a loadable safetensors file ({str(error).strip()[:160]})") from None
+
+
+def _is_torchscript(data: bytes) -> bool:
+    """A TorchScript archive: a zip whose members include ``code/`` (what ``torch.jit.save`` writes)."""
+    if not data.startswith(b"PK"):
+        return False
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            return any("/code/" in name or name.startswith("code/") for name in archive.namelist())
+    except zipfile.BadZipFile:
+        return False
 
 
 def check_checkpoint(
@@ -209,7 +257,23 @@ def _safe_load(data: bytes, source: str, expected: str) -> object:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "Unsupported global" in str(error):
+            raise UserError(_pickled_objects(data, source)) from None
         raise UserError(f"{source}: not a loadable {expected} ({first_line[:160]})") from None
+
+
+def _pickled_objects(data: bytes, source: str) -> str:
+    """Why a file that pickles Python objects is refused, and the recipe that saves its weights."""
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))
+    if any(name.startswith("torch.nn.modules.") for name in names):
+        return (
+            f"{source}: a pickled module, not weights (raycf never unpickles code; expected its state_dict: in a trusted session run "
+            f"torch.save(torch.load({source!r}, weights_only=False).state_dict(), 'weights.pt'), then set model.weights: weights.pt)"
+        )
+    return (
+        f"{source}: holds pickled Python objects ({', '.join(names[:2])}) that raycf will not unpickle (expected a state_dict: in a trusted "
+        f"session save the model's weights with torch.save(model.state_dict(), 'weights.pt'), then set model.weights: weights.pt)"
+    )
 
 
 def _is_raycf(payload: object) -> bool:

@@ -116,13 +116,27 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "images",
         metavar="IMAGE",
-        nargs="+",
+        nargs="*",
         help="an image file (any format Pillow reads; preprocessed with the study's evaluation transform), or an image id of "
         "the study's dataset as in the Parquet files' image_id column (e.g. digits-0042, cub-17, test/cat/0.jpg): its numbers "
         "then equal its row in masks/<split>/",
     )
+    explain.add_argument("--flagged", type=int, metavar="N", default=None, help="also the N most suspicious test images (the first rows of analysis/flagged.parquet)")
     explain.add_argument("--out", metavar="DIR", default="explanations", help="where the bundles go (default: ./explanations)")
     explain.set_defaults(handler=_run_explain_command)
+
+    export = add_command(
+        "export",
+        help="write a study's model as its library loads it (a torchvision/timm state_dict, or TorchScript) with a JSON sidecar",
+        description="Write the debugged model (or the control, the base model or a trial) of a study: for a torchvision or timm "
+        "architecture a state_dict with the library's key names and the user's class order; TorchScript for any architecture. "
+        "Beside it, FILE.json: arch, class names, preprocessing, the trial's parameters and its metrics.",
+    )
+    export.add_argument("results", metavar="RESULTS", help="the study's results folder or URI")
+    export.add_argument("--model", default="debugged", metavar="WHICH", help="debugged (default), control, base, or a trial id from the leaderboard")
+    export.add_argument("--format", default="pt", metavar="FORMAT", help="pt (default), safetensors or torchscript")
+    export.add_argument("--out", required=True, metavar="FILE", help="where the model goes (FILE.json beside it)")
+    export.set_defaults(handler=_run_export_command)
 
     from raycf.stages import STAGES
 
@@ -143,15 +157,21 @@ def _load_checked_study(args: argparse.Namespace):
     from raycf import console
     from raycf.config import load_study
     from raycf.data import load_splits
-    from raycf.method.replication import check_class_group
-    from raycf.models import check_model_weights
 
     study = load_study(args.study, args.overrides, smoke=args.smoke)
     console.configure(study.results_uri, verbose=args.verbose)  # before any stage starts Ray (cluster.ensure_ray)
     splits = load_splits(study.data, study.seed, verify_images=True)
-    check_model_weights(study.model, splits.num_classes, splits.class_names)
-    check_class_group(study.final.class_group, splits.class_names)
+    check_study_inputs(study, splits.class_names)
     return study
+
+
+def check_study_inputs(study, class_names: list[str]) -> None:
+    """The pre-checks of a validated study against its dataset's classes (UserError, one line): the model and its weights, the class group."""
+    from raycf.method.replication import check_class_group
+    from raycf.models import check_model_weights
+
+    check_model_weights(study.model, len(class_names), class_names)
+    check_class_group(study.final.class_group, class_names)
 
 
 def _run_stage_command(args: argparse.Namespace) -> int:
@@ -233,10 +253,23 @@ def _run_report_command(args: argparse.Namespace) -> int:
 
 
 def _run_explain_command(args: argparse.Namespace) -> int:
-    from raycf.explain import explain_images, summary_line
+    from raycf.explain import explain_images, most_suspicious, summary_line
 
-    for folder in explain_images(args.results, args.images, args.out, command=_command_line()):
+    if args.flagged is not None and args.flagged <= 0:
+        raise UserError(f"--flagged {args.flagged}: expected a positive number of images")
+    images = list(args.images) + (most_suspicious(args.results, args.flagged) if args.flagged else [])
+    if not images:
+        raise UserError("explain: expected IMAGE arguments or --flagged N")
+    for folder in explain_images(args.results, images, args.out, command=_command_line()):
         print(summary_line(folder), flush=True)
+    return 0
+
+
+def _run_export_command(args: argparse.Namespace) -> int:
+    from raycf.export import export_model
+
+    written, sidecar = export_model(args.results, args.model, args.format, args.out)
+    print(f"{written} ({args.format}) and {sidecar}", flush=True)
     return 0
 
 

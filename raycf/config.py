@@ -85,6 +85,13 @@ def is_hashed(field: Any) -> bool:
     return not (isinstance(extra, dict) and extra.get("hashed") is False)
 
 
+def names_as_text(names: Any) -> Any:
+    """YAML reads class names such as 0 … 9 as numbers: take them as the names they spell."""
+    if isinstance(names, (list, tuple)):
+        return tuple(str(name) if isinstance(name, int) and not isinstance(name, bool) else name for name in names)
+    return names
+
+
 class StrictModel(BaseModel):
     """Base of every config section: unknown fields are errors, values are frozen."""
 
@@ -103,6 +110,32 @@ class AugmentConfig(StrictModel):
     shear: float = Field(0.2, ge=0, le=45, description="max shear angle in degrees (Keras semantics: the reference's 0.2 is a tiny shear)")
     zoom: float = Field(0.2, ge=0, lt=1, description="max zoom in or out, as a fraction")
     hflip: bool = Field(False, description="random horizontal flips")
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PREPROCESS_FROM_WEIGHTS = ("resize", "interpolation", "mean", "std")
+
+
+class PreprocessConfig(StrictModel):
+    """How the evaluation image is made from a source image (:mod:`raycf.preprocess`); training augmentation comes after it."""
+
+    mode: Literal["squash", "resize_crop", "weights"] = Field(
+        "squash",
+        description="squash: the whole image resized to a square (raycf's own models); resize_crop: torchvision's evaluation transform, "
+        "the shorter side resized to resize, then a centre crop of data.image_size; weights: resize_crop with the resize ratio, "
+        "interpolation, mean and std of model.arch's pretrained weights (torchvision's weights.transforms(), timm's resolve_data_config)",
+    )
+    resize: int = Field(0, ge=0, description="resize_crop: the shorter side before the centre crop; 0 picks data.image_size·256/224")
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = Field("bilinear", description="how images are resized (antialiased)")
+    mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="per-channel mean of the normalisation (RGB, images in [0, 1])")
+    std: tuple[float, float, float] = Field(IMAGENET_STD, description="per-channel standard deviation of the normalisation")
+
+    @model_validator(mode="after")
+    def _positive_std(self) -> "PreprocessConfig":
+        if any(value <= 0 for value in self.std):
+            raise ValueError(f"data.preprocess.std must be positive (got {list(self.std)})")
+        return self
 
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist puts it
@@ -131,6 +164,7 @@ class DataConfig(StrictModel):
         0, ge=0, description="the most images kept per split, a stratified sample by seed (0: every image); for smoke runs of large datasets"
     )
     bbox_crop: bool = Field(False, description="cub200 only: crop each image to its bounding_boxes.txt box")
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig, description="how evaluation images are made (augmentation comes after)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="training augmentation")
     decode_actors: int = resource_field(2, "CPU actors of the images stage that decode and resize the dataset", gt=0)
     loader_workers: int = resource_field(0, "DataLoader worker processes per training worker (they only slice the uint8 store)", ge=0)
@@ -147,6 +181,12 @@ class DataConfig(StrictModel):
             raise ValueError(f"data.image_size must be at least 8 pixels (got {self.image_size})")
         if self.stored_side and self.stored_side < self.image_size:
             raise ValueError(f"data.stored_side must be at least data.image_size ({self.image_size}; got {self.stored_side})")
+        if self.preprocess.mode != "squash" and self.stored_side not in (0, self.image_size):
+            raise ValueError(f"data.stored_side: with data.preprocess.mode {self.preprocess.mode} the stored image is the crop (expected 0 or data.image_size, {self.image_size})")
+        if self.preprocess.mode == "resize_crop" and self.preprocess.resize == 0:
+            object.__setattr__(self.preprocess, "resize", round(self.image_size * 256 / 224))
+        if self.preprocess.mode == "resize_crop" and self.preprocess.resize < self.image_size:
+            raise ValueError(f"data.preprocess.resize must be at least data.image_size ({self.image_size}; got {self.preprocess.resize})")
         return self
 
 
@@ -168,6 +208,11 @@ class ModelConfig(StrictModel):
         description="with a state_dict in model.weights: adopt its trunk under a new head (its own head is dropped and its class count not "
         "checked); needed for a torchvision VGG state_dict, whose head is three FC layers",
     )
+    weights_prefix: str | None = Field(
+        None,
+        description="the key prefix of the model's weights in model.weights (e.g. model. in a Lightning checkpoint, whose LightningModule holds "
+        "the network as self.model): stripped, and keys outside it ignored; left out, a prefix is found when exactly one fits model.arch",
+    )
     class_names: tuple[str, ...] | None = Field(
         None,
         description="the class order of a state_dict's head when it is not the dataset's sorted class order: the dataset's classes, "
@@ -184,13 +229,7 @@ class ModelConfig(StrictModel):
         family_of(arch)  # a ValueError names the accepted families, or why this one is refused
         return arch
 
-    @field_validator("class_names", mode="before")
-    @classmethod
-    def _class_names_as_text(cls, names: Any) -> Any:
-        """YAML reads class names such as 0 … 9 as numbers: take them as the names they spell."""
-        if isinstance(names, (list, tuple)):
-            return tuple(str(name) if isinstance(name, int) and not isinstance(name, bool) else name for name in names)
-        return names
+    _class_names_as_text = field_validator("class_names", mode="before")(names_as_text)
 
 
 class BaseConfig(StrictModel):
@@ -427,7 +466,8 @@ class FinalConfig(StrictModel):
         ge=1,
         description="retraining seeds per model: 1 evaluates the best searched trial and the control as the search trained them; "
         "n > 1 also retrains the control, the study's own λ (debug.lambda1, debug.lambda2) and the best trial's parameters n times "
-        "each, with the data order, the view drawn per epoch and dropout seeded by seed + 0 … n − 1, and reports paired 95 % intervals "
+        "each (seed 0's control and best trial are the search's own models), with the data order, the view drawn per epoch and dropout "
+        "seeded by seed + 0 … n − 1, and reports paired 95 % intervals "
         "of their test and validation accuracy differences",
     )
     class_group: tuple[str, ...] = Field(
@@ -437,13 +477,7 @@ class FinalConfig(StrictModel):
         "classes before anything runs",
     )
 
-    @field_validator("class_group", mode="before")
-    @classmethod
-    def _names_as_text(cls, names: Any) -> Any:
-        """YAML reads digits' class names (0 … 9) as numbers: take them as the names they spell."""
-        if isinstance(names, (list, tuple)):
-            return tuple(str(name) if isinstance(name, int) and not isinstance(name, bool) else name for name in names)
-        return names
+    _names_as_text = field_validator("class_group", mode="before")(names_as_text)
 
     @model_validator(mode="after")
     def _group_needs_seeds(self) -> "FinalConfig":
@@ -494,6 +528,34 @@ class StudyConfig(StrictModel):
                     DebugConfig.model_validate({**self.debug.model_dump(), field: value})
                 except ValidationError as error:
                     raise ValueError(f"search.space.{name}: {value!r} is not a value of debug.{field}: {error.errors()[0]['msg']}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _preprocess_from_weights(self) -> "StudyConfig":
+        """``data.preprocess.mode: weights``: the weights' numbers written into the config (the images stage's key holds them)."""
+        preprocess = self.data.preprocess
+        if preprocess.mode != "weights":
+            return self
+        from raycf.preprocess import weights_preprocessing
+
+        resolved = weights_preprocessing(self.model.arch, self.data.image_size)
+        for name in sorted(preprocess.model_fields_set & set(PREPROCESS_FROM_WEIGHTS)):  # a resolved config read back gives the same
+            if getattr(preprocess, name) != resolved[name]:
+                raise ValueError(
+                    f"data.preprocess.{name}: with mode: weights it is {resolved[name]} from {self.model.arch}'s weights "
+                    f"(got {getattr(preprocess, name)}; expected it left out, or mode: resize_crop)"
+                )
+        for name, value in resolved.items():
+            object.__setattr__(preprocess, name, value)
+        return self
+
+    @model_validator(mode="after")
+    def _adopted_weights_exist(self) -> "StudyConfig":
+        if not self.base.train and self.model.weights in ("none", "imagenet"):
+            raise ValueError(
+                f"base.train: false adopts model.weights as the base model, but model.weights is {self.model.weights} "
+                "(expected a path to a trained model: a raycf checkpoint, a state_dict, a Lightning checkpoint or a safetensors file)"
+            )
         return self
 
     @property

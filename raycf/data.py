@@ -23,11 +23,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from raycf.config import DataConfig
+from raycf.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig  # noqa: F401 - IMAGENET_* are read from here too
 from raycf.errors import UserError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from raycf.preprocess import preprocess_image
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 CUB_REQUIRED_FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")
 SPLITS = ("train", "val", "test")
@@ -55,7 +53,7 @@ def stored_side(config: DataConfig) -> int:
     (digits, Fashion-MNIST: small images) or 8/7 of it (256 for 224-pixel inputs, room for zoom and shift)."""
     if config.stored_side:
         return config.stored_side
-    if config.kind in ("digits", "fashion_mnist"):
+    if config.kind in ("digits", "fashion_mnist") or config.preprocess.mode != "squash":  # resize_crop stores the crop
         return config.image_size
     return round(config.image_size * 256 / 224)
 
@@ -74,12 +72,15 @@ def decode_to_side(image: object, side: int) -> np.ndarray:
 class SplitImages:
     """The images of one split: integer labels, stable string ids, and their decoding."""
 
-    def __init__(self, split: str, ids: Sequence[str], labels: Sequence[int], load: Callable[[int], object], side: int):
+    def __init__(
+        self, split: str, ids: Sequence[str], labels: Sequence[int], load: Callable[[int], object], side: int, preprocess: Callable[[object], np.ndarray] | None = None
+    ):
         self.split = split
         self.ids = list(ids)
         self.labels = np.asarray(labels, dtype=np.int64)
         self._load = load
         self.side = side
+        self._preprocess = preprocess or (lambda image: decode_to_side(image, side))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -89,8 +90,8 @@ class SplitImages:
         return self._load(index)
 
     def decode(self, index: int) -> np.ndarray:
-        """Image ``index`` as RGB uint8, side×side×3 (decoding for the image store, not a model's read)."""
-        return decode_to_side(self._load(index), self.side)
+        """Image ``index`` as RGB uint8, side×side×3, made by ``data.preprocess`` (decoding for the image store, not a model's read)."""
+        return self._preprocess(self._load(index))
 
     def check_readable(self) -> None:
         """Open every image once (a corrupt file raises :class:`UserError`); not a read of the split for a model."""
@@ -179,7 +180,7 @@ def _make_splits(
 
     def subset(split: str, index: np.ndarray) -> SplitImages:
         positions = [int(i) for i in capped(index, labels[index], config.max_per_split, seed)]
-        return SplitImages(split, [ids[i] for i in positions], labels[positions], lambda k: load(positions[k]), side)
+        return SplitImages(split, [ids[i] for i in positions], labels[positions], lambda k: load(positions[k]), side, lambda image: preprocess_image(image, config, side))
 
     return DataSplits(train=subset("train", train_index), val=subset("val", val_index), test=subset("test", test_index), class_names=class_names)
 
@@ -353,6 +354,9 @@ def _imagefolder_splits(config: DataConfig, root: Path, seed: int) -> DataSplits
     class_names = [name for name, files in train_folders.items() if files]
     if not class_names:
         raise UserError(f"data.root {root}: train/ has no class folders with images ({', '.join(IMAGE_SUFFIXES)})")
+    empty = [name for name, files in train_folders.items() if not files]
+    if empty:  # refused, not dropped: a class silently missing would shift every class index after it
+        raise UserError(f"data.root {root}: train/{empty[0]}/ holds no images ({', '.join(IMAGE_SUFFIXES)}, searched recursively; expected images, or the folder removed)")
     class_index = {name: i for i, name in enumerate(class_names)}
     files: list[Path] = []
     labels: list[int] = []

@@ -38,8 +38,9 @@ import torch
 from raycf import storage
 from raycf.artefacts import debugged_model_bytes, load_bank, load_results_study, load_study_data, store_ref
 from raycf.checkpoint import load_classifier_checkpoint, parse_classifier_checkpoint
-from raycf.config import StudyConfig
-from raycf.data import SPLITS, decode_to_side, open_image, stored_side
+from raycf.config import DataConfig, StudyConfig
+from raycf.data import SPLITS, open_image, stored_side
+from raycf.preprocess import preprocess_image
 from raycf.errors import UserError
 from raycf.image_store import ImageStore, open_store
 from raycf.manifest import versions
@@ -106,9 +107,20 @@ class DatasetIndex:
         return next(iter(self._where), "digits-0042")
 
 
-def model_input(pixels: np.ndarray, image_size: int) -> torch.Tensor:
+def most_suspicious(results: str, count: int) -> list[str]:
+    """The image ids of the ``count`` first rows of ``analysis/flagged.parquet`` (the most suspicious test images)."""
+    from raycf import storage
+    from raycf.artefacts import read_frame
+
+    flagged = read_frame(storage.normalise_root(results), "analysis", "flagged.parquet")
+    if flagged is None:
+        raise UserError(f"{results}: no analysis/flagged.parquet (expected a study whose analyze stage ran)")
+    return [str(image_id) for image_id in flagged.sort_values("rank")["image_id"].head(count)]
+
+
+def model_input(pixels: np.ndarray, data: DataConfig) -> torch.Tensor:
     """A stored-side uint8 H×W×3 image as the model's 3×H×W input (the evaluation transform)."""
-    return model_inputs(torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None], image_size)[0]
+    return model_inputs(torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None], data.image_size, preprocess=data.preprocess)[0]
 
 
 def resolve_inputs(arguments: list[str], study: StudyConfig, results: str) -> list[ImageInput]:
@@ -127,7 +139,7 @@ def resolve_inputs(arguments: list[str], study: StudyConfig, results: str) -> li
         if path.is_file():
             content = path.read_bytes()
             image = open_image(path)  # UserError (one line) for a corrupt or non-image file
-            tensor = model_input(decode_to_side(image, side), study.data.image_size)
+            tensor = model_input(preprocess_image(image, study.data, side), study.data)
             inputs.append(ImageInput(argument, "file", tensor, path=str(path.resolve()), sha256=hashlib.sha256(content).hexdigest()))
             continue
         try:
@@ -137,7 +149,7 @@ def resolve_inputs(arguments: list[str], study: StudyConfig, results: str) -> li
         if found is None:
             raise UserError(f"{argument}: no such image file, nor an image id of the study's dataset (ids look like {dataset.example_id()})")
         store, split, index = found
-        tensor = model_input(store.images(split)[index], study.data.image_size)
+        tensor = model_input(store.images(split)[index], study.data)
         inputs.append(ImageInput(argument, "dataset", tensor, image_id=argument, split=split, image_index=index, label=int(store.labels(split)[index])))
     return inputs
 

@@ -340,11 +340,39 @@ def _torchvision_native(arch: str, family: str, num_classes: int, meta: bool = F
     options = dict(rule.build) if rule.linear_head else {}
     if rule.linear_head:
         options["num_classes"] = num_classes
-    with torch.device("meta") if meta or not rule.linear_head else contextlib.nullcontext():
+    with _on_meta(family) if meta or not rule.linear_head else contextlib.nullcontext():
         net = tv_models.get_model(arch, weights=None, **options)
     if not rule.linear_head and not meta:
         _materialise_vgg_features(net)
     return Native(net, rule.head, rule.linear_head)
+
+
+@contextlib.contextmanager
+def _on_meta(family: str) -> Iterator[None]:
+    """Modules built on the meta device; RegNet's block widths computed on the CPU.
+
+    torchvision's RegNet builders compute their widths with tensor ops and
+    ``.tolist()`` (``BlockParams.from_init_params``), which a meta tensor
+    cannot answer: that one function runs on real CPU tensors (a few
+    numbers), the modules stay on the meta device.
+    """
+    with torch.device("meta"):
+        if family != "regnet":
+            yield
+            return
+        from torchvision.models.regnet import BlockParams
+
+        original = BlockParams.__dict__["from_init_params"]
+
+        def widths_on_cpu(cls, *args, **kwargs):
+            with torch.device("cpu"):
+                return original.__func__(cls, *args, **kwargs)
+
+        BlockParams.from_init_params = classmethod(widths_on_cpu)
+        try:
+            yield
+        finally:
+            BlockParams.from_init_params = original
 
 
 def _materialise_vgg_features(net: nn.Module) -> None:
@@ -623,6 +651,8 @@ def _check_options(config: ModelConfig, weights: Weights) -> None:
         raise UserError("model.class_names: states the class order of a state_dict's head (expected a torchvision or timm state_dict in model.weights; a raycf checkpoint records its own)")
     if config.class_names is not None and config.weights_trunk_only:
         raise UserError("model.class_names: with model.weights_trunk_only the head is new, so it has no class order to state (expected one of the two)")
+    if config.weights_prefix is not None and not state_dict:
+        raise UserError("model.weights_prefix: names where a state_dict's weights sit in model.weights (expected a state_dict or Lightning checkpoint there)")
     if config.weights_trunk_only and not (state_dict or weights == "imagenet"):
         raise UserError("model.weights_trunk_only: adopts the trunk of a torchvision or timm state_dict (expected one in model.weights)")
 
@@ -634,8 +664,10 @@ def _adopt_state_dict(
     source, head = f"model.weights: {config.weights}", f"{native.head}."
     expected = native.net.state_dict()
     if config.weights_trunk_only:
-        state = {key: value for key, value in state.items() if not key.startswith(head)}
         expected = {key: value for key, value in expected.items() if not key.startswith(head)}
+    state = strip_prefix(state, expected, config.weights_prefix, source)
+    if config.weights_trunk_only:
+        state = {key: value for key, value in state.items() if not key.startswith(head)}
     elif not native.linear_head:
         raise UserError(
             f"{source}: a torchvision {config.arch} state_dict has three FC layers over 7×7 maps, but raycf's {config.arch} is its trunk, "
@@ -657,6 +689,31 @@ def _adopt_state_dict(
         with torch.no_grad():
             for parameter in native.head_module().parameters():
                 parameter.copy_(parameter[order])
+
+
+def strip_prefix(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], prefix: str | None, source: str) -> dict[str, torch.Tensor]:
+    """The weights under ``prefix`` with the prefix stripped (keys outside it ignored: a Lightning module's other parts).
+
+    Without a ``prefix`` (``model.weights_prefix``), ``state`` as is when its
+    keys are the architecture's; otherwise the one prefix under which every
+    expected key is found (e.g. ``model.``).  Several such prefixes are
+    refused: ``model.weights_prefix`` must say which.
+    """
+    if prefix is not None:
+        inside = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+        if not inside:
+            raise UserError(f"model.weights_prefix: no key of {source.removeprefix('model.weights: ')} starts with {prefix!r} (its first keys: {_first(list(state))})")
+        return inside
+    if not expected or all(key in state for key in expected):
+        return state
+    reference = next(iter(expected))
+    candidates = {key[: len(key) - len(reference)] for key in state if key.endswith("." + reference)}
+    fitting = sorted(p for p in candidates if all(p + key in state for key in expected))
+    if len(fitting) > 1:
+        raise UserError(f"{source}: the weights of the arch are found under several prefixes ({', '.join(fitting)}); set model.weights_prefix to one of them")
+    if not fitting:
+        return state
+    return {key[len(fitting[0]) :]: value for key, value in state.items() if key.startswith(fitting[0])}
 
 
 def _check_keys(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], source: str, arch: str) -> None:
@@ -751,6 +808,32 @@ def classifier_from_checkpoint(config: ModelConfig, checkpoint: "ClassifierCheck
     model = build_model(config, checkpoint.num_classes, load_weights=False)
     model.load_state_dict(checkpoint.state_dict)
     return model.eval()
+
+
+def native_from_checkpoint(config: ModelConfig, checkpoint: "ClassifierCheckpoint", head_order: list[str] | None = None) -> nn.Module:
+    """The torchvision or timm module of ``config.arch`` holding a complete checkpoint's weights, in eval mode on the CPU.
+
+    Its ``state_dict`` has the library's own key names; ``head_order`` (class
+    names) puts the head's rows in that order (default: the checkpoint's).
+    Refused (ValueError) for raycf's VGG, whose head no library builds.
+    """
+    family = _family(config.arch)
+    if family == VGG_TINY or (family != "timm" and not TORCHVISION_FAMILIES[family].linear_head):
+        raise ValueError(f"{config.arch}: raycf's VGG head (GAP and one linear layer) has no torchvision or timm module")
+    num_classes = checkpoint.num_classes
+    if family == "timm":
+        native = _timm_native(config.arch, num_classes)
+        model = _timm_classifier(config.arch, native, num_classes, config.dropout)
+    else:
+        native = _torchvision_native(config.arch, family, num_classes)
+        model = _torchvision_classifier(config.arch, family, native, num_classes, config.dropout)
+    model.load_state_dict(checkpoint.state_dict)  # the classifier shares its modules with the library's module
+    if head_order is not None:
+        rows = [list(checkpoint.class_names).index(name) for name in head_order]
+        with torch.no_grad():
+            for parameter in native.head_module().parameters():
+                parameter.copy_(parameter[rows])
+    return native.net.eval()
 
 
 def check_model_weights(config: ModelConfig, num_classes: int, class_names: list[str] | None = None) -> None:

@@ -387,7 +387,14 @@ def detection_section(context: ReportContext) -> Section:
         f"An image is flagged as a possible misclassification when its MC filters agree too little with its inferred class's "
         f"global MC filters (τ = {analysis.tau:g}); flagged images are re-ranked among their top-k classes (altered accuracy)."
     )
-    section.table(table1_frame(detection), "Table 1: errors detected and new errors per setting")
+    section.table(
+        table1_frame(detection),
+        "Table 1: errors detected and new errors per setting; the 'control:' rows flag without the filters "
+        "(every image the skip gate lets through; the least confident images, as many as a CFE rule flags)",
+    )
+    flagged = context.frame("analysis", "flagged.parquet")
+    if flagged is not None:
+        add_flagged(section, flagged, context.results)
     if "auroc_lo" in error_scores:
         for split in (name for name in ("test", "val") if name in set(error_scores["split"])):
             first = error_scores[error_scores["split"] == split].iloc[0]
@@ -403,8 +410,36 @@ def detection_section(context: ReportContext) -> Section:
     for split in ("test", "val"):
         if (split, "f1") in scores.index and (split, "max_softmax") in scores.index:
             section.paragraph(agreement_verdict(split, scores.loc[(split, "f1")], scores.loc[(split, "max_softmax")]))
+        if (split, "f1_centred") in scores.index and "auroc_within" in scores:
+            section.paragraph(class_aware_sentence(split, scores.loc[(split, "f1")], scores.loc[(split, "f1_centred")], scores.loc[(split, "max_softmax")]))
     section.add(Figure("auroc", "AUROC of each score; max softmax is the baseline (hatched).", auroc_figure(error_scores)))
     return section
+
+
+def class_aware_sentence(split: str, f1: pd.Series, centred: pd.Series, softmax: pd.Series) -> str:
+    """The F1 agreement read per predicted class, as the paper's rule thresholds it: centred AUROC and within-class AUROC beside max softmax's."""
+    from raycf.method.detection import with_interval
+
+    return (
+        f"{split}, class-aware: F1 agreement centred on its predicted class's accepted training images has AUROC "
+        f"{with_interval(centred['auroc'], centred['auroc_lo'], centred['auroc_hi'])} (pooled raw {with_interval(f1['auroc'], f1['auroc_lo'], f1['auroc_hi'])}); "
+        f"within each predicted class, weighted by its errors, {with_interval(f1['auroc_within'], f1['auroc_within_lo'], f1['auroc_within_hi'])} "
+        f"against max softmax's {with_interval(softmax['auroc_within'], softmax['auroc_within_lo'], softmax['auroc_within_hi'])}."
+    )
+
+
+def add_flagged(section: Section, flagged: pd.DataFrame, results: str, shown: int = 10) -> None:
+    """Link ``analysis/flagged.parquet`` and the command that explains its first images; show its first rows."""
+    own = [column for column in flagged.columns if column.startswith("flag: study:")]
+    count = int(flagged[own[0]].sum()) if own else 0
+    section.blocks.append(
+        f'<p>Every test image, most suspicious first: <a href="../analysis/flagged.parquet">analysis/flagged.parquet</a> '
+        f"({len(flagged)} images, {count} flagged by the study's own setting; columns: scores, one flag per setting, the predicted "
+        f"class's global filters each MC set lacks and the extra ones it has). Bundles for the most suspicious: "
+        f"<code>{html.escape(f'raycf explain {results} --flagged {min(shown, max(count, 1))}')}</code>.</p>"
+    )
+    columns = [c for c in ("rank", "image_id", "label_name", "pred_name", "confidence", "f1", *own) if c in flagged.columns]
+    section.table(flagged[columns].head(shown), f"The {min(shown, len(flagged))} most suspicious test images")
 
 
 def agreement_verdict(split: str, f1: pd.Series, softmax: pd.Series) -> str:
@@ -457,7 +492,8 @@ def learned_detector_section(context: ReportContext) -> Section:
     section.table(
         shown,
         f"Test AUROC and AUPR ({int(first['errors'])} errors in {int(first['images'])} images; fitted on {int(first['fit_errors'])} errors in "
-        f"{int(first['fit_images'])} validation images); bootstrap 95 % intervals, {int(first['bootstrap'])} resamples, the difference paired",
+        f"{int(first['fit_images'])} validation images); bootstrap 95 % intervals, {int(first['bootstrap'])} resamples, the difference paired; "
+        "conditional on the fitted coefficients (the resamples are of the test images, the fit is not redone)",
     )
     missing = [name for name in learned["missing_features"].iloc[-1].split(",") if name]
     if missing:
@@ -830,7 +866,7 @@ def gallery_images(context: ReportContext) -> dict[str, list[GalleryImage]]:
         if len(indices) == 0:
             groups[group] = []
             continue
-        images = model_inputs(torch.stack([dataset[int(i)][0] for i in indices]), study.data.image_size)  # read only to draw them
+        images = model_inputs(torch.stack([dataset[int(i)][0] for i in indices]), study.data.image_size, preprocess=study.data.preprocess)  # read only to draw them
         cams_before = grad_cam(before, images, pred_before[indices].tolist()).numpy()
         cams_after = grad_cam(after, images, pred_after[indices].tolist()).numpy()
         groups[group] = []

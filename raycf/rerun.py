@@ -9,14 +9,15 @@ import numpy as np
 import pandas as pd
 
 from raycf import storage
-from raycf.artefacts import base_model_bytes, global_mc_sets, load_results_study, prefix_ref, store_ref
+from raycf.artefacts import base_model_bytes, load_results_study
 from raycf.config import with_values
 from raycf.image_store import open_store
 from raycf.errors import UserError
 from raycf.leaderboard import read_leaderboard, sort_by_objective
 from raycf.method.selection import best_epoch
 from raycf.searcher import trial_values
-from raycf.training.debug import DebugJob, run_debug_training
+from raycf.stages.jobs import debug_job
+from raycf.training.debug import run_debug_training
 
 
 def pick_trial(board: pd.DataFrame, trial_id: str | None, metric: str, mode: str) -> pd.Series:
@@ -125,17 +126,7 @@ def rerun_trial(results: str, trial_id: str | None = None, device: str = "cpu") 
     trial = with_values(
         study, {**params, "debug.epochs": int(row["epochs"]), "debug.use_gpu": device == "cuda", "model.precision": rerun_conditions.precision}
     )
-    global_filters = global_mc_sets(results, trial.debug.tau, trial.debug.freq_threshold)
-    job = DebugJob(
-        study=trial,
-        global_filters=global_filters,
-        base_model=base_model_bytes(results),
-        lambda1=trial.debug.lambda1,
-        lambda2=trial.debug.lambda2,
-        print_epochs=False,
-        images=store_ref(results),
-        prefix=prefix_ref(results, trial),  # the same path as the trial: on the cache when it was
-    )
+    job = debug_job(trial, results, base_model_bytes(results), print_epochs=False)  # on the prefix cache when the trial was
     torch.set_num_threads(1)  # as in a one-CPU Ray worker: same reduction order, same numbers
     with tempfile.TemporaryDirectory() as folder:
         rerun = run_debug_training(job, name="rerun", storage_path=folder, workers=0)

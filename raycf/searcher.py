@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from raycf import kill_points
 from raycf.config import PARAMETER_ALIASES, Distribution, StudyConfig, with_values
 from raycf.method.selection import TIE_BREAK, selection_key
 
@@ -86,7 +87,10 @@ def control_first_searcher(study: StudyConfig, storage_url: str, study_name: str
             if self.control is not None and self.control_trial_id is None:
                 self.control_trial_id = trial_id
                 return dict(self.control)
-            return self.adopt_orphan(trial_id) or self.searcher.suggest(trial_id)
+            point = self.adopt_orphan(trial_id) or self.searcher.suggest(trial_id)
+            if isinstance(point, dict):
+                kill_points.reached("proposed")
+            return point
 
         def adopt_orphan(self, trial_id: str) -> dict[str, Any] | None:
             """Hand out again a point Optuna proposed just before the driver died.
@@ -145,7 +149,7 @@ def control_first_searcher(study: StudyConfig, storage_url: str, study_name: str
         space=space,
         metric=study.search.metric,
         mode=study.search.mode,
-        sampler=optuna.samplers.TPESampler(seed=sampler_seed(study)),
+        sampler=trial_seeded_sampler(sampler_seed(study)),
         study_name=study_name,
         storage=optuna.storages.RDBStorage(storage_url),
     )
@@ -161,6 +165,26 @@ def suggest_again(trial, name: str, distribution) -> Any:
         return trial.suggest_categorical(name, distribution.choices)
     suggest = trial.suggest_int if isinstance(distribution, od.IntDistribution) else trial.suggest_float
     return suggest(name, distribution.low, distribution.high, step=distribution.step, log=distribution.log)
+
+
+def trial_seeded_sampler(seed: int):
+    """Optuna's TPE sampler whose random draws for trial n depend only on (seed, n).
+
+    A seeded sampler's draws otherwise follow its random state, which a
+    resumed search rebuilds from the seed: it drew again the points of the
+    trials made before the driver died (two trials at one point).
+    """
+    import numpy as np
+    import optuna
+
+    class TrialSeededTPESampler(optuna.samplers.TPESampler):
+        def before_trial(self, study, trial) -> None:
+            draws = int(np.random.SeedSequence([seed, trial.number]).generate_state(1)[0])
+            self._rng.rng.seed(draws)
+            self._random_sampler._rng.rng.seed(draws)
+            super().before_trial(study, trial)
+
+    return TrialSeededTPESampler(seed=seed)
 
 
 def sampler_seed(study: StudyConfig) -> int:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 from ray.tune import Callback
 
-from raycf import storage
+from raycf import kill_points, storage
 
 TUNER_FILE = "tuner.pkl"  # written once when the Tuner is created; not part of a step's state
 
@@ -64,7 +64,9 @@ class DriverStateSnapshot(Callback):
         paths = state_paths(staging)
         fingerprint = tuple((path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in paths)
         if fingerprint and fingerprint != self._saved:
-            storage.write_bytes(self.location, bundle(paths))
+            data = bundle(paths)
+            kill_points.reached("bundle")
+            storage.write_bytes(self.location, data)
             self._saved = fingerprint
 
 

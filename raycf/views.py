@@ -23,8 +23,8 @@ from typing import Iterable
 
 import torch
 
-from raycf.augment import augment_batch, evaluate_batch
-from raycf.config import AugmentConfig
+from raycf.augment import IMAGENET, augment_batch, evaluate_batch
+from raycf.config import AugmentConfig, PreprocessConfig
 
 
 def view_seed(seed: int, split: str, image_index: int, view: int) -> int:
@@ -50,23 +50,33 @@ def epoch_views(seed: int, epoch: int, num_images: int, num_views: int) -> torch
     return torch.randint(0, num_views, (num_images,), generator=generator)
 
 
-def model_inputs(images: torch.Tensor, image_size: int, augment: AugmentConfig | None = None, seeds: torch.Tensor | None = None, plain: torch.Tensor | None = None) -> torch.Tensor:
+def model_inputs(
+    images: torch.Tensor,
+    image_size: int,
+    augment: AugmentConfig | None = None,
+    seeds: torch.Tensor | None = None,
+    plain: torch.Tensor | None = None,
+    *,
+    preprocess: PreprocessConfig | None = None,
+) -> torch.Tensor:
     """uint8 B×3×S×S images (on their device) → normalised float B×3×image_size×image_size inputs.
 
     Without ``seeds`` every image is plain (resized, normalised).  With
     ``seeds``, each image is augmented with its seed, except where ``plain``
     (a B-boolean mask on the CPU: view 0) is true.  Nothing here waits for
-    the device.
+    the device.  ``preprocess`` (``data.preprocess``) gives the normalisation's
+    mean and std (default: ImageNet's).
     """
+    norm = (preprocess.mean, preprocess.std) if preprocess is not None else IMAGENET
     if seeds is None:
-        inputs = evaluate_batch(images, image_size)
+        inputs = evaluate_batch(images, image_size, norm)
     elif plain is None or not bool(plain.any()):  # ``plain`` lives on the CPU: deciding costs no device sync
-        inputs = augment_batch(images, seeds, augment, image_size)
+        inputs = augment_batch(images, seeds, augment, image_size, norm)
     else:
-        inputs = evaluate_batch(images, image_size)
+        inputs = evaluate_batch(images, image_size, norm)
         rows = torch.nonzero(~plain.cpu()).flatten()  # the augmented images, found on the CPU
         if len(rows):
             on_device = rows.to(images.device, non_blocking=True)
-            inputs.index_copy_(0, on_device, augment_batch(images.index_select(0, on_device), seeds[rows], augment, image_size))
+            inputs.index_copy_(0, on_device, augment_batch(images.index_select(0, on_device), seeds[rows], augment, image_size, norm))
     # channels_last on a GPU, as the model is (raycf.precision.prepare_model): cuDNN's fastest layout
     return inputs.contiguous(memory_format=torch.channels_last) if inputs.is_cuda else inputs

@@ -180,11 +180,12 @@ def smoke_study_results(ray_session, tmp_path_factory) -> Path:
 
     Returns the results folder (``<tmp>/results/digits``).  Tests must not
     modify it.  Beside ``results/``: ``reads.log`` (every image read, see
-    ``raycf.data.READ_LOG``), ``stdout.txt`` and ``stderr.txt``.
+    ``raycf.data.READ_LOG``), ``fields.log`` (every study field each stage
+    read, see :mod:`raycf.field_reads`), ``stdout.txt`` and ``stderr.txt``.
     """
     folder = tmp_path_factory.mktemp("smoke-study")
     storage = folder / "results"
-    environment = {"RAY_ADDRESS": ray_address(), "RAYCF_READ_LOG": str(folder / "reads.log")}
+    environment = {"RAY_ADDRESS": ray_address(), "RAYCF_READ_LOG": str(folder / "reads.log"), "RAYCF_FIELD_LOG": str(folder / "fields.log")}
     completed = run_cli("study", "studies/digits.yaml", "--smoke", "--set", f"storage_path={storage}", env_extra=environment)
     assert completed.returncode == 0, completed.stderr[-3000:]
     (folder / "stdout.txt").write_text(completed.stdout)

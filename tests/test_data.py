@@ -12,6 +12,8 @@ from raycf.config import DataConfig
 from raycf.data import load_splits, read_idx, stored_side
 from raycf.errors import UserError
 
+from conftest import _image
+
 
 def test_digits_split_is_stratified_deterministic_and_disjoint():
     config = DataConfig(kind="digits", image_size=16, test_fraction=0.5, val_fraction=0.2)
@@ -158,3 +160,11 @@ def test_the_real_fashion_mnist_package():
     assert np.bincount(splits.test.labels).tolist() == [1000] * 10
     assert (np.bincount(splits.train.labels) + np.bincount(splits.val.labels)).tolist() == [6000] * 10
     assert splits.train.decode(0).shape == (32, 32, 3)
+
+
+def test_an_empty_class_folder_is_refused_not_dropped(imagefolder_root):
+    (imagefolder_root / "train" / "bird" / "nested").mkdir(parents=True)  # folders, no images
+    with pytest.raises(UserError, match=r"train/bird/ holds no images .*searched recursively"):
+        load_splits(DataConfig(kind="imagefolder", root=str(imagefolder_root)), seed=0)
+    _image(imagefolder_root / "train" / "bird" / "nested" / "0.png", (5, 5, 5))  # found in a subfolder
+    assert load_splits(DataConfig(kind="imagefolder", root=str(imagefolder_root)), seed=0).class_names == ["bird", "cat", "dog"]

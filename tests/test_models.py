@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from raycf.config import ModelConfig
 from raycf.errors import UserError
 from raycf.method.debug_loss import paper_indicator
 from raycf.models import build_model
+from raycf.training.loops import cross_entropy_loss, device_batches, train_loader, train_one_epoch
 
 # One small member of every family, built at random initialisation on the CPU.
 FAMILY_MEMBERS = [
@@ -195,3 +199,66 @@ def test_timm_pretrained_weights_come_from_timm_cache_only(tmp_path, monkeypatch
     save_file({key: value.contiguous() for key, value in reference.state_dict().items()}, str(repo / "snapshots" / "abc" / "model.safetensors"))
     model = build_model(ModelConfig(arch="timm:resnet18", weights="imagenet"), num_classes=3)
     assert torch.equal(model.trunk.net.conv1.weight, reference.conv1.weight) and model.fc.out_features == 3
+
+
+# The smallest member of every builder (torchvision's builder functions, RegNet's X and Y apart, and timm's).
+SMALLEST_OF_EACH_BUILDER = [
+    "vgg_tiny", "vgg11", "vgg11_bn", "resnet18", "densenet121", "efficientnet_b0", "efficientnet_v2_s", "mobilenet_v2",
+    "regnet_x_400mf", "regnet_y_400mf", "shufflenet_v2_x0_5", "convnext_tiny", "timm:resnet18",
+]
+
+
+@pytest.mark.parametrize("arch", SMALLEST_OF_EACH_BUILDER)
+def test_one_training_step_of_every_builder_on_a_count_of_one_mod_the_batch_size(arch, built):
+    """Three tiny images at batch size 2: the loader merges the last image into the first batch (BatchNorm fails on a batch of one)."""
+    model = copy.deepcopy(built(arch))
+    model.set_trainable("all")
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    dataset = TensorDataset(images, torch.tensor([0, 1, 2]), torch.arange(3))
+    loader, sampler = train_loader(dataset, 2, seed=0, rank=0, world_size=1)
+    sampler.set_epoch(0)
+    before = [p.detach().clone() for p in model.fc.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    metrics = train_one_epoch(model, device_batches(loader, torch.device("cpu"), lambda data, _indices: data), optimizer, cross_entropy_loss)
+    assert np.isfinite(metrics["train_loss"]) and 0 <= metrics["train_acc"] <= 1
+    assert any(not torch.equal(old, new) for old, new in zip(before, model.fc.parameters()))
+
+
+@pytest.mark.parametrize(("count", "batch_size", "world_size"), [(3, 2, 1), (17, 16, 1), (497, 16, 1), (16, 16, 1), (33, 16, 2), (35, 16, 2), (1, 16, 1), (5, 1, 1)])
+def test_the_training_loader_never_forms_a_batch_of_one(count, batch_size, world_size):
+    dataset = TensorDataset(torch.zeros(count, 1), torch.zeros(count, dtype=torch.long), torch.arange(count))
+    for rank in range(world_size):
+        loader, sampler = train_loader(dataset, batch_size, seed=0, rank=rank, world_size=world_size)
+        sampler.set_epoch(1)
+        sizes = [len(labels) for _data, labels, _indices in loader]
+        shard = len(sampler)
+        assert sum(sizes) == shard and len(sizes) == len(loader)  # merged, not dropped: every image of the shard, once
+        per_rank = max(1, batch_size // world_size)
+        assert all(size > 1 for size in sizes) or shard == 1 or per_rank == 1
+        assert max(sizes) <= per_rank + 1
+
+
+@pytest.mark.parametrize("arch", [arch for arch in FAMILY_MEMBERS if not arch.startswith("vgg")])
+def test_the_exported_state_dict_loads_in_its_library_with_raycfs_logits(arch, built):
+    """What `raycf export` writes for a torchvision or timm arch: the library's own module, built fresh, loads it (strict) and gives raycf's logits."""
+    import io
+
+    from raycf.checkpoint import checkpoint_of
+    from raycf.models import native_from_checkpoint
+
+    model = built(arch)
+    classes = [f"c{i}" for i in range(7)]
+    head_order = classes[3:] + classes[:3]  # the user's head order, not the sorted one
+    state = native_from_checkpoint(ModelConfig(arch=arch), checkpoint_of(model, classes, 32, "h"), head_order).state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    if arch.startswith("timm:"):
+        fresh = pytest.importorskip("timm").create_model(arch.removeprefix("timm:"), num_classes=7)
+    else:
+        import torchvision
+
+        fresh = torchvision.models.get_model(arch, num_classes=7)
+    fresh.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(images), model(images)[:, [classes.index(name) for name in head_order]], rtol=0, atol=1e-5)

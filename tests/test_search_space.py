@@ -64,3 +64,16 @@ def test_a_prefix_cache_built_for_other_views_augmentation_or_seed_is_refused():
         other = study_from_mapping({"name": "x", **changes})
         with pytest.raises(UserError, match=rf"results/prefix: the frozen-prefix cache was built with {key} .*--force prefix"):
             check_cache_matches(meta, other, "results/prefix")
+
+
+def test_a_search_over_cfe_epochs_exits_2_with_the_searchable_fields_before_anything_runs(tmp_path, capsys):
+    from raycf.cli import main
+
+    code = main(["study", "studies/digits.yaml", "--set", f"storage_path={tmp_path}", "search.space={cfe.epochs: {choice: [1, 2]}}"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1
+    assert lines[0] == (
+        "raycf: error: --set: search.space: 'cfe.epochs' cannot be searched: a trial does not consume it "
+        "(searchable: lambda1, lambda2, tau, freq_threshold, debug.indicator, debug.epochs, debug.lr, debug.momentum, debug.batch_size)"
+    )
+    assert not (tmp_path / "digits").exists()

@@ -100,3 +100,28 @@ def test_pick_trial():
     assert pick_trial(board, "a", "val_acc", "max")["val_acc"] == 0.8
     with pytest.raises(UserError, match="--trial zz: no such trial"):
         pick_trial(board, "zz", "val_acc", "max")
+
+
+def test_a_resumed_sampler_does_not_draw_again_the_points_of_earlier_trials():
+    """The sampler rebuilt on resume (from the seed) draws for trial n what an uninterrupted one draws: no point twice."""
+    import optuna
+
+    from raycf.searcher import trial_seeded_sampler
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def points(restart_at: int | None) -> list[tuple[float, str]]:
+        storage = optuna.storages.InMemoryStorage()
+        study = optuna.create_study(sampler=trial_seeded_sampler(0), storage=storage)
+        drawn = []
+        for number in range(4):
+            if number == restart_at:  # the driver died: a new sampler from the same seed, the trials from the storage
+                study = optuna.load_study(study_name=study.study_name, storage=storage, sampler=trial_seeded_sampler(0))
+            trial = study.ask()
+            drawn.append((trial.suggest_float("x", 0, 1), trial.suggest_categorical("c", ["paper", "centred"])))
+            study.tell(trial, drawn[-1][0])
+        return drawn
+
+    uninterrupted = points(None)
+    assert len(set(uninterrupted)) == 4
+    assert points(2) == points(1) == uninterrupted

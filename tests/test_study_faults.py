@@ -24,60 +24,67 @@ SEARCH_SETTINGS = ["search.num_samples=2", "search.max_concurrent=1", "search.sc
 def _copy_cached_stages(source: Path, target: Path) -> None:
     """The smoke study's base…analyze stages, so a new search starts from cached results."""
     target.mkdir(parents=True)
-    for name in ("config.yaml", "manifest.json", "base", "features", "cfe", "masks", "analysis"):
+    for name in ("config.yaml", "manifest.json", "images", "base", "features", "cfe", "masks", "analysis", "prefix"):
         path = source / name
         (shutil.copytree if path.is_dir() else shutil.copy2)(path, target / name)
 
 
-def _finished_trials(results: Path) -> list[str]:
-    """Trial ids that the search's saved driver state records as finished."""
-    from raycf.tune_state import finished_trials, read_snapshot
+# The search driver is killed at each of these points in turn (raycf.kill_points), resuming the search in
+# between: after a trial completes, after a searched point is proposed, after a trial starts, after an
+# epoch is reported, while the driver state bundle is written.  A categorical parameter is searched and
+# lambda2 is not: the values keep their type and the study's own lambda2 stands, through final and rerun.
+KILL_SEQUENCE = ("completed:1", "proposed:1", "started:1", "reported:1", "bundle:2")
+CATEGORICAL_SPACE = "search.space={debug.indicator: {choice: [paper, centred]}, lambda1: {loguniform: [0.001, 0.1]}}"
 
-    return [trial for snapshot in glob.glob(str(results / "_ray" / "search-*-driver" / "state.zip")) for trial in finished_trials(read_snapshot(snapshot))]
+
+def _epochs_reported(trial_folder: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (trial_folder / "result.json").read_text().splitlines()]
 
 
-def test_resume_after_the_driver_is_killed(ray_session, smoke_study_results, tmp_path):
+def test_the_search_resumes_from_every_kill_point_and_a_categorical_space_runs_through_final_and_rerun(ray_session, smoke_study_results, tmp_path):
     import optuna
+
+    from raycf.kill_points import KILL_AT
 
     storage = tmp_path / "results"
     results = storage / "digits"
     _copy_cached_stages(smoke_study_results, results)
-    args = ["study", "studies/digits.yaml", "--smoke", "--set", f"storage_path={storage}", *SEARCH_SETTINGS]
-    env = {**os.environ, "RAY_ADDRESS": ray_address(), "TUNE_GLOBAL_CHECKPOINT_S": "0"}
-    driver = subprocess.Popen([sys.executable, "-m", "raycf.cli", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    while not _finished_trials(results):
-        assert driver.poll() is None, driver.stderr.read()[-3000:]
-        assert time.time() < deadline, "no trial finished in time"
-        time.sleep(0.5)
-    first = _finished_trials(results)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait(timeout=60)
-    killed_at = time.time()
-    assert not (results / "search" / "_stage.json").exists()  # the stage did not finish
-
-    resumed = run_cli(*args, "--resume", env_extra={"RAY_ADDRESS": ray_address()})
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming the interrupted search" in resumed.stderr
+    args = ["study", "studies/digits.yaml", "--smoke", "--set", f"storage_path={storage}", "search.num_samples=3", "search.max_concurrent=1", "search.scheduler.asha=null", CATEGORICAL_SPACE]
+    env = {"RAY_ADDRESS": ray_address(), "TUNE_GLOBAL_CHECKPOINT_S": "0"}
+    for point in KILL_SEQUENCE:
+        killed = run_cli(*args, env_extra={**env, KILL_AT: point})
+        assert killed.returncode == -signal.SIGKILL, f"{point}: the driver was not killed there (exit {killed.returncode}): {killed.stderr[-3000:]}"
+        assert not (results / "search" / "_stage.json").exists()  # the stage did not finish
+    finished = run_cli(*args, env_extra=env)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "resuming the interrupted search" in finished.stderr
 
     board = pd.read_parquet(results / "leaderboard.parquet")
-    assert len(board) == 2 and (board["status"] == "completed").all()
-    assert set(first) <= set(board["trial_id"])
-    # A trial that had finished was not run again: no checkpoint written after the kill, each epoch reported once.
-    for trial_id in first:
-        trial_folder = next((results / "_ray").glob(f"search-*/trial-{trial_id}"))
-        checkpoints = [path for path in trial_folder.rglob("*") if "checkpoint_" in str(path.relative_to(trial_folder))]
-        assert checkpoints and max(path.stat().st_mtime for path in checkpoints) < killed_at
-        epochs = [json.loads(line)["epoch"] for line in (trial_folder / "result.json").read_text().splitlines()]
-        assert epochs == list(range(1, len(epochs) + 1))
-    # Optuna's storage holds each searched trial exactly once, all complete.
+    assert len(board) == 3 and (board["status"] == "completed").all() and int(board["is_control"].sum()) == 1
+    # Nothing duplicated: three trial folders; the control ran once (each epoch reported once), every trial ran both epochs.
+    trial_folders = {folder.name: folder for folder in (results / "_ray").glob("search-*/trial-*")}
+    assert sorted(trial_folders) == sorted(f"trial-{trial_id}" for trial_id in board["trial_id"])
+    assert _epochs_reported(trial_folders[f"trial-{board.loc[board['is_control'], 'trial_id'].iloc[0]}"]) == [1, 2]
+    assert all(sorted(set(_epochs_reported(folder))) == [1, 2] for folder in trial_folders.values())
+    assert list(board["epochs"]) == [2, 2, 2] and list(board["best_epoch"].between(1, 2)) == [True] * 3
+    # Nothing lost: Optuna's storage holds each searched trial exactly once, complete, with the leaderboard's values.
     url = f"sqlite:///{results / 'optuna.db'}"
     (name,) = optuna.study.get_all_study_names(url)
     trials = optuna.load_study(study_name=name, storage=url).trials
     searched = board[~board["is_control"]]
-    assert len(trials) == len(searched) == 1
+    assert len(trials) == len(searched) == 2
     assert all(trial.state == optuna.trial.TrialState.COMPLETE for trial in trials)
     assert sorted(t.params["lambda1"] for t in trials) == pytest.approx(sorted(searched["lambda1"]))
+    assert sorted(t.params["debug.indicator"] for t in trials) == sorted(searched["debug.indicator"])
+    assert len({(t.params["lambda1"], t.params["debug.indicator"]) for t in trials}) == 2  # the resumed sampler did not draw a point again
+    # Typed values end to end: the text choice is text, the unsearched lambda2 is the study's own.
+    assert set(searched["debug.indicator"]) <= {"paper", "centred"} and searched["lambda2"].isna().all()
+    final = pd.read_parquet(results / "final" / "final.parquet").set_index("model")
+    best = searched.set_index("trial_id").loc[final.loc["debugged", "trial_id"]]
+    assert final.loc["debugged", "debug.indicator"] == best["debug.indicator"] and final.loc["control", "debug.indicator"] == "paper"
+    assert final.loc["debugged", "lambda2"] == pytest.approx(3.2e-4) and final.loc["debugged", "lambda1"] == pytest.approx(best["lambda1"])
+    rerun = run_cli("rerun", str(results), "--trial", str(best.name))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
 
 
 def _session_raylet_pid() -> int:

@@ -207,15 +207,22 @@ def accepted_training_scores(data: StudyData, reference: Reference, tau: float, 
     return classes, agreement_scores(train["mc_mask"][accepted], train["a"][accepted], classes, reference, metrics)
 
 
+def setting_flags(data: StudyData, split: str, setting: DetectionSetting, tau: float, reference: Reference | None = None) -> np.ndarray:
+    """The images of ``split`` a Table 1 setting flags (``reference``: its global sets, when the caller has them)."""
+    reference = reference if reference is not None else reference_for(data, tau, setting.freq_threshold)[0]
+    images = data.splits[split]
+    scores = agreement_scores(images["mc_mask"], images["a"], images["pred"], reference, (setting.metric,))[setting.metric]
+    thresholds = class_thresholds(data, reference, setting, tau)[images["pred"]]
+    return flag_images(setting.metric, scores, thresholds, images["confidence"], setting.skip_threshold)
+
+
 def detection_row(data: StudyData, split: str, setting: DetectionSetting, tau: float, label: str | None = None) -> dict:
     """One row of Table 1 for ``split``: the setting, its counts and the altered accuracy."""
     reference, _ = reference_for(data, tau, setting.freq_threshold)
     images = data.splits[split]
     metric = setting.metric
-    scores = agreement_scores(images["mc_mask"], images["a"], images["pred"], reference, (metric,))[metric]
-    thresholds = class_thresholds(data, reference, setting, tau)[images["pred"]]
     errors = images["pred"] != images["label"]
-    flags = flag_images(metric, scores, thresholds, images["confidence"], setting.skip_threshold)
+    flags = setting_flags(data, split, setting, tau, reference)
     candidate_scores = agreement_scores(images["topk_mc_masks"], images["a"], images["topk_classes"], reference, (metric,))[metric]
     altered = rerank(flags, images["topk_classes"], candidate_scores, metric)
     skipped = int((images["confidence"] > setting.skip_threshold).sum()) if setting.skip_threshold > 0 else 0

@@ -15,9 +15,12 @@ from raycf.stages.stage import Stage, StageRun, entry
 
 __all__ = ["STAGES", "Stage", "StageRun", "stage_named"]
 
+# What the images stage decodes by: every data field but the augmentation (applied later, on the device).
+IMAGE_FIELDS = ("data.kind", "data.root", "data.image_size", "data.stored_side", "data.val_fraction", "data.test_fraction", "data.max_per_split", "data.bbox_crop")
+
 STAGES: tuple[Stage, ...] = (
     Stage(
-        "images", reads=("data",), upstream=(), run=entry("images", "run"), folder="images",
+        "images", reads=IMAGE_FIELDS, upstream=(), run=entry("images", "run"), folder="images",
         summary="decode every image once into the uint8 image store (Ray Data on CPUs)",
     ),
     Stage(

@@ -4,7 +4,8 @@ pandas and numpy over the ``masks/<split>/`` Parquet (no Ray): the method is
 :mod:`raycf.method.global_mc` and :mod:`raycf.method.detection`.  Outputs
 under ``<results>/analysis/``: ``global_mc.parquet``, ``detection.parquet``,
 ``error_scores.parquet`` (with bootstrap intervals), ``learned_detector.parquet``
-(:mod:`raycf.method.learned_detector`; columns in the README) and ``summary.json``.
+(:mod:`raycf.method.learned_detector`; columns in the README), ``flagged.parquet`` (one row
+per test image, most suspicious first: :mod:`raycf.method.flagged`) and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import numpy as np
 import pandas as pd
 
 from raycf import storage
-from raycf.artefacts import load_study_data, read_frame
+from raycf.artefacts import load_masks, load_study_data, read_frame
 from raycf.console import log
 from raycf.method.detection import EVALUATED_SPLITS, analyse, format_tables
+from raycf.method.flagged import flagged_frame
 from raycf.method.learned_detector import coefficient_frame, detector_summary, learned_detector_frame
 
 if TYPE_CHECKING:
@@ -44,6 +46,8 @@ def run(run: "StageRun") -> dict:
     data = load_study_data(run.results, detector_signals=True)
     tables = analyse(data, analysis, seed)
     tables["learned_detector"] = learned_detector_frame(data, analysis.tau, analysis.freq_threshold, analysis.bootstrap, seed)
+    test_ids = [str(image_id) for image_id in load_masks(run.results, "test", ["image_id"])["image_id"]]
+    tables["flagged"] = flagged_frame(data, analysis, test_ids)
     for name, frame in tables.items():
         storage.write_frame(frame, run.path(f"{name}.parquet"))
     scores = tables["error_scores"].set_index(["split", "score"])

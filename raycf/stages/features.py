@@ -65,7 +65,7 @@ class FeatureExtractor:
         images = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(self.device, non_blocking=True)
         seeds = torch.tensor([view_seed(self.study.seed, split, index, view) for split, index, view in zip(splits, indices, views)], dtype=torch.int64)
         data = self.study.data
-        return model_inputs(images, data.image_size, data.augment, seeds, plain=torch.tensor(views) == 0)
+        return model_inputs(images, data.image_size, data.augment, seeds, plain=torch.tensor(views) == 0, preprocess=data.preprocess)
 
     @torch.no_grad()
     def __call__(self, batch: pa.Table) -> pa.Table:

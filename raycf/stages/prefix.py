@@ -52,7 +52,7 @@ class PrefixComputer:
         pixels = np.stack([self.store.images(str(split))[index] for split, index in zip(batch["split"], indices)])
         images = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(self.device)
         seeds = view_seeds(study.seed, "train", indices, views)
-        inputs = model_inputs(images, study.data.image_size, study.data.augment, seeds, plain=torch.from_numpy(views == 0))
+        inputs = model_inputs(images, study.data.image_size, study.data.augment, seeds, plain=torch.from_numpy(views == 0), preprocess=study.data.preprocess)
         with self.precision.autocast():
             outputs = self.prefix(inputs)
         dtype = DTYPES[study.prefix.dtype]

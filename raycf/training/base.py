@@ -95,14 +95,19 @@ def report_epoch(
     objective: tuple[str, str] = ("val_acc", "max"),
     base_hash: str = "",
     extra_files: dict[str, bytes] | None = None,
+    only_improving: bool = False,
 ) -> None:
     """Report an epoch with its selection score under ``objective`` (metric, mode); rank 0 attaches ``model.pt`` and ``train_state.pt``.
 
     With ``base_hash``, ``model.pt`` is partial: the trainable layers only (:func:`raycf.checkpoint.checkpoint_of`).
     ``extra_files``: more files of rank 0's checkpoint folder (the validation predictions).
+    ``only_improving``: attach them only to an epoch that is the best so far
+    (the only checkpoint a run keeps; a restarted run resumes from it and
+    redraws the later epochs, which depend only on (seed, epoch)).
     """
-    metrics = {**metrics, SCORE_KEY: checkpoint_scores(state.history, *objective)[-1]}
-    if session.rank != 0:
+    score = checkpoint_scores(state.history, *objective)[-1]
+    metrics = {**metrics, SCORE_KEY: score}
+    if session.rank != 0 or (only_improving and not float(score).is_integer()):
         session.report(metrics)
         return
     checkpoint = checkpoint_of(model, class_names, study.data.image_size, study.config_hash(), metrics, base_hash)
@@ -135,7 +140,7 @@ def base_train_loop(job: BaseJob, session: Session) -> list[dict[str, Any]]:
     store = open_store(job.images)
     train_data, sampler = train_loader(StoredImages(store, "train"), study.base.batch_size, study.seed, rank, world_size, data.loader_workers)
     val_data = eval_loader(StoredImages(store, "val"), study.base.eval_batch_size, rank, world_size, data.loader_workers)
-    plain = lambda images, _indices: model_inputs(images, data.image_size)  # noqa: E731 - the evaluation transform
+    plain = lambda images, _indices: model_inputs(images, data.image_size, preprocess=data.preprocess)  # noqa: E731 - the evaluation transform
 
     wrapped, optimizer, current = model, None, None
     for epoch in range(state.next_epoch, total_epochs):
@@ -154,7 +159,7 @@ def base_train_loop(job: BaseJob, session: Session) -> list[dict[str, Any]]:
         sampler.set_epoch(epoch)
 
         def augmented(images, indices, epoch=epoch):
-            return model_inputs(images, data.image_size, data.augment, epoch_seeds(study.seed, epoch, indices))
+            return model_inputs(images, data.image_size, data.augment, epoch_seeds(study.seed, epoch, indices), preprocess=data.preprocess)
 
         train_metrics = train_one_epoch(wrapped, device_batches(train_data, device, augmented), optimizer, cross_entropy_loss, precision=precision, flops=flops)
         val_metrics = evaluate(wrapped, device_batches(val_data, device, plain), precision=precision)

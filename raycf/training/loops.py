@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from raycf.precision import DTYPES, Precision
 from raycf.throughput import ThroughputMeter, mfu, peak_flops, step_flops, step_precision
@@ -49,18 +49,45 @@ def train_loader(dataset: Dataset, global_batch_size: int, seed: int, rank: int,
     The sampler is built explicitly so the order is reproducible: the control
     and the debugged run see the same batches, and a resumed run sees what it
     would have seen.  Call ``sampler.set_epoch(epoch)`` before each epoch.
+    A last batch of one image is merged into the batch before it
+    (:class:`NoSingletonBatches`).
     """
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False)
     loader = DataLoader(
         dataset,
-        batch_size=max(1, global_batch_size // world_size),
-        sampler=sampler,
+        batch_sampler=NoSingletonBatches(sampler, max(1, global_batch_size // world_size)),
         num_workers=loader_workers,
         persistent_workers=loader_workers > 0,
         pin_memory=torch.cuda.is_available(),
         collate_fn=batched_collate(dataset),
     )
     return loader, sampler
+
+
+class NoSingletonBatches(Sampler[list[int]]):
+    """Batches of ``batch_size`` indices in ``sampler``'s order; a last batch of one joins the batch before it.
+
+    BatchNorm cannot train on a batch of one (one value per channel after
+    global pooling), so such a batch is never formed.  It is merged rather
+    than dropped: every training image is seen every epoch, and each rank of
+    a DDP run (equal shards) takes the same number of steps.
+    """
+
+    def __init__(self, sampler: Sampler[int], batch_size: int):
+        self.sampler, self.batch_size = sampler, batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        indices = list(self.sampler)
+        starts = list(range(0, len(indices), self.batch_size))
+        if self.batch_size > 1 and len(starts) > 1 and len(indices) - starts[-1] == 1:
+            starts.pop()
+        ends = [*starts[1:], len(indices)]
+        return iter([indices[start:end] for start, end in zip(starts, ends)])
+
+    def __len__(self) -> int:
+        count = len(self.sampler)
+        batches = -(-count // self.batch_size)
+        return batches - 1 if self.batch_size > 1 and batches > 1 and count % self.batch_size == 1 else batches
 
 
 def batched_collate(dataset: Dataset) -> Callable | None:
@@ -205,6 +232,8 @@ def train_one_epoch(
     scaler = precision.grad_scaler() if precision is not None else None
     meter = ThroughputMeter(precision.device if precision is not None else None).start()
     sums: dict[str, torch.Tensor | float] = {"correct": 0.0, "count": 0.0}
+    part_names: list[str] = []
+    part_sums: torch.Tensor | None = None  # the loss parts of every step, summed as one vector (one op a step, not one per part)
     for inputs, labels in batches:
         if flops is not None and flops.per_image is None and precision is not None and precision.device.type == "cuda":
             flops.per_image = step_flops_per_image(model, inputs, labels, loss_fn, forward, precision)
@@ -223,8 +252,10 @@ def train_one_epoch(
         meter.add(batch)
         sums["correct"] = sums["correct"] + (logits.detach().argmax(1) == labels).sum()
         sums["count"] = sums["count"] + batch
-        for key, value in parts.items():
-            sums[key] = sums.get(key, 0.0) + value.float() * batch
+        weighted = torch.stack(list(parts.values())).float() * batch
+        part_names, part_sums = list(parts), weighted if part_sums is None else part_sums + weighted
+    if part_sums is not None:
+        sums.update(zip(part_names, part_sums.unbind()))
     totals = all_reduce_sums(sums)
     meter.stop()
     count = max(totals.pop("count"), 1.0)
