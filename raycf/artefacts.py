@@ -51,6 +51,21 @@ def read_frame(results: str, *parts: str) -> pd.DataFrame | None:
     return storage.read_table(location).to_pandas()
 
 
+FINAL_FILES = ("final.parquet", "class_recall.parquet")  # in final/ (committed with its stage); at the results root before
+
+
+def read_final_frame(results: str, name: str) -> pd.DataFrame | None:
+    """``final/<name>`` (``final.parquet``, ``class_recall.parquet``) of a finished final stage; None when missing.
+
+    Older results kept these two at the results root, read there when the
+    stage's folder lacks them.
+    """
+    if read_marker(results, "final") is None:
+        return None
+    frame = read_frame(results, "final", name)
+    return frame if frame is not None else read_frame(results, name)
+
+
 def read_marker(results: str, folder: str) -> dict | None:
     """The ``_stage.json`` of a finished stage's folder (its hash, times and summary), or None."""
     location = storage.join_uri(results, folder, MARKER_FILE)
@@ -226,9 +241,13 @@ def global_mc_sets(results: str, tau: float, freq_threshold: float) -> np.ndarra
 # ------------------------------------------------------------------ search results
 
 
-def trial_model_bytes(row: pd.Series, base_bytes: bytes) -> bytes | None:
-    """The best epoch's ``model.pt`` of a leaderboard row (completed with ``base_bytes``, the base model), if its checkpoint is still there."""
-    folder = str(row.get("checkpoint_path") or "")
+def trial_model_bytes(row: pd.Series, base_bytes: bytes, results: str = "") -> bytes | None:
+    """The best epoch's ``model.pt`` of a leaderboard row (completed with ``base_bytes``, the base model), if its checkpoint is still there.
+
+    ``results``: the results folder the row comes from; an older leaderboard
+    of a bucket study recorded its checkpoints without the scheme, restored here.
+    """
+    folder = storage.with_scheme(str(row.get("checkpoint_path") or ""), results)
     location = storage.join_uri(folder, CHECKPOINT_FILE) if folder else ""
     if not folder or not storage.exists(location):
         return None
@@ -243,12 +262,27 @@ def debugged_model_bytes(results: str, base_bytes: bytes | None = None) -> tuple
     """
     from raycf.leaderboard import read_leaderboard
 
-    final = read_frame(results, "final.parquet")
+    final = read_final_frame(results, "final.parquet")
     debugged = final[final["model"] == "debugged"] if final is not None else None
     if debugged is None or debugged.empty:
         return None
     trial_id = str(debugged["trial_id"].iloc[0])
     board = read_leaderboard(results)
     rows = board[board["trial_id"] == trial_id]
-    model_bytes = trial_model_bytes(rows.iloc[0], base_bytes or base_model_bytes(results)) if len(rows) else None
+    model_bytes = trial_model_bytes(rows.iloc[0], base_bytes or base_model_bytes(results), results) if len(rows) else None
     return None if model_bytes is None else (trial_id, model_bytes)
+
+
+def trial_val_predictions(board: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Each leaderboard trial's validation predictions at its best epoch (``val_pred.npy`` beside its ``model.pt``), where it kept them."""
+    import io
+
+    from raycf.training.debug import VAL_PREDICTIONS_FILE
+
+    predictions = {}
+    for row in board.to_dict("records"):
+        folder = str(row.get("checkpoint_path") or "")
+        location = storage.join_uri(folder, VAL_PREDICTIONS_FILE) if folder else ""
+        if folder and storage.exists(location):
+            predictions[str(row["trial_id"])] = np.load(io.BytesIO(storage.read_bytes(location)), allow_pickle=False).astype(np.int64)
+    return predictions

@@ -25,6 +25,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from raycf import field_reads
 from raycf.architectures import VGG_TINY, accepted_names, family_of, refused_names
 from raycf.errors import UserError
 
@@ -32,14 +33,38 @@ DATASET_KINDS = ("digits", "fashion_mnist", "cub200", "imagefolder")
 
 # Short names for the parameters the paper's method is searched over; any other
 # searched parameter is named by its dotted path in the study (``debug.lr``,
-# ``analysis.freq_threshold``).  ``freq_threshold`` is the f of retraining's
-# global sets (``debug.freq_threshold``), the f the search's objective depends on.
+# ``debug.indicator``).  ``tau`` and ``freq_threshold`` are the τ and f of
+# retraining's global sets (``debug.tau``, ``debug.freq_threshold``), those the
+# search's objective depends on; detection has its own (``analysis.*``).
 PARAMETER_ALIASES = {
     "lambda1": "debug.lambda1",
     "lambda2": "debug.lambda2",
-    "tau": "analysis.tau",
+    "tau": "debug.tau",
     "freq_threshold": "debug.freq_threshold",
 }
+
+# The fields a search trial consumes: retraining's own settings.  Everything
+# else is read upstream of the search (cfe.*, masks.*, base.*, data.*, the
+# prefix cache's debug.views and debug.trainable), only displayed (analysis.*)
+# or a resource: searching it would change nothing or mean something else.
+SEARCHABLE_FIELDS = (
+    "debug.lambda1",
+    "debug.lambda2",
+    "debug.tau",
+    "debug.freq_threshold",
+    "debug.indicator",
+    "debug.epochs",
+    "debug.lr",
+    "debug.momentum",
+    "debug.batch_size",
+)
+
+
+def searchable_names() -> str:
+    """What ``search.space`` accepts, as one comma-separated list (aliases first)."""
+    aliased = set(PARAMETER_ALIASES.values())
+    return ", ".join([*PARAMETER_ALIASES, *(path for path in SEARCHABLE_FIELDS if path not in aliased)])
+
 
 # What --smoke applies before the study file's own smoke: block (tiny epochs and
 # trial counts), so that any study, even one that names only its data and model,
@@ -60,10 +85,21 @@ def is_hashed(field: Any) -> bool:
     return not (isinstance(extra, dict) and extra.get("hashed") is False)
 
 
+def names_as_text(names: Any) -> Any:
+    """YAML reads class names such as 0 … 9 as numbers: take them as the names they spell."""
+    if isinstance(names, (list, tuple)):
+        return tuple(str(name) if isinstance(name, int) and not isinstance(name, bool) else name for name in names)
+    return names
+
+
 class StrictModel(BaseModel):
     """Base of every config section: unknown fields are errors, values are frozen."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+if field_reads.enabled():  # testing aid: record which fields each stage reads
+    StrictModel.__getattribute__ = field_reads.recording_getattribute  # type: ignore[method-assign]
 
 
 class AugmentConfig(StrictModel):
@@ -193,13 +229,7 @@ class ModelConfig(StrictModel):
         family_of(arch)  # a ValueError names the accepted families, or why this one is refused
         return arch
 
-    @field_validator("class_names", mode="before")
-    @classmethod
-    def _class_names_as_text(cls, names: Any) -> Any:
-        """YAML reads class names such as 0 … 9 as numbers: take them as the names they spell."""
-        if isinstance(names, (list, tuple)):
-            return tuple(str(name) if isinstance(name, int) and not isinstance(name, bool) else name for name in names)
-        return names
+    _class_names_as_text = field_validator("class_names", mode="before")(names_as_text)
 
 
 class BaseConfig(StrictModel):
@@ -279,7 +309,7 @@ PAPER_DETECTION_SETTINGS = (
 class AnalysisConfig(StrictModel):
     """Global MC filters and misclassification detection (METHOD §3–4)."""
 
-    tau: float = Field(0.9, ge=0, le=1, description="confidence gate τ for accumulating training images")
+    tau: float = Field(0.9, ge=0, le=1, description="confidence gate τ of detection's global sets: training images accumulated when predicted right with at least this confidence (retraining has debug.tau)")
     freq_threshold: float = Field(0.15, ge=0, le=1, description="f of detection: a filter is in G_c if seen in more than f·max of the class's accepted images; the G of the AUROC scores and of the study's own detection row (retraining has debug.freq_threshold)")
     skip_threshold: float = Field(0.9, ge=0, le=1, description="skip threshold of the study's own detection score")
     settings: tuple[DetectionSetting, ...] = Field(PAPER_DETECTION_SETTINGS, description="rows of the detection table")
@@ -291,6 +321,7 @@ class DebugConfig(StrictModel):
 
     lambda1: float = Field(1.6e-2, ge=0, description="per-sample weight rewarding global-MC activity (reference: 1e-3 per batch of 16)")
     lambda2: float = Field(3.2e-4, ge=0, description="per-sample weight penalising non-MC activity (reference: 2e-5 per batch of 16)")
+    tau: float = Field(0.9, ge=0, le=1, description="τ of retraining's global sets: the confidence gate for accumulating training images into G_c (the paper's 0.9; detection has analysis.tau)")
     freq_threshold: float = Field(0.0, ge=0, le=1, description="f of retraining: G_c = filters seen in more than f·max of the class's accepted images (the reference retrains with 0: any filter seen once)")
     indicator: Literal["paper", "centred"] = Field("paper", description="paper: thresholded sigmoid of a; centred: standardised per filter first")
     trainable: Literal["last_conv_and_head", "head", "all"] = Field("last_conv_and_head", description="layers retrained")
@@ -299,7 +330,12 @@ class DebugConfig(StrictModel):
     lr: float = Field(1e-4, gt=0, description="SGD learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     batch_size: int = Field(16, gt=0, description="global batch size")
-    workers: int = Field(1, ge=1, description="data-parallel workers; 1: a search trial trains in its own Tune trial (no worker group), more: a TorchTrainer (DDP)")
+    workers: int = Field(
+        1,
+        ge=1,
+        description="data-parallel workers of each retraining; also decides how a search or final trial runs: 1 trains inside its own Tune trial "
+        "(no worker group to start; Tune retries it and ASHA stops it), more drives a TorchTrainer (DDP) from a light driver (search.driver_cpus)",
+    )
     eval_batch_size: int = resource_field(256, "images per batch of validation and of the final predictions", gt=0)
     use_gpu: bool = resource_field(False, "one GPU per worker")
     gpus_per_trial: float = resource_field(
@@ -360,19 +396,27 @@ class SearchConfig(StrictModel):
 
     num_samples: int = Field(16, gt=0, description="trials, the control included")
     max_concurrent: int = Field(2, gt=0, description="trials running at once")
-    metric: str = Field("val_acc", description="objective reported per epoch")
+    metric: str = Field("val_acc", description="objective reported per epoch; also picks the best epoch of every retraining (debug, search, final)")
+    seed: int | None = Field(None, ge=0, description="seed of the TPE sampler; null: the study's seed (a new search.seed searches again without re-splitting or retraining anything upstream)")
     mode: Literal["max", "min"] = Field("max", description="direction of the objective")
     space: dict[str, Distribution] | None = Field(
         None,
-        description="searched parameters: lambda1, lambda2, tau, freq_threshold (= debug.freq_threshold) or a dotted path; "
+        description="searched parameters: lambda1, lambda2, tau, freq_threshold (= debug.lambda1, debug.lambda2, debug.tau, debug.freq_threshold) "
+        f"or another field a trial consumes ({', '.join(SEARCHABLE_FIELDS[4:])}); "
         "left out: the default space (lambda1 loguniform [1e-4, 1], lambda2 loguniform [1e-6, 0.1], tau uniform [0.5, 0.99], freq_threshold uniform [0, 0.5])",
     )
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="early stopping")
     storage: str | None = Field(None, description="Optuna storage URL (SQLAlchemy); default: sqlite optuna.db in the results folder")
     include_control: bool = Field(True, description="evaluate λ1 = λ2 = 0 as the first, fixed point")
+    deterministic: bool = Field(
+        False,
+        description="one trial at a time (max_concurrent ignored): ASHA's stop decisions and TPE's proposals follow trial order, "
+        "so a rerun reproduces the search; false: max_concurrent trials at once, and ASHA's asynchronous decisions depend on timing",
+    )
     pareto: tuple[str, str] = Field(
         ("val_acc", "det_auroc"),
-        description=f"the two metrics of `raycf leaderboard --pareto` (both maximised) (display only: {UNHASHED})",
+        description="the two metrics of `raycf leaderboard --pareto` and of the report's Pareto figure (both maximised); display only: "
+        "hashed by the report stage alone, no search reruns for it",
         json_schema_extra={"hashed": False},
     )
     driver_cpus: float = resource_field(0.1, "CPUs reserved by the driver of a multi-worker trial (it only waits on its TorchTrainer)", gt=0)
@@ -388,13 +432,15 @@ class SearchConfig(StrictModel):
         if not space:
             raise ValueError("no searched parameters (expected e.g. lambda1: {loguniform: [1.0e-4, 1.0]}; leave search.space out to search the default space)")
         for name in space:
-            path = PARAMETER_ALIASES.get(name, name)
-            if not _is_field_path(StudyConfig, path.split(".")):
-                raise ValueError(
-                    f"unknown searched parameter {name!r} (expected one of {', '.join(PARAMETER_ALIASES)} or a dotted study field)"
-                )
+            if PARAMETER_ALIASES.get(name, name) not in SEARCHABLE_FIELDS:
+                raise ValueError(f"{name!r} cannot be searched: a trial does not consume it (searchable: {searchable_names()})")
         return space
 
+
+    @property
+    def concurrency(self) -> int:
+        """Trials running at once: 1 in the deterministic mode, else ``max_concurrent``."""
+        return 1 if self.deterministic else self.max_concurrent
 
     @property
     def searched_space(self) -> dict[str, Distribution]:
@@ -420,7 +466,8 @@ class FinalConfig(StrictModel):
         ge=1,
         description="retraining seeds per model: 1 evaluates the best searched trial and the control as the search trained them; "
         "n > 1 also retrains the control, the study's own λ (debug.lambda1, debug.lambda2) and the best trial's parameters n times "
-        "each, with the data order, the view drawn per epoch and dropout seeded by seed + 0 … n − 1, and reports paired 95 % intervals "
+        "each (seed 0's control and best trial are the search's own models), with the data order, the view drawn per epoch and dropout "
+        "seeded by seed + 0 … n − 1, and reports paired 95 % intervals "
         "of their test and validation accuracy differences",
     )
     class_group: tuple[str, ...] = Field(
@@ -430,13 +477,7 @@ class FinalConfig(StrictModel):
         "classes before anything runs",
     )
 
-    @field_validator("class_group", mode="before")
-    @classmethod
-    def _names_as_text(cls, names: Any) -> Any:
-        """YAML reads digits' class names (0 … 9) as numbers: take them as the names they spell."""
-        if isinstance(names, (list, tuple)):
-            return tuple(str(name) if isinstance(name, int) and not isinstance(name, bool) else name for name in names)
-        return names
+    _names_as_text = field_validator("class_group", mode="before")(names_as_text)
 
     @model_validator(mode="after")
     def _group_needs_seeds(self) -> "FinalConfig":
@@ -496,6 +537,19 @@ class StudyConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _searched_values_fit(self) -> "StudyConfig":
+        """Every value the search may give a field is one the field accepts (checked here, not after the search)."""
+        for name, spec in (self.search.space or {}).items():
+            field = PARAMETER_ALIASES.get(name, name).split(".")[1]
+            values = spec.choice if spec.choice is not None else next(bounds for bounds in (spec.uniform, spec.loguniform, spec.int) if bounds is not None)
+            for value in values:
+                try:
+                    DebugConfig.model_validate({**self.debug.model_dump(), field: value})
+                except ValidationError as error:
+                    raise ValueError(f"search.space.{name}: {value!r} is not a value of debug.{field}: {error.errors()[0]['msg']}") from None
+        return self
+
+    @model_validator(mode="after")
     def _adopted_weights_exist(self) -> "StudyConfig":
         if not self.base.train and self.model.weights in ("none", "imagenet"):
             raise ValueError(
@@ -516,15 +570,30 @@ class StudyConfig(StrictModel):
         return hash_object({key: value for key, value in result_fields(self).items() if key != "smoke"})
 
     def section_hash(self, *reads: str) -> str:
-        """Short hash of some sections or dotted fields (plus the seed), resource fields excluded: a stage's inputs."""
+        """Short hash of some sections or dotted fields (plus the seed), resource fields excluded: a stage's inputs.
+
+        A section leaves out its unhashed fields; a field named on its own
+        (``search.pareto``, displayed by the report) is hashed whatever its kind.
+        """
         dumped = result_fields(self)
         values = {}
         for path in reads:
             value: Any = dumped
             for part in path.split("."):
-                value = value[part]
-            values[path] = value
-        return hash_object({"seed": self.seed, **values})
+                value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
+            values[path] = _json_ready(field_value_at(self, path)) if value is _MISSING else value
+        return hash_object({"seed": object.__getattribute__(self, "seed"), **values})
+
+
+_MISSING = object()
+
+
+def field_value_at(model: BaseModel, path: str) -> Any:
+    """The value of a dotted field of ``model``, read without recording it (:mod:`raycf.field_reads`)."""
+    value: Any = model
+    for part in path.split("."):
+        value = object.__getattribute__(value, part)
+    return value
 
 
 def result_fields(model: BaseModel) -> dict[str, Any]:
@@ -533,7 +602,7 @@ def result_fields(model: BaseModel) -> dict[str, Any]:
     for name, field in type(model).model_fields.items():
         if not is_hashed(field):
             continue
-        value = getattr(model, name)
+        value = object.__getattribute__(model, name)  # hashing is not a stage reading the field
         dumped[name] = result_fields(value) if isinstance(value, BaseModel) else _json_ready(value)
     return dumped
 
@@ -552,16 +621,6 @@ def hash_object(value: Any) -> str:
     """sha256 of the canonical JSON form of ``value``, first 16 hex digits."""
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _is_field_path(model: type[BaseModel], parts: list[str]) -> bool:
-    field = model.model_fields.get(parts[0])
-    if field is None:
-        return False
-    if len(parts) == 1:
-        return True
-    annotation = field.annotation
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel) and _is_field_path(annotation, parts[1:])
 
 
 # --------------------------------------------------------------------- loading
@@ -696,7 +755,7 @@ def with_values(config: StudyConfig, values: dict[str, Any]) -> StudyConfig:
     """A copy of ``config`` with dotted fields (or search aliases) replaced, re-validated."""
     raw = config.model_dump(mode="json")
     assignments = [(PARAMETER_ALIASES.get(key, key), value) for key, value in values.items()]
-    return _validate(apply_overrides(raw, assignments, source="values"), "values")
+    return field_reads.carry_tag(config, _validate(apply_overrides(raw, assignments, source="values"), "values"))
 
 
 def dump_yaml(config: StudyConfig) -> str:

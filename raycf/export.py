@@ -31,7 +31,7 @@ import torch
 
 from raycf import storage
 from raycf.architectures import VGG_TINY, family_of
-from raycf.artefacts import base_model_bytes, load_results_study, read_frame, trial_model_bytes
+from raycf.artefacts import base_model_bytes, load_results_study, read_final_frame, trial_model_bytes
 from raycf.checkpoint import parse_classifier_checkpoint
 from raycf.config import StudyConfig
 from raycf.errors import UserError
@@ -86,10 +86,10 @@ def _model_bytes(results: str, which: str) -> tuple[pd.Series | None, bytes, lis
 
     board = read_leaderboard(results)
     if which == "debugged":
-        final = read_frame(results, "final.parquet")
+        final = read_final_frame(results, "final.parquet")
         debugged = final[final["model"] == "debugged"] if final is not None else None
         if debugged is None or debugged.empty:
-            raise UserError(f"{results}: no final.parquet with a debugged model (expected a study whose final stage ran)")
+            raise UserError(f"{results}: no final/final.parquet with a debugged model (expected a study whose final stage ran)")
         rows = board[board["trial_id"] == str(debugged["trial_id"].iloc[0])]
     elif which == "control":
         rows = board[board["is_control"]]
@@ -100,7 +100,7 @@ def _model_bytes(results: str, which: str) -> tuple[pd.Series | None, bytes, lis
     row = rows.iloc[0]
     if base is None:
         raise UserError(f"{results}: no base/model.pt, which the trial's partial checkpoint completes (expected the study's base stage)")
-    model_bytes = trial_model_bytes(row, base)
+    model_bytes = trial_model_bytes(row, base, results)
     if model_bytes is None:
         raise UserError(f"--model {which}: trial {row['trial_id']}'s checkpoint is gone ({row.get('checkpoint_path') or 'none recorded'}); rerun the search")
     return row, model_bytes, list(board.attrs.get("parameters", []))
@@ -152,7 +152,7 @@ def _sidecar(study: StudyConfig, results: str, which: str, fmt: str, head_order:
         sidecar["trial_id"] = str(row["trial_id"])
         sidecar["params"] = {name: row[name] for name in parameters if name in row.index}
         sidecar["val_metrics"] = {name: row[name] for name in row.index if str(name).startswith("val_")}
-    final = read_frame(results, "final.parquet")
+    final = read_final_frame(results, "final.parquet")
     if final is not None:
         label = which if which in ("debugged", "control", "base") else None
         if label is None and row is not None and "trial_id" in final.columns:

@@ -4,8 +4,13 @@ A stage's identity is a hash of the study fields it reads (resource-only
 fields excluded), of the stages it builds on and of raycf's version.  When a
 stage finishes, its folder gets a ``_stage.json`` marker holding that hash; a
 stage whose marker matches is *cached* and not run again (``--force STAGE``
-reruns it).  A stage writes into a staging folder that is moved into place
-only when complete, so a crash never leaves a folder a later stage trusts.
+reruns it).  The marker is the commit point: a stage that reruns first
+withdraws its marker and its downstream stages' markers, and a reader
+trusts a folder only with its marker.  On a local disk a stage writes into a
+staging folder renamed into place when complete; an object store has no
+rename, so there the stage's folder is emptied and written in place, and
+the marker, written last, commits it.  Either way a crash never leaves a
+folder a later stage trusts.
 """
 
 from __future__ import annotations
@@ -17,31 +22,40 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from raycf import artefacts, storage
+from raycf import artefacts, field_reads, storage
 from raycf.artefacts import MARKER_FILE
 from raycf.cluster import check_gpus, check_storage_for_cluster
 from raycf.config import StudyConfig, hash_object
-from raycf.console import log
+from raycf.console import LOG_FOLDER, RAY_LOG_FILE, log, ray_log_path
 from raycf.data import load_splits
 from raycf.errors import UserError
+from raycf.fingerprints import FILE_FIELDS, content_of, file_fingerprints, reads_field
 from raycf.manifest import finish_manifest, iso_time, raycf_version, write_study_files
 from raycf.prefix_cache import check_budget, uses_cache
-from raycf.stages import STAGES, StageRun, stage_named
+from raycf.stages import STAGES, Stage, StageRun, stage_named
 
 FOLDERS = {stage.name: stage.folder for stage in STAGES}
 
 
-def stage_hash(study: StudyConfig, name: str) -> str:
-    """Hash of a stage's inputs and, recursively, of its upstream stages."""
+def stage_hash(study: StudyConfig, name: str, files: dict[str, dict] | None = None) -> str:
+    """Hash of a stage's inputs (the files it names by content) and, recursively, of its upstream stages."""
     stage = stage_named(name)
-    return hash_object(
-        {
-            "stage": name,
-            "reads": study.section_hash(*stage.reads),
-            "upstream": [stage_hash(study, up) for up in stage.upstream],
-            "raycf": raycf_version(),  # a new release may compute a stage differently
-        }
-    )
+    files = input_files(study) if files is None else files
+    identity = {
+        "stage": name,
+        "reads": study.section_hash(*stage.reads),
+        "upstream": [stage_hash(study, up, files) for up in stage.upstream],
+        "raycf": raycf_version(),  # a new release may compute a stage differently
+    }
+    read_files = {field: print_ for field, print_ in files.items() if reads_field(stage.reads, field)}
+    if read_files:
+        identity["files"] = content_of(read_files)
+    return hash_object(identity)
+
+
+def input_files(study: StudyConfig) -> dict[str, dict]:
+    """Content fingerprints of every file field the study names (model.weights, data.root)."""
+    return file_fingerprints(study, FILE_FIELDS)
 
 
 def read_marker(results: str, name: str) -> dict | None:
@@ -63,6 +77,7 @@ def plan(study: StudyConfig, targets: list[str], force: set[str]) -> list[tuple[
     results = study.results_uri
     decisions: list[tuple[str, str]] = []
     rerun: set[str] = set()
+    files = input_files(study)
     for stage in (stage for stage in STAGES if stage.name in needed):
         marker = read_marker(results, stage.name)
         if stage.name in force:
@@ -71,7 +86,7 @@ def plan(study: StudyConfig, targets: list[str], force: set[str]) -> list[tuple[
             reason = "an upstream stage reran"
         elif marker is None:
             reason = "no finished result yet"
-        elif marker.get("hash") != stage_hash(study, stage.name):
+        elif marker.get("hash") != stage_hash(study, stage.name, files):
             reason = "its inputs changed"
         else:
             decisions.append((stage.name, "cached"))
@@ -93,6 +108,8 @@ def run_stages(study: StudyConfig, targets: list[str], force: set[str] | None = 
     results = study.results_uri
     check_storage_for_cluster(study)
     check_gpus(study)
+    if storage.is_uri(results):  # a missing bucket, no credentials or no permission: one line, before any stage
+        storage.check_writable(results)
     decisions = plan(study, targets, force)
     if any(name == "prefix" and decision != "cached" for name, decision in decisions):
         check_prefix_budget(study)
@@ -107,12 +124,22 @@ def run_stages(study: StudyConfig, targets: list[str], force: set[str] | None = 
             continue
         log(f"{name}: runs ({decision})")
         started = time.time()
-        summaries[name] = run_stage(study, name, resume=resume, fresh=name in force)
+        try:
+            summaries[name] = run_stage(study, name, resume=resume, fresh=name in force)
+        finally:
+            keep_ray_log(results)
         durations[name] = time.time() - started
     finish_manifest(results, {name: marker for name in FOLDERS if (marker := read_marker(results, name)) is not None})
     if durations:
         log("stages done in " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in durations.items()) + f" ({sum(durations.values()):.0f} s)")
     return summaries
+
+
+def keep_ray_log(results: str) -> None:
+    """Copy Ray's log of this run into ``<results>/logs/`` when the results folder is a URI (written locally as lines come)."""
+    local = ray_log_path(results)
+    if storage.is_uri(results) and local.is_file():
+        storage.write_bytes(storage.join_uri(results, LOG_FOLDER, RAY_LOG_FILE), local.read_bytes())
 
 
 def check_prefix_budget(study: StudyConfig) -> None:
@@ -124,7 +151,7 @@ def check_prefix_budget(study: StudyConfig) -> None:
 
 
 def run_stage(study: StudyConfig, name: str, resume: bool = False, fresh: bool = False, results: str | None = None) -> dict:
-    """Run one stage into a staging folder, publish it, write its marker.
+    """Run one stage and commit it: its folder in place (staged and renamed locally, written in place on an object store), then its marker.
 
     Ray Train and Tune runs are named after the stage and its hash, so an
     interrupted stage resumes from its last checkpoint; ``fresh`` (``--force``)
@@ -134,21 +161,15 @@ def run_stage(study: StudyConfig, name: str, resume: bool = False, fresh: bool =
     """
     stage = stage_named(name)
     results = results or study.results_uri
-    digest = stage_hash(study, name)
+    files = input_files(study)
+    digest = stage_hash(study, name, files)
     if fresh:
-        clear_ray_runs(results, f"{name}-{digest}")
-    staging = storage.join_uri(results, ".staging", f"{name}-{uuid.uuid4().hex[:8]}")
-    if not storage.is_uri(staging):
-        Path(staging).mkdir(parents=True, exist_ok=True)
+        clear_stage_runs(results, name, digest)
+    withdraw_markers(results, name)
     started = time.time()
-    try:
-        summary = stage.run(StageRun(study=study, results=results, output=staging, stage_hash=digest, folders=FOLDERS, resume=resume))
-    except BaseException:
-        storage.remove(staging)
-        _remove_if_empty(storage.join_uri(results, ".staging"))
-        raise
-    storage.publish_folder(staging, storage.join_uri(results, stage.folder))
-    _remove_if_empty(storage.join_uri(results, ".staging"))
+    stage_study = field_reads.tagged(study, name) if field_reads.enabled() else study
+    run = StageRun(study=stage_study, results=results, output=storage.join_uri(results, stage.folder), stage_hash=digest, folders=FOLDERS, resume=resume)
+    summary = run_in_place(stage, run) if storage.is_uri(results) else run_staged(stage, run)
     duration = time.time() - started
     marker = {
         "stage": name,
@@ -157,10 +178,58 @@ def run_stage(study: StudyConfig, name: str, resume: bool = False, fresh: bool =
         "started_at": iso_time(started),
         "finished_at": iso_time(time.time()),
         "duration_s": round(duration, 2),
+        "inputs": {field: print_ for field, print_ in files.items() if reads_field(stage.reads, field)},
         "summary": summary,
     }
     storage.write_text(storage.join_uri(results, stage.folder, MARKER_FILE), json.dumps(marker, indent=2, default=str))
     return summary
+
+
+def downstream_of(name: str) -> list[str]:
+    """The stages that build on ``name``, directly or not, in table order."""
+    below: set[str] = {name}
+    for stage in STAGES:
+        if any(up in below for up in stage.upstream):
+            below.add(stage.name)
+    return [stage.name for stage in STAGES if stage.name in below and stage.name != name]
+
+
+def withdraw_markers(results: str, name: str) -> None:
+    """Delete the markers of ``name`` and of every stage built on it, before ``name`` reruns.
+
+    Until the stage finishes again, neither its folder nor a result derived
+    from its old one (a final stage naming an old search's trial) is trusted.
+    """
+    for stage in (name, *downstream_of(name)):
+        storage.remove(storage.join_uri(results, FOLDERS[stage], MARKER_FILE))
+
+
+def run_staged(stage: Stage, run: StageRun) -> dict:
+    """Run ``stage`` into a local staging folder and rename it into place once complete."""
+    staging = storage.join_uri(run.results, ".staging", f"{stage.name}-{uuid.uuid4().hex[:8]}")
+    Path(staging).mkdir(parents=True, exist_ok=True)
+    run.output = staging
+    try:
+        summary = stage.run(run)
+    except BaseException:
+        storage.remove(staging)
+        _remove_if_empty(storage.join_uri(run.results, ".staging"))
+        raise
+    storage.publish_folder(staging, storage.join_uri(run.results, stage.folder))
+    _remove_if_empty(storage.join_uri(run.results, ".staging"))
+    return summary
+
+
+def run_in_place(stage: Stage, run: StageRun) -> dict:
+    """Run ``stage`` straight into its folder on an object store (no rename there).
+
+    The folder is emptied first (its marker is gone already), so no file of an
+    earlier run survives beside the new ones; the marker, written by the
+    caller after this returns, is the commit.  A crash leaves a folder
+    without a marker, which no reader trusts and the next run empties.
+    """
+    storage.remove(run.output)
+    return stage.run(run)
 
 
 def clear_ray_runs(results: str, prefix: str) -> None:
@@ -170,6 +239,16 @@ def clear_ray_runs(results: str, prefix: str) -> None:
         return
     for entry in filesystem.get_file_info(pafs.FileSelector(root)):
         if entry.type == pafs.FileType.Directory and entry.base_name.startswith(prefix):
+            filesystem.delete_dir(entry.path)
+
+
+def clear_stage_runs(results: str, name: str, digest: str) -> None:
+    """Delete every Ray run of stage ``name`` at hash ``digest``: ``debug-<hash>``, ``debug-control-<hash>``, ``search-<hash>-driver``, …"""
+    filesystem, root = storage.resolve(storage.join_uri(results, "_ray"))
+    if filesystem.get_file_info(root).type != pafs.FileType.Directory:
+        return
+    for entry in filesystem.get_file_info(pafs.FileSelector(root)):
+        if entry.type == pafs.FileType.Directory and entry.base_name.startswith(f"{name}-") and digest in entry.base_name:
             filesystem.delete_dir(entry.path)
 
 

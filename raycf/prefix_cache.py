@@ -87,6 +87,22 @@ def check_budget(study: StudyConfig, num_classes: int, num_train: int, num_val: 
         )
 
 
+def cache_identity(study: StudyConfig) -> dict:
+    """What the cached views depend on besides the base model: the scope, the views, their augmentation and seed (recorded in ``meta.json``)."""
+    return {"scope": study.debug.trainable, "views": study.debug.views, "augment": study.data.augment.model_dump(mode="json"), "seed": study.seed}
+
+
+def check_cache_matches(meta: dict, study: StudyConfig, where: str) -> None:
+    """Refuse a cache built for other views, scope, augmentation or seed than ``study`` retrains with (keys an older cache lacks are not checked)."""
+    wanted = cache_identity(study)
+    for key, value in wanted.items():
+        if key in meta and meta[key] != value:
+            raise UserError(
+                f"{where}: the frozen-prefix cache was built with {key} {meta[key]!r}, this retraining needs {value!r} "
+                "(expected the study's own value; rerun the prefix stage with --force prefix)"
+            )
+
+
 def human_size(size: int) -> str:
     """Bytes as MB below a gigabyte, else GB."""
     return f"{size / 1e6:.1f} MB" if size < 1e9 else f"{size / 1e9:.2f} GB"

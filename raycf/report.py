@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 
 from raycf import storage
-from raycf.artefacts import PREDICTIONS_FILE, read_frame
+from raycf.artefacts import PREDICTIONS_FILE, read_final_frame, read_frame
 from raycf.config import StudyConfig
 from raycf.console import log, progress
 from raycf.errors import UserError
@@ -333,6 +333,10 @@ class ReportContext:
     def frame(self, *parts: str) -> pd.DataFrame | None:
         return read_frame(self.results, *parts)
 
+    def final_frame(self, name: str) -> pd.DataFrame | None:
+        """``final/final.parquet`` or ``final/class_recall.parquet`` (older results: at the root)."""
+        return read_final_frame(self.results, name)
+
 
 def study_section(context: ReportContext) -> Section:
     """Manifest, versions, stage timings and the resolved study file."""
@@ -383,7 +387,11 @@ def detection_section(context: ReportContext) -> Section:
         f"An image is flagged as a possible misclassification when its MC filters agree too little with its inferred class's "
         f"global MC filters (τ = {analysis.tau:g}); flagged images are re-ranked among their top-k classes (altered accuracy)."
     )
-    section.table(table1_frame(detection), "Table 1: errors detected and new errors per setting")
+    section.table(
+        table1_frame(detection),
+        "Table 1: errors detected and new errors per setting; the 'control:' rows flag without the filters "
+        "(every image the skip gate lets through; the least confident images, as many as a CFE rule flags)",
+    )
     flagged = context.frame("analysis", "flagged.parquet")
     if flagged is not None:
         add_flagged(section, flagged, context.results)
@@ -402,6 +410,8 @@ def detection_section(context: ReportContext) -> Section:
     for split in ("test", "val"):
         if (split, "f1") in scores.index and (split, "max_softmax") in scores.index:
             section.paragraph(agreement_verdict(split, scores.loc[(split, "f1")], scores.loc[(split, "max_softmax")]))
+        if (split, "f1_centred") in scores.index and "auroc_within" in scores:
+            section.paragraph(class_aware_sentence(split, scores.loc[(split, "f1")], scores.loc[(split, "f1_centred")], scores.loc[(split, "max_softmax")]))
     section.add(Figure("auroc", "AUROC of each score; max softmax is the baseline (hatched).", auroc_figure(error_scores)))
     return section
 
@@ -418,6 +428,18 @@ def add_flagged(section: Section, flagged: pd.DataFrame, results: str, shown: in
     )
     columns = [c for c in ("rank", "image_id", "label_name", "pred_name", "confidence", "f1", *own) if c in flagged.columns]
     section.table(flagged[columns].head(shown), f"The {min(shown, len(flagged))} most suspicious test images")
+
+
+def class_aware_sentence(split: str, f1: pd.Series, centred: pd.Series, softmax: pd.Series) -> str:
+    """The F1 agreement read per predicted class, as the paper's rule thresholds it: centred AUROC and within-class AUROC beside max softmax's."""
+    from raycf.method.detection import with_interval
+
+    return (
+        f"{split}, class-aware: F1 agreement centred on its predicted class's accepted training images has AUROC "
+        f"{with_interval(centred['auroc'], centred['auroc_lo'], centred['auroc_hi'])} (pooled raw {with_interval(f1['auroc'], f1['auroc_lo'], f1['auroc_hi'])}); "
+        f"within each predicted class, weighted by its errors, {with_interval(f1['auroc_within'], f1['auroc_within_lo'], f1['auroc_within_hi'])} "
+        f"against max softmax's {with_interval(softmax['auroc_within'], softmax['auroc_within_lo'], softmax['auroc_within_hi'])}."
+    )
 
 
 def agreement_verdict(split: str, f1: pd.Series, softmax: pd.Series) -> str:
@@ -470,7 +492,8 @@ def learned_detector_section(context: ReportContext) -> Section:
     section.table(
         shown,
         f"Test AUROC and AUPR ({int(first['errors'])} errors in {int(first['images'])} images; fitted on {int(first['fit_errors'])} errors in "
-        f"{int(first['fit_images'])} validation images); bootstrap 95 % intervals, {int(first['bootstrap'])} resamples, the difference paired",
+        f"{int(first['fit_images'])} validation images); bootstrap 95 % intervals, {int(first['bootstrap'])} resamples, the difference paired; "
+        "conditional on the fitted coefficients (the resamples are of the test images, the fit is not redone)",
     )
     missing = [name for name in learned["missing_features"].iloc[-1].split(",") if name]
     if missing:
@@ -485,7 +508,7 @@ def final_section(context: ReportContext) -> Section:
     section = Section("final", "Debug retraining (paper Tables 2 and 3)")
     table2 = context.frame("final", "table2.parquet")
     table3 = context.frame("final", "table3.parquet")
-    class_recall = context.frame("class_recall.parquet")
+    class_recall = context.final_frame("class_recall.parquet")
     if table2 is None:
         section.note("final/table2.parquet is missing: the study's final stage has not run (`raycf study STUDY`).")
         return section
@@ -505,7 +528,7 @@ def final_section(context: ReportContext) -> Section:
     if {"debugged", "control"} <= set(rows.index):
         change = 100 * (rows.loc["debugged", "test_acc"] - rows.loc["control", "test_acc"])
         section.paragraph(f"Debugged − control test accuracy: {change:+.2f} points.")
-    final = context.frame("final.parquet")
+    final = context.final_frame("final.parquet")
     if final is not None and "verdict" in final and str(final["verdict"].iloc[0]):
         section.paragraph(str(final["verdict"].iloc[0]))
     if table3 is not None:
@@ -638,18 +661,25 @@ def search_noise_section(context: ReportContext) -> Section:
     the Optuna storage).
     """
     from raycf.leaderboard import read_leaderboard
-    from raycf.method.search_noise import search_noise
+    from raycf.method.search_noise import search_noise, seed_spread
 
     section = Section("search-noise", "Search: do trials differ by more than validation noise?")
     images = validation_images(context)
     if not storage.exists(storage.join_uri(context.results, "leaderboard.parquet")) or images is None:
         section.note("leaderboard.parquet or the validation split's size (analysis/error_scores.parquet) is missing: the search has not run.")
         return section
-    noise = search_noise(read_leaderboard(context.results), images)
+    board = read_leaderboard(context.results)
+    comparison, best = trial_comparison(context, board)
+    seeds = context.frame("final", "seeds.parquet")
+    noise = search_noise(board, images, comparison=comparison, best=best, seeds=seed_spread(seeds) if seeds is not None else None)
     section.paragraph(noise["verdict"])
-    shown = {key: value for key, value in noise.items() if key not in ("verdict", "metric")}
+    section.paragraph(scheduler_note(context.study))
+    shown = {key: value for key, value in noise.items() if key not in ("verdict", "metric", "seed_sd")}
     values = ["–" if value is None or value != value else f"{value:.4g}" if isinstance(value, float) else str(value) for value in shown.values()]
-    section.table(pd.DataFrame({"": list(shown), noise["metric"]: values}), "Spread of the searched trials' objective (control excluded) against its binomial standard error at the mean")
+    section.table(pd.DataFrame({"": list(shown), noise["metric"]: values}), "The searched trials' objective (control excluded) and McNemar's comparison with the best trial")
+    if comparison is not None and len(comparison):
+        section.table(comparison, f"McNemar's exact test of each trial against the best ({best}) on the validation images they disagree on")
+        noise["comparisons"] = comparison.to_dict("records")
     importances, why = param_importances(context)
     if importances:
         frame = pd.DataFrame({"parameter": list(importances), "importance": list(importances.values())})
@@ -659,6 +689,34 @@ def search_noise_section(context: ReportContext) -> Section:
     record = {**noise, "importances": importances, "importance_evaluator": "fanova", "importance_seed": context.study.seed}
     section.files["search_noise.json"] = json.dumps({key: _plain(value) for key, value in record.items()}, indent=2)
     return section
+
+
+def trial_comparison(context: ReportContext, board: pd.DataFrame) -> tuple[pd.DataFrame | None, str]:
+    """McNemar's test of every trial that kept its validation predictions against the best such searched trial, and that trial's id."""
+    from raycf.artefacts import trial_val_predictions
+    from raycf.leaderboard import sort_by_objective
+    from raycf.method.search_noise import compare_with_best
+
+    labels = context.frame("images", "val.parquet")
+    predictions = trial_val_predictions(board)
+    ranked = sort_by_objective(board, context.study.search.metric, context.study.search.mode)
+    candidates = [str(row["trial_id"]) for row in ranked.to_dict("records") if not row.get("is_control") and str(row["trial_id"]) in predictions]
+    if labels is None or not candidates:
+        return None, ""
+    return compare_with_best(predictions, labels["label"].to_numpy(), candidates[0]), candidates[0]
+
+
+def scheduler_note(study: StudyConfig) -> str:
+    """Whether the search's stop decisions can be reproduced: ASHA's asynchronous ones depend on timing."""
+    search = study.search
+    if search.scheduler.asha is None:
+        return "No early stopping: every trial ran its whole schedule."
+    if search.deterministic:
+        return "Deterministic search (search.deterministic): one trial at a time, so ASHA's stop decisions and TPE's proposals follow trial order and a rerun reproduces them."
+    return (
+        f"ASHA stops trials asynchronously, {search.max_concurrent} at a time: which trials it stops depends on the order results arrive in, "
+        "so on timing and machine load, and a rerun may stop others (search.deterministic: true runs one trial at a time and reproduces them)."
+    )
 
 
 def validation_images(context: ReportContext) -> int | None:
@@ -750,7 +808,7 @@ def global_mc_section(context: ReportContext) -> Section:
 def gallery_section(context: ReportContext) -> Section:
     """Test images fixed, broken, or made more confident by the debugged model, with Grad-CAM before and after."""
     section = Section("gallery", "Gallery (as the paper's Figure 2)")
-    final = context.frame("final.parquet")
+    final = context.final_frame("final.parquet")
     if final is None:
         section.note("final.parquet is missing: no debugged model to compare with.")
         return section

@@ -145,12 +145,12 @@ def control_first_searcher(study: StudyConfig, storage_url: str, study_name: str
         space=space,
         metric=study.search.metric,
         mode=study.search.mode,
-        sampler=optuna.samplers.TPESampler(seed=study.seed),
+        sampler=optuna.samplers.TPESampler(seed=sampler_seed(study)),
         study_name=study_name,
         storage=optuna.storages.RDBStorage(storage_url),
     )
     control = control_point(study) if study.search.include_control else None
-    return ConcurrencyLimiter(ControlFirst(searcher, control, space), max_concurrent=study.search.max_concurrent)
+    return ConcurrencyLimiter(ControlFirst(searcher, control, space), max_concurrent=study.search.concurrency)
 
 
 def suggest_again(trial, name: str, distribution) -> Any:
@@ -161,6 +161,30 @@ def suggest_again(trial, name: str, distribution) -> Any:
         return trial.suggest_categorical(name, distribution.choices)
     suggest = trial.suggest_int if isinstance(distribution, od.IntDistribution) else trial.suggest_float
     return suggest(name, distribution.low, distribution.high, step=distribution.step, log=distribution.log)
+
+
+def sampler_seed(study: StudyConfig) -> int:
+    """The TPE sampler's seed: ``search.seed``, else the study's."""
+    return study.search.seed if study.search.seed is not None else study.seed
+
+
+def trial_values(row: Any, names: list[str]) -> dict[str, Any]:
+    """A leaderboard row's searched values as plain Python values (a text choice stays text, a boolean a boolean).
+
+    An empty cell is a parameter the trial was not given: it is left out, so
+    the study's own value stands (an empty cell is not a value).
+    """
+    import math
+
+    import numpy as np
+
+    values = {}
+    for name in names:
+        value = row[name] if name in row else None
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        values[name] = value.item() if isinstance(value, np.generic) else value
+    return values
 
 
 def trial_study(study: StudyConfig, params: dict[str, Any]) -> StudyConfig:

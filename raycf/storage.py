@@ -2,8 +2,10 @@
 
 A results location is a string: an absolute local path or a URI.  Every write
 lands atomically: a file is written beside its target and renamed over it (on
-object stores a single PUT is already atomic), and a stage's folder is built
-elsewhere and moved into place by :func:`publish_folder`.
+object stores a single PUT is already atomic).  A stage's folder is built
+elsewhere and moved into place by :func:`publish_folder` on a local disk; an
+object store has no rename, and there the stage's marker, written last,
+commits its folder (:mod:`raycf.pipeline`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,18 @@ def join_uri(base: str, *parts: str) -> str:
     return str(Path(base, *parts))
 
 
+def with_scheme(path: str, like: str) -> str:
+    """A path on the filesystem of ``like`` as a full location: its scheme restored.
+
+    A pyarrow filesystem's paths carry no scheme (Ray's ``Checkpoint.path``
+    of an ``s3://`` run is ``bucket/key``); a results folder records the full
+    URI so that :func:`resolve` opens it from any machine.
+    """
+    if not is_uri(like) or is_uri(path) or not path or path.startswith("/"):
+        return path
+    return f"{like.split('://', 1)[0]}://{path.lstrip('/')}"
+
+
 def resolve(location: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and the path within it."""
     if is_uri(location):
@@ -55,11 +69,29 @@ def exists(location: str) -> bool:
     return filesystem.get_file_info(path).type != pafs.FileType.NotFound
 
 
+READ_ATTEMPTS = 5
+
+
 def read_bytes(location: str) -> bytes:
-    """The whole content of a file."""
+    """The whole content of a file.
+
+    On an object store a read is a size lookup then ranged GETs: an object
+    replaced in between (a leaderboard or driver-state file rewritten while
+    it is read) would come back as a mix of two versions.  The read is kept
+    only when the object's size and time are the same before and after it.
+    """
     filesystem, path = resolve(location)
-    with filesystem.open_input_stream(path) as stream:
-        return stream.read()
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read()
+    for _ in range(READ_ATTEMPTS):
+        before = filesystem.get_file_info(path)
+        with filesystem.open_input_stream(path) as stream:
+            data = stream.read()
+        after = filesystem.get_file_info(path)
+        if (before.size, before.mtime) == (after.size, after.mtime) == (len(data), after.mtime):
+            return data
+    raise OSError(f"{location}: rewritten during each of {READ_ATTEMPTS} reads")
 
 
 def write_bytes(location: str, data: bytes) -> None:
@@ -103,8 +135,10 @@ def read_table(location: str, columns: list[str] | None = None) -> pa.Table:
     info = filesystem.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(location)
-    if info.type == pafs.FileType.File:
+    if info.type == pafs.FileType.File and isinstance(filesystem, pafs.LocalFileSystem):
         return pq.read_table(path, filesystem=filesystem, columns=columns)
+    if info.type == pafs.FileType.File:  # one consistent version of a file that may be rewritten meanwhile (read_bytes)
+        return pq.read_table(pa.BufferReader(read_bytes(location)), columns=columns)
     files = sorted(
         entry.path
         for entry in filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
@@ -128,30 +162,22 @@ def upload_file(local: Path, location: str) -> None:
 
 
 def publish_folder(staging: str, target: str) -> None:
-    """Move a fully written folder into place, replacing an older one.
+    """Move a fully written local folder into place, replacing an older one.
 
-    Locally the old folder is renamed away first and deleted after the new one
-    is in place, so a reader never sees a half-written folder.  On an object
-    store the files are copied and the stage's completion marker (written last
-    by the caller) is what makes the folder trusted.
+    The old folder is renamed away first and deleted after the new one is in
+    place, so a reader never sees a half-written folder.
     """
-    filesystem, target_path = resolve(target)
-    _, staging_path = resolve(staging)
-    if isinstance(filesystem, pafs.LocalFileSystem):
-        Path(target_path).parent.mkdir(parents=True, exist_ok=True)
-        retired = None
-        if Path(target_path).exists():
-            retired = Path(target_path).with_name(f".{Path(target_path).name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(target_path, retired)
-        os.replace(staging_path, target_path)
-        if retired is not None:
-            shutil.rmtree(retired, ignore_errors=True)
-        return
-    if filesystem.get_file_info(target_path).type != pafs.FileType.NotFound:
-        filesystem.delete_dir(target_path)
-    source_filesystem, source_path = resolve(staging)
-    pafs.copy_files(source_path, target_path, source_filesystem=source_filesystem, destination_filesystem=filesystem)
-    source_filesystem.delete_dir(source_path)
+    if is_uri(target):
+        raise ValueError(f"{target}: an object store has no rename (its stages are committed by their marker)")
+    target_path = Path(normalise_root(target))
+    target_path.parent.mkdir(parents=True, exist_ok=True)
+    retired = None
+    if target_path.exists():
+        retired = target_path.with_name(f".{target_path.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(target_path, retired)
+    os.replace(normalise_root(staging), target_path)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
 
 
 def remove(location: str) -> None:
@@ -162,3 +188,16 @@ def remove(location: str) -> None:
         filesystem.delete_dir(path)
     elif info.type == pafs.FileType.File:
         filesystem.delete_file(path)
+
+
+def check_writable(location: str, field: str = "storage_path") -> None:
+    """Write and delete a probe file under ``location``; a missing bucket, no credentials or no permission is a UserError naming ``field``."""
+    from raycf.errors import UserError
+
+    probe = join_uri(location, f".raycf-write-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        write_bytes(probe, b"")
+        remove(probe)
+    except (OSError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"{field}: cannot write to {location} ({reason})") from error

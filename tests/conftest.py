@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,25 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# Every process of the suite (Ray's workers included, which inherit the
+# environment of the session's cluster) talks to the local S3 server of
+# ``s3_bucket``, never to a real account.
+S3_BUCKET = "raycf-results"
+S3_ENVIRONMENT = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}",  # botocore and pyarrow's S3 filesystem both honour it
+}
+os.environ.update(S3_ENVIRONMENT)
 # Tests run on CPU with few cores: keep torch to one thread per process.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -160,16 +180,48 @@ def smoke_study_results(ray_session, tmp_path_factory) -> Path:
 
     Returns the results folder (``<tmp>/results/digits``).  Tests must not
     modify it.  Beside ``results/``: ``reads.log`` (every image read, see
-    ``raycf.data.READ_LOG``), ``stdout.txt`` and ``stderr.txt``.
+    ``raycf.data.READ_LOG``), ``fields.log`` (every study field each stage
+    read, see :mod:`raycf.field_reads`), ``stdout.txt`` and ``stderr.txt``.
     """
     folder = tmp_path_factory.mktemp("smoke-study")
     storage = folder / "results"
-    environment = {"RAY_ADDRESS": ray_address(), "RAYCF_READ_LOG": str(folder / "reads.log")}
+    environment = {"RAY_ADDRESS": ray_address(), "RAYCF_READ_LOG": str(folder / "reads.log"), "RAYCF_FIELD_LOG": str(folder / "fields.log")}
     completed = run_cli("study", "studies/digits.yaml", "--smoke", "--set", f"storage_path={storage}", env_extra=environment)
     assert completed.returncode == 0, completed.stderr[-3000:]
     (folder / "stdout.txt").write_text(completed.stdout)
     (folder / "stderr.txt").write_text(completed.stderr)
     return storage / "digits"
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """moto's S3 server at ``AWS_ENDPOINT_URL`` with the empty bucket ``s3://raycf-results``; yields its URI."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = int(S3_ENVIRONMENT["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+    yield f"s3://{S3_BUCKET}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def bucket_study_results(ray_session, s3_bucket, tmp_path_factory) -> str:
+    """The digits study run once with ``--smoke`` and ``storage_path`` in the bucket (joining the session's cluster).
+
+    Returns the results URI (``s3://raycf-results/runs/digits``); beside the
+    node cache of its driver, ``stdout.txt`` and ``stderr.txt`` in a temporary
+    folder.  Tests must not modify it.
+    """
+    folder = tmp_path_factory.mktemp("bucket-study")
+    environment = {"RAY_ADDRESS": ray_address(), "RAYCF_NODE_CACHE": str(folder / "node-cache")}
+    completed = run_cli("study", "studies/digits.yaml", "--smoke", "--set", f"storage_path={s3_bucket}/runs", env_extra=environment)
+    (folder / "stdout.txt").write_text(completed.stdout)
+    (folder / "stderr.txt").write_text(completed.stderr)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return f"{s3_bucket}/runs/digits"
 
 
 RUN_WITHOUT_RAY = (

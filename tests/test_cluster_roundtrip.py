@@ -34,7 +34,7 @@ EXPECTED_FILES = (
     "base/_stage.json",
     "leaderboard.parquet",
     "optuna.db",
-    "final.parquet",
+    "final/final.parquet",
     "final/_stage.json",
     "report/index.html",
 )

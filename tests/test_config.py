@@ -69,7 +69,7 @@ def test_resolved_yaml_round_trips_to_the_same_hash():
 
 def test_with_values_maps_search_aliases_to_fields():
     study = with_values(study_from_mapping({"name": "x"}), {"lambda1": 0.5, "tau": 0.8, "debug.lr": 0.01})
-    assert (study.debug.lambda1, study.analysis.tau, study.debug.lr) == (0.5, 0.8, 0.01)
+    assert (study.debug.lambda1, study.debug.tau, study.analysis.tau, study.debug.lr) == (0.5, 0.8, 0.9, 0.01)  # tau: retraining's, not detection's
 
 
 def test_results_uri_is_absolute_for_local_and_kept_for_s3(tmp_path):
@@ -102,7 +102,7 @@ def _message(raw_text: str, tmp_path: Path, **kwargs) -> str:
         ("name: x\ndata: {kind: cub200}\n", "data.root is required for data.kind=cub200"),
         ("base: {epochs: 3}\n", "name: required field is missing"),
         ("- a\n- b\n", "expected a mapping of study fields"),
-        ("name: x\nsearch: {space: {lambda3: {uniform: [0, 1]}}}\n", "unknown searched parameter 'lambda3'"),
+        ("name: x\nsearch: {space: {lambda3: {uniform: [0, 1]}}}\n", "'lambda3' cannot be searched: a trial does not consume it (searchable: lambda1, lambda2, tau, freq_threshold, debug.indicator"),
         ("name: x\nsearch: {space: {lambda1: {loguniform: [0, 1]}}}\n", "loguniform bounds must be positive"),
         ("name: x\nsmoke: {base: {epochs: -1}}\n", "(with its smoke block): base.epochs: Input should be greater than 0"),
     ],
@@ -139,8 +139,25 @@ def test_two_frequency_thresholds_one_per_job():
     assert study.analysis.freq_threshold == 0.15  # detection: the paper's f = 0.15
     searched = with_values(study, {"freq_threshold": 0.3, "analysis.freq_threshold": 0.2})
     assert (searched.debug.freq_threshold, searched.analysis.freq_threshold) == (0.3, 0.2)
-    both = study_from_mapping({"name": "x", "search": {"space": {"freq_threshold": {"uniform": [0, 0.5]}, "analysis.freq_threshold": {"uniform": [0, 0.3]}}}})
-    assert set(both.search.searched_space) == {"freq_threshold", "analysis.freq_threshold"}
+    assert (study.debug.tau, study.analysis.tau) == (0.9, 0.9)  # retraining's and detection's τ: the paper's, apart
+
+
+@pytest.mark.parametrize(
+    "field", ["cfe.epochs", "masks.topk", "analysis.freq_threshold", "analysis.tau", "base.lr", "data.augment.rotation", "seed", "debug.views", "debug.workers"]
+)
+def test_a_field_no_trial_consumes_cannot_be_searched(field):
+    with pytest.raises(UserError) as error:
+        study_from_mapping({"name": "x", "search": {"space": {field: {"choice": [1, 2]}}}})
+    message = str(error.value)
+    assert "\n" not in message and f"{field!r} cannot be searched" in message
+    assert message.endswith("(searchable: lambda1, lambda2, tau, freq_threshold, debug.indicator, debug.epochs, debug.lr, debug.momentum, debug.batch_size)")
+
+
+def test_a_searched_value_the_field_refuses_is_refused_before_the_search():
+    with pytest.raises(UserError, match=r"search.space.debug.indicator: 'bogus' is not a value of debug.indicator"):
+        study_from_mapping({"name": "x", "search": {"space": {"debug.indicator": {"choice": ["paper", "bogus"]}}}})
+    with pytest.raises(UserError, match=r"search.space.lambda1: -1.0 is not a value of debug.lambda1"):
+        study_from_mapping({"name": "x", "search": {"space": {"lambda1": {"uniform": [-1, 1]}}}})
 
 
 def test_a_study_without_a_search_space_searches_the_default_one():

@@ -33,7 +33,7 @@ def test_fashion_smoke_study_runs_every_stage_on_capped_splits(fashion_smoke_res
         assert index["image_id"].str.startswith(f"fashion-{'test' if split == 'test' else 'train'}-").all()
     board = pd.read_parquet(fashion_smoke_results / "leaderboard.parquet")
     assert len(board) == 2 and board["is_control"].iloc[0]
-    final = pd.read_parquet(fashion_smoke_results / "final.parquet")
+    final = pd.read_parquet(fashion_smoke_results / "final" / "final.parquet")
     assert {"base", "control", "debugged"} <= set(final["model"])
     assert (final["test_acc"] > 0.3).all()  # two epochs on 600 images: well above chance (0.1)
 

@@ -285,7 +285,7 @@ def test_a_smoke_study_debugs_a_users_model(own_model_study):
     assert torch.equal(base.state_dict["fc.weight"], user_head) == study.adopted
     assert ("(adopted from model.weights)" in study.output) == study.adopted
     board = pd.read_parquet(study.results / "leaderboard.parquet")
-    assert len(board) == 2 and (board["status"] != "error").all() and (study.results / "final.parquet").is_file()
+    assert len(board) == 2 and (board["status"] != "error").all() and (study.results / "final" / "final.parquet").is_file()
     preprocess = load_results_study(str(study.results)).data.preprocess
     expected = (37, "bilinear") if study.arch == "resnet18" else (33, "bicubic")  # torchvision 256/224; timm floor(32 / 0.95)
     assert (preprocess.mode, preprocess.resize, preprocess.interpolation) == ("weights", *expected)

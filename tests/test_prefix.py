@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import write_image_store
-from raycf.checkpoint import ClassifierCheckpoint, parse_classifier_checkpoint
+from raycf.checkpoint import ClassifierCheckpoint, complete, parse_classifier_checkpoint
 from raycf.config import study_from_mapping, with_values
 from raycf.errors import UserError
 from raycf.image_store import open_store
@@ -21,24 +21,35 @@ from raycf.views import model_inputs, view_seeds
 VIEWS = 3
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A tiny digits study (3 views per image), its image store and a random base model with calibrated BatchNorm."""
-    folder = tmp_path_factory.mktemp("prefix")
+def _setup(folder, arch: str):
+    """A tiny digits study (3 views per image) on ``arch``, its image store and a random base model."""
     study = study_from_mapping(
         {
             "name": "p",
             "data": {"kind": "digits", "image_size": 16, "test_fraction": 0.8, "val_fraction": 0.2},
-            "model": {"arch": "vgg_tiny", "dropout": 0.3},
+            "model": {"arch": arch, "dropout": 0.3},
             "debug": {"epochs": 1, "batch_size": 32, "lr": 0.05, "views": VIEWS, "trainable": "last_conv_and_head"},
         }
     )
     images = write_image_store(study, folder / "images")
     torch.manual_seed(0)
     model = build_model(study.model, 10)
-    (folder / "model.pt").write_bytes(ClassifierCheckpoint("vgg_tiny", 64, 10, [str(d) for d in range(10)], 16, "x", model.state_dict()).to_bytes())
-    global_filters = np.random.default_rng(1).random((10, 64)) < 0.3
+    width = model.fc.in_features
+    (folder / "model.pt").write_bytes(ClassifierCheckpoint(arch, width, 10, [str(d) for d in range(10)], 16, "x", model.state_dict()).to_bytes())
+    global_filters = np.random.default_rng(1).random((10, width)) < 0.3
     return study, images, folder, global_filters
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """vgg_tiny: one cached tensor per image."""
+    return _setup(tmp_path_factory.mktemp("prefix"), "vgg_tiny")
+
+
+@pytest.fixture(scope="module")
+def resnet_setup(tmp_path_factory):
+    """resnet18: two cached tensors per image (the last block's input and its last conv's input)."""
+    return _setup(tmp_path_factory.mktemp("prefix-resnet"), "resnet18")
 
 
 def build_cache(setup, dtype: str) -> PrefixRef:
@@ -84,6 +95,54 @@ def test_one_epoch_on_the_cache_is_one_epoch_through_the_whole_network(setup):
     for name, value in whole.items():
         assert torch.allclose(on_cache[name].float(), value.float(), atol=1e-5), name
     assert not torch.equal(whole["fc.weight"], parse_classifier_checkpoint((setup[2] / "model.pt").read_bytes()).state_dict["fc.weight"])  # it trained
+
+
+def test_resnets_two_tensor_cache_trains_as_the_whole_network(resnet_setup):
+    cache = build_cache(resnet_setup, "float32")
+    assert PrefixCache(cache.location).tensors == 2
+    on_cache, history_cached = retrain(resnet_setup, cache, "cached")
+    whole, history_full = retrain(resnet_setup, None, "full")
+    assert history_cached[0]["train_loss"] == pytest.approx(history_full[0]["train_loss"], rel=1e-5)
+    assert history_cached[0]["val_acc"] == history_full[0]["val_acc"]
+    for name, value in whole.items():
+        assert torch.allclose(on_cache[name].float(), value.float(), atol=1e-5), name
+    base = parse_classifier_checkpoint((resnet_setup[2] / "model.pt").read_bytes()).state_dict
+    assert not torch.equal(whole["fc.weight"], base["fc.weight"]) and not torch.equal(whole["last_conv.0.weight"], base["last_conv.0.weight"])
+
+
+def _in_a_tune_trial(config, job) -> None:
+    from raycf.stages.search import train_in_trial
+
+    train_in_trial(job, None)  # one worker: the loop runs inside the trial, as a search trial's does
+
+
+def test_a_tune_trial_on_the_cache_trains_as_the_whole_network_in_this_process(setup, ray_session):
+    import sys
+
+    import ray.cloudpickle
+    import ray.tune as tune
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the trial's worker cannot import this test module
+
+    from raycf.method.selection import SCORE_KEY
+
+    study, images, folder, global_filters = setup
+    job = debug.DebugJob(
+        study=study, global_filters=global_filters, base_model=(folder / "model.pt").read_bytes(), lambda1=0.3, lambda2=0.05, images=images, prefix=build_cache(setup, "float32")
+    )
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(_in_a_tune_trial, job=job), {"cpu": 1}),
+        run_config=tune.RunConfig(name="tune-cached", storage_path=str(folder / "tune"), verbose=0),
+    )
+    (result,) = list(tuner.fit())
+    assert result.error is None
+    with result.get_best_checkpoint(SCORE_KEY, "max").as_directory() as checkpoint:
+        saved = parse_classifier_checkpoint(open(f"{checkpoint}/model.pt", "rb").read())
+    in_trial = complete(saved, job.base_model).state_dict  # a trial keeps only the layers it trains
+    whole, history_full = retrain(setup, None, "full-for-tune")
+    assert result.metrics_dataframe["train_loss"].iloc[0] == pytest.approx(history_full[0]["train_loss"], rel=1e-4)
+    for name, value in whole.items():
+        assert torch.allclose(in_trial[name].float(), value.float(), atol=1e-4), name
 
 
 def test_a_float16_cache_stays_within_its_stated_tolerance(setup):

@@ -133,7 +133,7 @@ def test_report_of_an_unfinished_study_says_what_is_missing(tmp_path):
     assert summary["figures"] == []
     assert summary["sections"] == ["study", "detection", "learned-detector", "final", "search", "search-noise", "global-mc", "gallery"]
     page = (output / "index.html").read_text()
-    for missing in ("analysis/detection.parquet", "analysis/learned_detector.parquet", "final/table2.parquet", "leaderboard.parquet", "analysis/global_mc.parquet", "final.parquet"):
+    for missing in ("analysis/detection.parquet", "analysis/learned_detector.parquet", "final/table2.parquet", "leaderboard.parquet", "analysis/global_mc.parquet", "final/final.parquet"):
         assert missing in page
     assert summary["notes"] == 7
     assert not (output / "search_noise.json").exists()
@@ -156,16 +156,30 @@ def test_report_shows_intervals_the_learned_detector_and_the_search_noise(tmp_pa
     for name, frame in tables.items():
         frame.to_parquet(results / "analysis" / f"{name}.parquet")
     board = pd.DataFrame({"trial_id": ["c", "a", "b", "d"], "status": "completed", "is_control": [True, False, False, False], "val_acc": [0.5, 2 / 6, 3 / 6, 4 / 6]})
+    # each trial's kept checkpoint holds its validation predictions: all labels are 0, trial t is right on its first k images
+    (results / "images").mkdir()
+    pd.DataFrame({"label": np.zeros(6, dtype=np.int64)}).to_parquet(results / "images" / "val.parquet")
+    for trial_id, right in zip(board["trial_id"], (3, 2, 3, 4)):
+        folder = tmp_path / "checkpoints" / trial_id
+        folder.mkdir(parents=True)
+        np.save(folder / "val_pred.npy", (np.arange(6) >= right).astype(np.uint16))
+    board["checkpoint_path"] = [str(tmp_path / "checkpoints" / trial_id) for trial_id in board["trial_id"]]
     board.to_parquet(results / "leaderboard.parquet")
     output = tmp_path / "out"
     summary = build_report(str(results), str(output), study)
     assert "auroc" in summary["figures"]
     page = (output / "index.html").read_text()
     assert "test: error detection without thresholds" in page and "AUROC − max softmax [95 % CI]" in page
+    assert "f1_centred" in page and "within-class AUROC [95 % CI]" in page and "Holm p" in page and "mc_size" in page
+    assert "control: skip gate alone" in page and "control: max softmax, as many as Avg. F1" in page
+    assert "test, class-aware: F1 agreement centred on its predicted class" in page and "within each predicted class, weighted by its errors" in page
     assert "Learned detector" in page and "AUROC − confidence [95 % CI]" in page and "Fitted coefficients" in page
-    assert "do not differ by more than validation noise" in page  # three trials one image apart on six validation images
+    # against the best (d, right on 4): a has b = 2, c = 0 (p = 0.5), b has b = 1 (p = 1): neither is distinguishable
+    assert "2 of the 2 other searched trials compared are not distinguishable from it" in page
+    assert "ASHA stops trials asynchronously, 2 at a time" in page
     noise = json.loads((output / "search_noise.json").read_text())
-    assert (noise["trials"], noise["validation_images"], noise["exceeds_noise"]) == (3, 6, False)
+    assert (noise["trials"], noise["validation_images"], noise["best_trial"], noise["indistinguishable"]) == (3, 6, "d", 2)
+    assert {row["trial_id"]: row["p"] for row in noise["comparisons"]} == pytest.approx({"c": 1.0, "a": 0.5, "b": 1.0})
     assert noise["mean"] == pytest.approx(0.5) and noise["binomial_se"] == pytest.approx((0.25 / 6) ** 0.5)
     assert noise["importances"] == {} and "No parameter importances: no Optuna study found" in page
 

@@ -1,51 +1,21 @@
-"""A results folder on S3 (moto's S3 server on 127.0.0.1): read back without a cluster."""
+"""Node-local copies of a results folder on S3 (moto's S3 server on 127.0.0.1)."""
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
-
-BUCKET = "raycf-results"
+from conftest import S3_BUCKET as BUCKET
 
 
 @pytest.fixture
-def s3_server(monkeypatch, tmp_path):
-    """A local S3 server with an empty bucket, and this test's own node cache folder."""
+def s3_client(s3_bucket, monkeypatch, tmp_path):
+    """A boto3 client of the session's local S3 server, and this test's own node cache folder."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    environment = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",  # botocore and pyarrow's S3 filesystem both honour it
-        "RAYCF_NODE_CACHE": str(tmp_path / "node-cache"),
-    }
-    for key, value in environment.items():
-        monkeypatch.setenv(key, value)
-    client = boto3.client("s3")
-    client.create_bucket(Bucket=BUCKET)
-    yield client, environment
-    server.stop()
-
-
-@pytest.fixture
-def s3_results(smoke_study_results: Path, s3_server):
-    """The smoke study's results uploaded to s3://raycf-results/runs/digits on a local S3 server."""
-    client, environment = s3_server
-    for path in smoke_study_results.rglob("*"):
-        relative = path.relative_to(smoke_study_results)
-        if path.is_file() and relative.parts[0] not in ("_ray", "report", "features"):
-            client.upload_file(str(path), BUCKET, f"runs/digits/{relative.as_posix()}")
-    return f"s3://{BUCKET}/runs/digits", environment
+    monkeypatch.setenv("RAYCF_NODE_CACHE", str(tmp_path / "node-cache"))
+    return boto3.client("s3")
 
 
 def put_images_stage(client, pixels: bytes, finished_at: str) -> None:
@@ -55,12 +25,12 @@ def put_images_stage(client, pixels: bytes, finished_at: str) -> None:
     client.put_object(Bucket=BUCKET, Key="runs/rewritten/images/_stage.json", Body=json.dumps(marker).encode())
 
 
-def test_a_stage_rewritten_under_the_same_hash_gets_a_fresh_node_copy(s3_server):
+def test_a_stage_rewritten_under_the_same_hash_gets_a_fresh_node_copy(s3_client):
     """A node-local copy is keyed by the stage's write, not only its hash: a forced rerun's new bytes are read."""
     from raycf.artefacts import store_ref
     from raycf.node_cache import local_folder
 
-    client, _ = s3_server
+    client = s3_client
     results = f"s3://{BUCKET}/runs/rewritten"
     put_images_stage(client, b"first write", "2026-12-01T10:00:00+00:00")
     first = store_ref(results)
@@ -74,17 +44,60 @@ def test_a_stage_rewritten_under_the_same_hash_gets_a_fresh_node_copy(s3_server)
     assert (local_folder(first.location, first.key) / "train.npy").read_bytes() == b"first write"  # the old copy, by its own key
 
 
-def test_leaderboard_and_rerun_read_an_s3_results_folder(s3_results, smoke_study_results):
-    uri, environment = s3_results
-    local = run_cli("leaderboard", str(smoke_study_results), "--format", "json")
-    remote = run_cli("leaderboard", uri, "--format", "json", env_extra={**environment, "RAY_ADDRESS": ""})
-    assert remote.returncode == 0, remote.stderr[-2000:]
-    assert json.loads(remote.stdout) == json.loads(local.stdout)
+def _marker(client, prefix: str, folder: str) -> None:
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/{folder}/_stage.json", Body=json.dumps({"stage": folder, "hash": "h", "finished_at": "t"}).encode())
 
-    rerun = run_cli("rerun", uri, "--best", env_extra={**environment, "RAY_ADDRESS": ""})
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert "matches the recorded run" in rerun.stdout
 
-    missing = run_cli("leaderboard", f"s3://{BUCKET}/runs/nothing", env_extra=environment)
-    assert missing.returncode == 2 and "no leaderboard.parquet" in missing.stderr
-    assert os.environ["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
+def test_a_stage_on_a_bucket_is_committed_by_its_marker_alone(s3_client):
+    """No rename on S3: a rerun withdraws its own and its downstream markers, empties its folder, writes in place; a crash leaves no marker."""
+    from raycf import storage
+    from raycf.artefacts import read_marker
+    from raycf.pipeline import run_in_place, withdraw_markers
+    from raycf.stages import Stage, StageRun
+
+    results = f"s3://{BUCKET}/runs/in-place"
+    for folder in ("masks", "search", "final", "report"):
+        _marker(s3_client, "runs/in-place", folder)
+    s3_client.put_object(Bucket=BUCKET, Key="runs/in-place/search/stale.parquet", Body=b"old run")
+    withdraw_markers(results, "search")
+    assert [folder for folder in ("masks", "search", "final", "report") if read_marker(results, folder) is not None] == ["masks"]
+
+    def crashes(run: StageRun) -> dict:
+        storage.write_text(run.path("half.txt"), "written before the crash")
+        raise RuntimeError("killed")
+
+    def finishes(run: StageRun) -> dict:
+        storage.write_text(run.path("whole.txt"), "done")
+        return {}
+
+    folder = storage.join_uri(results, "search")
+    for run_function in (crashes, finishes):
+        stage = Stage("search", reads=(), upstream=(), run=run_function, folder="search")
+        run = StageRun(study=None, results=results, output=folder, stage_hash="h", folders={})
+        if run_function is crashes:
+            with pytest.raises(RuntimeError):
+                run_in_place(stage, run)
+            assert storage.exists(storage.join_uri(folder, "half.txt")) and read_marker(results, "search") is None
+        else:
+            run_in_place(stage, run)
+    assert not storage.exists(storage.join_uri(folder, "half.txt")) and not storage.exists(storage.join_uri(folder, "stale.parquet"))
+    assert storage.read_text(storage.join_uri(folder, "whole.txt")) == "done"
+
+
+def test_checkpoint_paths_get_their_scheme_back():
+    from raycf.storage import with_scheme
+
+    assert with_scheme("raycf-results/runs/digits/_ray/search-1/trial-a/checkpoint_000001", "s3://raycf-results/runs/digits") == (
+        "s3://raycf-results/runs/digits/_ray/search-1/trial-a/checkpoint_000001"
+    )
+    assert with_scheme("/local/_ray/x", "/local") == "/local/_ray/x"
+    assert with_scheme("s3://b/k", "s3://b") == "s3://b/k"
+
+
+def test_a_bucket_that_does_not_exist_is_one_line_naming_storage_path(s3_bucket):
+    from raycf.errors import UserError
+    from raycf.storage import check_writable
+
+    check_writable(f"{s3_bucket}/runs/probe")  # the bucket exists: nothing raised, nothing left
+    with pytest.raises(UserError, match=r"^storage_path: cannot write to s3://no-such-bucket/runs \(.*not.*\)"):
+        check_writable("s3://no-such-bucket/runs")

@@ -30,8 +30,8 @@ EXPECTED_FILES = [
     "leaderboard.parquet",
     "optuna.db",
     "search/_stage.json",
-    "final.parquet",
-    "class_recall.parquet",
+    "final/final.parquet",
+    "final/class_recall.parquet",
     "final/predictions.parquet",
     "final/table2.parquet",
     "final/table3.parquet",
@@ -118,7 +118,7 @@ def test_rerun_best_reproduces_the_recorded_validation_accuracy(smoke_study_resu
 
 
 def test_final_tables_compare_the_best_searched_trial_with_the_control(smoke_study_results):
-    final = pd.read_parquet(smoke_study_results / "final.parquet")
+    final = pd.read_parquet(smoke_study_results / "final" / "final.parquet")
     assert list(final["model"]) == ["base", "control", "debugged"]
     assert final[["train_acc", "val_acc", "test_acc"]].notna().all().all()
     board = pd.read_parquet(smoke_study_results / "leaderboard.parquet")

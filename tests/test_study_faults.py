@@ -157,5 +157,5 @@ def test_a_failed_trial_does_not_end_the_study(ray_session, smoke_study_results,
     assert list(board["status"]) == ["error", "completed"] and board["is_control"].iloc[0]
     assert board["error"].iloc[0] and not board["error"].iloc[1]
     assert "final: training the control" in completed.stderr
-    final = pd.read_parquet(results / "final.parquet")
+    final = pd.read_parquet(results / "final" / "final.parquet")
     assert final["test_acc"].notna().all() and final.loc[2, "trial_id"] == board["trial_id"].iloc[1]

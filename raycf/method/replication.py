@@ -128,7 +128,10 @@ def group_recall(class_recall: pd.DataFrame, group: Sequence[str], base_recall: 
     group's classes).  Columns: ``comparison``, ``model``, ``class``,
     ``class_index``, ``support``, ``seeds``, ``recall_base``,
     ``recall_control_mean``, ``recall_mean``, ``change_mean``, ``change_sd``,
-    ``change_ci_low``, ``change_ci_high``.
+    ``change_ci_low``, ``change_ci_high``, ``change_p`` (the paired t test's
+    two-sided p-value, :func:`paired_p_value`) and ``change_p_holm`` (Holm
+    over the class rows of the same comparison; the ``(group)`` row is its
+    own question and keeps its p unadjusted).
     """
     rows = with_group_rows(class_recall, group)
     order = [*group, GROUP_ROW]
@@ -154,9 +157,35 @@ def group_recall(class_recall: pd.DataFrame, group: Sequence[str], base_recall: 
                     "change_sd": interval.sd,
                     "change_ci_low": interval.low,
                     "change_ci_high": interval.high,
+                    "change_p": paired_p_value(differences),
                 }
             )
-    return pd.DataFrame(records)
+    frame = pd.DataFrame(records)
+    return with_holm_by_comparison(frame)
+
+
+def paired_p_value(differences: Sequence[float]) -> float:
+    """Two-sided p-value of the paired t test "the mean difference is 0" (scipy's one-sample t test); NaN with fewer than two
+    differences; 1 when every difference is 0 (no spread and no change), 0 when they are equal and not 0."""
+    from scipy.stats import ttest_1samp
+
+    values = np.asarray(differences, dtype=float)
+    if values.size < 2 or np.isnan(values).any():
+        return math.nan
+    if np.all(values == values[0]):
+        return 1.0 if values[0] == 0 else 0.0
+    return float(ttest_1samp(values, 0.0).pvalue)
+
+
+def with_holm_by_comparison(frame: pd.DataFrame) -> pd.DataFrame:
+    """``change_p_holm``: ``change_p`` Holm-adjusted over each comparison's class rows; the ``(group)`` row keeps its own p."""
+    from raycf.method.multiple import holm
+
+    frame = frame.copy()
+    frame["change_p_holm"] = frame["change_p"]
+    for _comparison, rows in frame[frame["class"] != GROUP_ROW].groupby("comparison", sort=False):
+        frame.loc[rows.index, "change_p_holm"] = holm(rows["change_p"].to_numpy())
+    return frame
 
 
 def pooled_base_recall(class_recall: pd.DataFrame, group: Sequence[str]) -> dict[str, float]:

@@ -15,9 +15,12 @@ from raycf.stages.stage import Stage, StageRun, entry
 
 __all__ = ["STAGES", "Stage", "StageRun", "stage_named"]
 
+# What the images stage decodes by: every data field but the augmentation (applied later, on the device).
+IMAGE_FIELDS = ("data.kind", "data.root", "data.image_size", "data.stored_side", "data.val_fraction", "data.test_fraction", "data.max_per_split", "data.bbox_crop")
+
 STAGES: tuple[Stage, ...] = (
     Stage(
-        "images", reads=("data",), upstream=(), run=entry("images", "run"), folder="images",
+        "images", reads=IMAGE_FIELDS, upstream=(), run=entry("images", "run"), folder="images",
         summary="decode every image once into the uint8 image store (Ray Data on CPUs)",
     ),
     Stage(
@@ -45,11 +48,11 @@ STAGES: tuple[Stage, ...] = (
         summary="the activations entering the first retrained layer, for every view of every training image (Ray Data)",
     ),
     Stage(
-        "debug", reads=("debug", "analysis.tau"), upstream=("masks", "prefix"), run=entry("debug", "run"), folder="debug", describe=entry("debug", "describe"),
+        "debug", reads=("debug", "search.metric", "search.mode"), upstream=("masks", "prefix"), run=entry("debug", "run"), folder="debug", describe=entry("debug", "describe"),
         command="debug", summary="retrain with the debugging loss and its fine-tuning control on Ray Train; print Tables 2 and 3",
     ),
     Stage(
-        "search", reads=("search", "debug", "analysis.tau", "analysis.freq_threshold"), upstream=("masks", "prefix"), run=entry("search", "run"), folder="search",
+        "search", reads=("search", "debug"), upstream=("masks", "prefix"), run=entry("search", "run"), folder="search",
         summary="Ray Tune + Optuna over lambda1, lambda2, tau and f; the control first",
     ),
     Stage(
@@ -58,7 +61,7 @@ STAGES: tuple[Stage, ...] = (
         "the study's lambda and the best trial's retrained over seeds (paired intervals)",
     ),
     Stage(
-        "report", reads=(), upstream=("final", "analyze"), run=entry("report", "run"), folder="report", describe=entry("report", "describe"),
+        "report", reads=("search.pareto",), upstream=("final", "analyze"), run=entry("report", "run"), folder="report", describe=entry("report", "describe"),
         summary="one self-contained HTML page with the study's tables and figures",
     ),
 )  # fmt: skip

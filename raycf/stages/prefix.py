@@ -28,7 +28,7 @@ from raycf.console import log
 from raycf.image_store import StoreRef, open_store
 from raycf.models import FrozenPrefix
 from raycf.predict import inference_model
-from raycf.prefix_cache import DTYPES, META_FILE, cache_bytes, cached_shapes, human_size, uses_cache
+from raycf.prefix_cache import DTYPES, META_FILE, cache_bytes, cache_identity, cached_shapes, human_size, uses_cache
 from raycf.ray_data import actor_pool, data_context
 from raycf.views import model_inputs, view_seeds
 
@@ -83,7 +83,7 @@ def write_cache(batches: Iterable[dict[str, np.ndarray]], study: StudyConfig, sh
         for array in arrays.values():
             array.flush()
         del arrays
-        meta = {"enabled": True, "scope": study.debug.trainable, "views": study.debug.views, "dtype": study.prefix.dtype, "shapes": [list(s) for s in shapes], "train": num_train, "val": num_val}
+        meta = {"enabled": True, "scope": study.debug.trainable, "views": study.debug.views, "dtype": study.prefix.dtype, **cache_identity(study), "shapes": [list(s) for s in shapes], "train": num_train, "val": num_val}
         Path(folder, META_FILE).write_text(json.dumps(meta, indent=2))
         for path in sorted(Path(folder).iterdir()):
             storage.upload_file(path, storage.join_uri(output, path.name))

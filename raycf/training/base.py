@@ -94,17 +94,24 @@ def report_epoch(
     study: StudyConfig,
     objective: tuple[str, str] = ("val_acc", "max"),
     base_hash: str = "",
+    extra_files: dict[str, bytes] | None = None,
+    only_improving: bool = False,
 ) -> None:
     """Report an epoch with its selection score under ``objective`` (metric, mode); rank 0 attaches ``model.pt`` and ``train_state.pt``.
 
     With ``base_hash``, ``model.pt`` is partial: the trainable layers only (:func:`raycf.checkpoint.checkpoint_of`).
+    ``extra_files``: more files of rank 0's checkpoint folder (the validation predictions).
+    ``only_improving``: attach them only to an epoch that is the best so far
+    (the only checkpoint a run keeps; a restarted run resumes from it and
+    redraws the later epochs, which depend only on (seed, epoch)).
     """
-    metrics = {**metrics, SCORE_KEY: checkpoint_scores(state.history, *objective)[-1]}
-    if session.rank != 0:
+    score = checkpoint_scores(state.history, *objective)[-1]
+    metrics = {**metrics, SCORE_KEY: score}
+    if session.rank != 0 or (only_improving and not float(score).is_integer()):
         session.report(metrics)
         return
     checkpoint = checkpoint_of(model, class_names, study.data.image_size, study.config_hash(), metrics, base_hash)
-    session.report(metrics, {CHECKPOINT_FILE: checkpoint.to_bytes(), TRAIN_STATE_FILE: state.to_bytes()})
+    session.report(metrics, {CHECKPOINT_FILE: checkpoint.to_bytes(), TRAIN_STATE_FILE: state.to_bytes(), **(extra_files or {})})
 
 
 def print_epoch(session: Session, run: str, metrics: dict[str, Any], total_epochs: int) -> None:

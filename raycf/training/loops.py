@@ -232,6 +232,8 @@ def train_one_epoch(
     scaler = precision.grad_scaler() if precision is not None else None
     meter = ThroughputMeter(precision.device if precision is not None else None).start()
     sums: dict[str, torch.Tensor | float] = {"correct": 0.0, "count": 0.0}
+    part_names: list[str] = []
+    part_sums: torch.Tensor | None = None  # the loss parts of every step, summed as one vector (one op a step, not one per part)
     for inputs, labels in batches:
         if flops is not None and flops.per_image is None and precision is not None and precision.device.type == "cuda":
             flops.per_image = step_flops_per_image(model, inputs, labels, loss_fn, forward, precision)
@@ -250,8 +252,10 @@ def train_one_epoch(
         meter.add(batch)
         sums["correct"] = sums["correct"] + (logits.detach().argmax(1) == labels).sum()
         sums["count"] = sums["count"] + batch
-        for key, value in parts.items():
-            sums[key] = sums.get(key, 0.0) + value.float() * batch
+        weighted = torch.stack(list(parts.values())).float() * batch
+        part_names, part_sums = list(parts), weighted if part_sums is None else part_sums + weighted
+    if part_sums is not None:
+        sums.update(zip(part_names, part_sums.unbind()))
     totals = all_reduce_sums(sums)
     meter.stop()
     count = max(totals.pop("count"), 1.0)
@@ -267,10 +271,13 @@ def evaluate(
     *,
     precision: Precision | None = None,
     forward: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    predictions: list[torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Loss and accuracy of ``model`` over ``batches`` of ``(inputs, labels)``, summed over all ranks.
 
     ``forward(model, inputs)`` gives logits (default: ``model(inputs)``).
+    ``predictions``: a list this rank's predicted classes are appended to, one
+    tensor per batch, left on the device (no host sync per batch).
     Runs the module inside a DDP wrapper (DDP's forward is a collective that
     would wait forever for a rank whose shard is empty), after giving every
     rank rank 0's buffers, as DDP's forward would: the BatchNorm statistics
@@ -286,7 +293,10 @@ def evaluate(
         with _autocast(precision):
             logits = model(inputs) if forward is None else forward(model, inputs)
         sums["loss"] = sums["loss"] + F.cross_entropy(logits.float(), labels, reduction="sum")
-        sums["correct"] = sums["correct"] + (logits.argmax(1) == labels).sum()
+        predicted = logits.argmax(1)
+        if predictions is not None:
+            predictions.append(predicted)
+        sums["correct"] = sums["correct"] + (predicted == labels).sum()
         sums["count"] = sums["count"] + len(labels)
     totals = all_reduce_sums(sums)
     count = max(totals["count"], 1.0)
