@@ -89,7 +89,7 @@ def _model_bytes(results: str, which: str) -> tuple[pd.Series | None, bytes, lis
         final = read_final_frame(results, "final.parquet")
         debugged = final[final["model"] == "debugged"] if final is not None else None
         if debugged is None or debugged.empty:
-            raise UserError(f"{results}: no final.parquet with a debugged model (expected a study whose final stage ran)")
+            raise UserError(f"{results}: no final/final.parquet with a debugged model (expected a study whose final stage ran)")
         rows = board[board["trial_id"] == str(debugged["trial_id"].iloc[0])]
     elif which == "control":
         rows = board[board["is_control"]]
