@@ -26,10 +26,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from raycf import storage
-from raycf.artefacts import load_results_study, read_frame, read_marker
-from raycf.method.multiple import ALPHA, survives
-from raycf.stages import STAGES
+USAGE = "usage: python scripts/findings.py RESULTS (a study's results folder, with its config.yaml)"
+if __name__ == "__main__" and (len(sys.argv) != 2 or not Path(sys.argv[1], "config.yaml").is_file()):
+    print(USAGE, file=sys.stderr)  # bad input is refused before raycf's (torch's) imports
+    sys.exit(2)
+
+from raycf import storage  # noqa: E402
+from raycf.artefacts import load_results_study, read_frame, read_marker  # noqa: E402
+from raycf.method.multiple import ALPHA, survives  # noqa: E402
+from raycf.stages import STAGES  # noqa: E402
 
 DETECTOR_SCORES = (
     "recall", "precision", "f1", "magnitude", "head_weight",
@@ -371,7 +376,7 @@ def findings(results: str) -> str:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1 or not Path(argv[0], "config.yaml").is_file():
-        print("usage: python scripts/findings.py RESULTS (a study's results folder, with its config.yaml)", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     print(findings(argv[0]))
     return 0

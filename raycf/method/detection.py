@@ -28,12 +28,19 @@ against its own global set, and the best-agreeing class (ties: the more
 probable one) replaces the prediction ("altered accuracy"; the reference's
 version always kept the top-1 class).
 
-**Error scores**: each agreement score and the max-softmax baseline as a
-threshold-free detector of "is an error" (AUROC, AUPR with errors as
-positives), every score oriented so that higher means more suspicious, plus
-``max_softmax_x_f1`` = 1 − confidence · f1; with percentile-bootstrap 95 %
-intervals over images and, for each score, the paired interval of its AUROC
-minus max softmax's (:mod:`raycf.method.bootstrap`).
+**Table 1's controls** (:func:`control_rows`): the skip gate alone (every
+image with confidence ≤ s flagged) and max softmax flagging as many images
+as each CFE rule (the least confident): what a rule catches beyond them is
+what its filters add.
+
+**Error scores**: each agreement score, its class-centred form
+(``<metric>_centred``, :mod:`raycf.method.class_centred`), the MC-set size
+and the max-softmax baseline as threshold-free detectors of "is an error"
+(AUROC, AUPR with errors as positives), every score oriented so that higher
+means more suspicious, plus ``max_softmax_x_f1`` = 1 − confidence · f1; with
+percentile-bootstrap 95 % intervals over images, the within-class AUROC on
+the same resamples and, for each score, the paired interval of its AUROC
+minus max softmax's with a Holm-adjusted p-value (:mod:`raycf.method.bootstrap`).
 """
 
 from __future__ import annotations
