@@ -25,7 +25,7 @@ system-packages:
 	./.ci/system-packages.sh
 
 test: $(STAMP) system-packages
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks

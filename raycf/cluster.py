@@ -21,8 +21,9 @@ from raycf.errors import UserError
 
 # Written on the head by `ray up` (the cluster launcher): the node types it may add.
 LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"
-# Environment variables of raycf's own (RAYCF_*) travel to every Ray worker of the study.
-FORWARDED_PREFIX = "RAYCF_"
+# Environment variables of raycf's own (RAYCF_*) travel to every Ray worker of the study, and so
+# does an S3-compatible store's endpoint (AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3): every node must reach the same store.
+FORWARDED_PREFIX = ("RAYCF_", "AWS_ENDPOINT_URL")
 
 
 def ensure_ray() -> None:

@@ -85,6 +85,13 @@ def is_hashed(field: Any) -> bool:
     return not (isinstance(extra, dict) and extra.get("hashed") is False)
 
 
+def names_as_text(names: Any) -> Any:
+    """YAML reads class names such as 0 … 9 as numbers: take them as the names they spell."""
+    if isinstance(names, (list, tuple)):
+        return tuple(str(name) if isinstance(name, int) and not isinstance(name, bool) else name for name in names)
+    return names
+
+
 class StrictModel(BaseModel):
     """Base of every config section: unknown fields are errors, values are frozen."""
 
@@ -189,13 +196,7 @@ class ModelConfig(StrictModel):
         family_of(arch)  # a ValueError names the accepted families, or why this one is refused
         return arch
 
-    @field_validator("class_names", mode="before")
-    @classmethod
-    def _class_names_as_text(cls, names: Any) -> Any:
-        """YAML reads class names such as 0 … 9 as numbers: take them as the names they spell."""
-        if isinstance(names, (list, tuple)):
-            return tuple(str(name) if isinstance(name, int) and not isinstance(name, bool) else name for name in names)
-        return names
+    _class_names_as_text = field_validator("class_names", mode="before")(names_as_text)
 
 
 class BaseConfig(StrictModel):
@@ -432,7 +433,8 @@ class FinalConfig(StrictModel):
         ge=1,
         description="retraining seeds per model: 1 evaluates the best searched trial and the control as the search trained them; "
         "n > 1 also retrains the control, the study's own λ (debug.lambda1, debug.lambda2) and the best trial's parameters n times "
-        "each, with the data order, the view drawn per epoch and dropout seeded by seed + 0 … n − 1, and reports paired 95 % intervals "
+        "each (seed 0's control and best trial are the search's own models), with the data order, the view drawn per epoch and dropout "
+        "seeded by seed + 0 … n − 1, and reports paired 95 % intervals "
         "of their test and validation accuracy differences",
     )
     class_group: tuple[str, ...] = Field(
@@ -442,13 +444,7 @@ class FinalConfig(StrictModel):
         "classes before anything runs",
     )
 
-    @field_validator("class_group", mode="before")
-    @classmethod
-    def _names_as_text(cls, names: Any) -> Any:
-        """YAML reads digits' class names (0 … 9) as numbers: take them as the names they spell."""
-        if isinstance(names, (list, tuple)):
-            return tuple(str(name) if isinstance(name, int) and not isinstance(name, bool) else name for name in names)
-        return names
+    _names_as_text = field_validator("class_group", mode="before")(names_as_text)
 
     @model_validator(mode="after")
     def _group_needs_seeds(self) -> "FinalConfig":

@@ -30,11 +30,14 @@ column                 meaning
                        start included) to its end (retries included)
 ``epochs_s``           the sum of its epochs' times (``epoch_s``): ``wall_s − epochs_s`` is its overhead
 ``checkpoint_path``    folder of the best epoch's checkpoint (``model.pt`` inside); the
-                       checkpoint the trial kept, so it exists (one tie rule everywhere)
+                       checkpoint the trial kept, so it exists (one tie rule everywhere);
+                       a full URI (``s3://...``) when the results folder is one
 ``seed``               the study seed; ``config_hash``: hash of the trial's resolved study
-``raycf_version``,     versions that produced the row
+``raycf_version``,     versions that produced the row (``torch_version``: the trial's own process's)
 ``ray_version``,
 ``torch_version``
+``device``             where the trial trained (``cuda``, ``cpu``); ``precision``: its arithmetic
+                       (``bf16``, ``fp16``, ``fp32``); ``raycf rerun`` reruns with them where it can
 ``error``              first line of the error of a failed trial
 =====================  ===========================================================
 """
@@ -83,6 +86,8 @@ METRIC_COLUMNS = (
     "raycf_version",
     "ray_version",
     "torch_version",
+    "device",
+    "precision",
     "error",
 )
 DETECTION_KEYS = ("det_auroc", "det_aupr", "maxsoftmax_auroc", "g_size")
@@ -140,7 +145,9 @@ def trial_row(record: TrialRecord, parameter_names: list[str], metric: str, mode
             "config_hash": record.config_hash,
             "raycf_version": versions.get("raycf", ""),
             "ray_version": versions.get("ray", ""),
-            "torch_version": versions.get("torch", ""),
+            "torch_version": str(last.get("torch") or versions.get("torch", "")),
+            "device": str(last.get("device", "")),
+            "precision": str(last.get("precision", "")),
             "error": record.error,
         }
     )

@@ -32,7 +32,7 @@ from raycf.errors import UserError
 from raycf.fingerprints import FILE_FIELDS, content_of, file_fingerprints, reads_field
 from raycf.manifest import finish_manifest, iso_time, raycf_version, write_study_files
 from raycf.prefix_cache import check_budget, uses_cache
-from raycf.stages import STAGES, StageRun, stage_named
+from raycf.stages import STAGES, Stage, StageRun, stage_named
 
 FOLDERS = {stage.name: stage.folder for stage in STAGES}
 
@@ -106,9 +106,10 @@ def run_stages(study: StudyConfig, targets: list[str], force: set[str] | None = 
     if unknown:
         raise UserError(f"--force {sorted(unknown)[0]}: unknown stage (expected one of {', '.join(FOLDERS)})")
     results = study.results_uri
-    storage.check_writable(results)
     check_storage_for_cluster(study)
     check_gpus(study)
+    if storage.is_uri(results):  # a missing bucket, no credentials or no permission: one line, before any stage
+        storage.check_writable(results)
     decisions = plan(study, targets, force)
     if any(name == "prefix" and decision != "cached" for name, decision in decisions):
         check_prefix_budget(study)
@@ -150,7 +151,7 @@ def check_prefix_budget(study: StudyConfig) -> None:
 
 
 def run_stage(study: StudyConfig, name: str, resume: bool = False, fresh: bool = False, results: str | None = None) -> dict:
-    """Run one stage into a staging folder, publish it, write its marker.
+    """Run one stage and commit it: its folder in place (staged and renamed locally, written in place on an object store), then its marker.
 
     Ray Train and Tune runs are named after the stage and its hash, so an
     interrupted stage resumes from its last checkpoint; ``fresh`` (``--force``)
@@ -203,7 +204,7 @@ def withdraw_markers(results: str, name: str) -> None:
         storage.remove(storage.join_uri(results, FOLDERS[stage], MARKER_FILE))
 
 
-def run_staged(stage, run: StageRun) -> dict:
+def run_staged(stage: Stage, run: StageRun) -> dict:
     """Run ``stage`` into a local staging folder and rename it into place once complete."""
     staging = storage.join_uri(run.results, ".staging", f"{stage.name}-{uuid.uuid4().hex[:8]}")
     Path(staging).mkdir(parents=True, exist_ok=True)
@@ -219,7 +220,7 @@ def run_staged(stage, run: StageRun) -> dict:
     return summary
 
 
-def run_in_place(stage, run: StageRun) -> dict:
+def run_in_place(stage: Stage, run: StageRun) -> dict:
     """Run ``stage`` straight into its folder on an object store (no rename there).
 
     The folder is emptied first (its marker is gone already), so no file of an

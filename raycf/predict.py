@@ -5,10 +5,14 @@ train, val and test and keeps its predictions
 (``predictions.parquet``: ``split``, ``image_index``, ``image_id``,
 ``label``, ``model``, ``pred``, ``confidence``); Tables 2 and 3 and the
 report's gallery are computed from those rows, so the test split is read
-once per model.  The base model's rows come from the features stage.
+once per model.  Where retraining runs on the frozen-prefix cache, train
+and val are scored from it (view 0 is the plain image): only the trainable
+layers run.  The base model's rows come from the features stage.
 """
 
 from __future__ import annotations
+
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -19,10 +23,13 @@ from raycf.checkpoint import ClassifierCheckpoint, parse_classifier_checkpoint
 from raycf.config import StudyConfig
 from raycf.data import SPLITS
 from raycf.image_store import StoredImages, StoreRef, open_store
-from raycf.models import FilterClassifier, classifier_from_checkpoint, device_for
+from raycf.models import FilterClassifier, TrainableTail, classifier_from_checkpoint, device_for
 from raycf.precision import Precision, prepare_device, prepare_model
+from raycf.prefix_cache import PrefixCache, PrefixRef, open_cache
 from raycf.training.loops import batched_collate, device_batches
 from raycf.views import model_inputs
+
+CACHED_SPLITS = ("train", "val")  # what the frozen-prefix cache holds (test never: it is never trained on)
 
 
 def inference_model(study: StudyConfig, checkpoint: ClassifierCheckpoint, use_gpu: bool) -> tuple[FilterClassifier, torch.device, Precision]:
@@ -34,27 +41,43 @@ def inference_model(study: StudyConfig, checkpoint: ClassifierCheckpoint, use_gp
 
 
 @torch.no_grad()
-def predict_splits(study: StudyConfig, images: StoreRef, model_bytes: bytes, model_name: str, splits: tuple[str, ...] = SPLITS, use_gpu: bool = False) -> pd.DataFrame:
-    """One row per image of ``splits``: the model's prediction and its softmax probability."""
+def predict_splits(
+    study: StudyConfig,
+    images: StoreRef,
+    model_bytes: bytes,
+    model_name: str,
+    splits: tuple[str, ...] = SPLITS,
+    use_gpu: bool = False,
+    prefix: PrefixRef | None = None,
+) -> pd.DataFrame:
+    """One row per image of ``splits``: the model's prediction and its softmax probability.
+
+    With ``prefix`` (the study's frozen-prefix cache), train and val are scored
+    from the cache's plain view (view 0), only the trainable layers running;
+    the test split, which the cache does not hold, always runs the whole network.
+    """
     model, device, precision = inference_model(study, parse_classifier_checkpoint(model_bytes, model_name, study.model.arch), use_gpu)
     store = open_store(images)
     frames = []
     for split in splits:
-        dataset = StoredImages(store, split)
-        loader = DataLoader(dataset, batch_size=study.debug.eval_batch_size, pin_memory=device.type == "cuda", collate_fn=batched_collate(dataset))
+        if prefix is not None and split in CACHED_SPLITS:
+            batches = cached_logits(model, open_cache(prefix), study.debug.trainable, store.labels(split), split, study.debug.eval_batch_size, device)
+        else:
+            batches = image_logits(model, store, split, study, device)
         confidences, predictions = [], []
-        for inputs, _labels in device_batches(loader, device, lambda images, _indices: model_inputs(images, study.data.image_size)):
+        for logits in batches:
             with precision.autocast():
-                best = torch.softmax(model(inputs).float(), dim=1).max(dim=1)
+                best = torch.softmax(logits().float(), dim=1).max(dim=1)
             confidences.append(best.values)
             predictions.append(best.indices)
+        labels = store.labels(split)
         frames.append(
             pd.DataFrame(
                 {
                     "split": split,
-                    "image_index": np.arange(len(dataset), dtype=np.int64),
+                    "image_index": np.arange(len(labels), dtype=np.int64),
                     "image_id": store.ids(split),
-                    "label": store.labels(split),
+                    "label": labels,
                     "model": model_name,
                     "pred": torch.cat(predictions).cpu().numpy().astype(np.int64) if predictions else np.zeros(0, np.int64),
                     "confidence": torch.cat(confidences).cpu().numpy().astype(np.float32) if confidences else np.zeros(0, np.float32),
@@ -64,15 +87,38 @@ def predict_splits(study: StudyConfig, images: StoreRef, model_bytes: bytes, mod
     return pd.concat(frames, ignore_index=True)
 
 
-def predict_models(study: StudyConfig, images: StoreRef, models: dict[str, bytes], splits: tuple[str, ...] = SPLITS, use_gpu: bool = False) -> pd.DataFrame:
+def image_logits(model: FilterClassifier, store, split: str, study: StudyConfig, device: torch.device) -> Iterator[Callable[[], torch.Tensor]]:
+    """Per batch of the split's stored images (plain), a call that runs the whole network on it."""
+    dataset = StoredImages(store, split)
+    loader = DataLoader(dataset, batch_size=study.debug.eval_batch_size, pin_memory=device.type == "cuda", collate_fn=batched_collate(dataset))
+    for inputs, _labels in device_batches(loader, device, lambda images, _indices: model_inputs(images, study.data.image_size)):
+        yield lambda inputs=inputs: model(inputs)
+
+
+def cached_logits(
+    model: FilterClassifier, cache: PrefixCache, scope: str, labels: np.ndarray, split: str, batch_size: int, device: torch.device
+) -> Iterator[Callable[[], torch.Tensor]]:
+    """Per batch of a cached split (training images in their plain view 0), a call that runs only the trainable tail on it."""
+    tail = TrainableTail(model, scope).eval()
+    for start in range(0, len(labels), batch_size):
+        indices = torch.arange(start, min(start + batch_size, len(labels)))
+        views = torch.zeros_like(indices) if split == "train" else None
+        cached = cache.batch(split, indices, views, device)
+        yield lambda cached=cached: tail(*cached)[0]
+
+
+def predict_models(
+    study: StudyConfig, images: StoreRef, models: dict[str, bytes], splits: tuple[str, ...] = SPLITS, use_gpu: bool = False, prefix: PrefixRef | None = None
+) -> pd.DataFrame:
     """:func:`predict_splits` for several named models, one after the other, in this process."""
-    return pd.concat([predict_splits(study, images, model_bytes, name, splits, use_gpu) for name, model_bytes in models.items()], ignore_index=True)
+    return pd.concat([predict_splits(study, images, model_bytes, name, splits, use_gpu, prefix) for name, model_bytes in models.items()], ignore_index=True)
 
 
-def predict_on_ray(study: StudyConfig, images: StoreRef, models: dict[str, bytes], tasks: int | None = None) -> pd.DataFrame:
+def predict_on_ray(study: StudyConfig, images: StoreRef, models: dict[str, bytes], tasks: int | None = None, prefix: PrefixRef | None = None) -> pd.DataFrame:
     """:func:`predict_splits` for each named ``model.pt``, as parallel Ray tasks (one GPU each with ``debug.use_gpu``), rows in the models' order.
 
-    ``tasks``: at most that many tasks, each predicting its share of the
+    ``prefix``: score train and val from this frozen-prefix cache (see
+    :func:`predict_splits`).  ``tasks``: at most that many tasks, each predicting its share of the
     models in turn (fewer worker start-ups when there are many small
     models); None: one task per model.
     """
@@ -82,7 +128,7 @@ def predict_on_ray(study: StudyConfig, images: StoreRef, models: dict[str, bytes
     count = len(names) if tasks is None else max(1, min(tasks, len(names)))
     shares = [names[start::count] for start in range(count)]
     task = ray.remote(predict_models).options(num_cpus=1, num_gpus=1 if study.debug.use_gpu else 0)
-    frames = ray.get([task.remote(study, images, {name: models[name] for name in share}, SPLITS, study.debug.use_gpu) for share in shares])
+    frames = ray.get([task.remote(study, images, {name: models[name] for name in share}, SPLITS, study.debug.use_gpu, prefix) for share in shares])
     frame = pd.concat(frames, ignore_index=True)
     position = frame["model"].map({name: index for index, name in enumerate(names)}).to_numpy()
     return frame.iloc[np.argsort(position, kind="stable")].reset_index(drop=True)

@@ -69,11 +69,29 @@ def exists(location: str) -> bool:
     return filesystem.get_file_info(path).type != pafs.FileType.NotFound
 
 
+READ_ATTEMPTS = 5
+
+
 def read_bytes(location: str) -> bytes:
-    """The whole content of a file."""
+    """The whole content of a file.
+
+    On an object store a read is a size lookup then ranged GETs: an object
+    replaced in between (a leaderboard or driver-state file rewritten while
+    it is read) would come back as a mix of two versions.  The read is kept
+    only when the object's size and time are the same before and after it.
+    """
     filesystem, path = resolve(location)
-    with filesystem.open_input_stream(path) as stream:
-        return stream.read()
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read()
+    for _ in range(READ_ATTEMPTS):
+        before = filesystem.get_file_info(path)
+        with filesystem.open_input_stream(path) as stream:
+            data = stream.read()
+        after = filesystem.get_file_info(path)
+        if (before.size, before.mtime) == (after.size, after.mtime) == (len(data), after.mtime):
+            return data
+    raise OSError(f"{location}: rewritten during each of {READ_ATTEMPTS} reads")
 
 
 def write_bytes(location: str, data: bytes) -> None:
@@ -117,8 +135,10 @@ def read_table(location: str, columns: list[str] | None = None) -> pa.Table:
     info = filesystem.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(location)
-    if info.type == pafs.FileType.File:
+    if info.type == pafs.FileType.File and isinstance(filesystem, pafs.LocalFileSystem):
         return pq.read_table(path, filesystem=filesystem, columns=columns)
+    if info.type == pafs.FileType.File:  # one consistent version of a file that may be rewritten meanwhile (read_bytes)
+        return pq.read_table(pa.BufferReader(read_bytes(location)), columns=columns)
     files = sorted(
         entry.path
         for entry in filesystem.get_file_info(pafs.FileSelector(path, recursive=True))

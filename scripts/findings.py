@@ -2,26 +2,42 @@
 
     python scripts/findings.py results/fashion > findings.md
 
-Every number comes from the results folder: the stage markers
-(``<stage>/_stage.json``), ``images/<split>.parquet``,
-``analysis/detection.parquet``, ``analysis/error_scores.parquet``,
-``analysis/learned_detector.parquet``, ``final/table2.parquet``,
-``final/seed_summary.parquet``, ``final/group_recall.parquet`` and
-``report/search_noise.json``.  Nothing is typed by hand; a missing file is
-named instead of its section.  Reads no images and needs no Ray.
+Every number, and every sentence that reads one, comes from the results
+folder: the stage markers (``<folder>/_stage.json``, :data:`raycf.stages.STAGES`),
+``images/<split>.parquet``, ``analysis/detection.parquet``,
+``analysis/error_scores.parquet``, ``analysis/learned_detector.parquet``,
+``final/table2.parquet``, ``final/seed_summary.parquet``,
+``final/group_recall.parquet``, ``report/search_noise.json`` and the
+resolved ``config.yaml``.  Nothing is typed by hand; a missing file is named
+instead of its section.  Reads no images and needs no Ray.
+
+Intervals are read by :func:`reading`: "no difference detected" where an
+interval includes zero; "negligible" (with the interval) where it excludes
+zero but lies within the quantity's margin (:data:`NEGLIGIBLE`); "higher" or
+"lower" otherwise.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-STAGES = ("images", "base", "features", "cfe", "masks", "analyze", "prefix", "search", "final", "report")
-FOLDERS = {"analyze": "analysis"}
-DETECTOR_SCORES = ("recall", "precision", "f1", "magnitude", "head_weight", "max_softmax", "max_softmax_x_f1")
+from raycf import storage
+from raycf.artefacts import load_results_study, read_frame, read_marker
+from raycf.method.multiple import ALPHA, survives
+from raycf.stages import STAGES
+
+DETECTOR_SCORES = (
+    "recall", "precision", "f1", "magnitude", "head_weight",
+    "recall_centred", "precision_centred", "f1_centred", "magnitude_centred", "head_weight_centred",
+    "mc_size", "max_softmax", "max_softmax_x_f1",
+)  # fmt: skip
+# A difference inside ± this is too small to matter, even when its interval excludes 0.
+NEGLIGIBLE = {"auroc": 0.01, "accuracy": 0.001, "recall": 0.01}
 
 
 def bounds(low: float, high: float, scale: float = 1.0, digits: int = 3, signed: bool = False) -> str:
@@ -36,9 +52,33 @@ def interval(value: float, low: float, high: float, scale: float = 1.0, digits: 
     return f"{scale * value:{sign}.{digits}f} {bounds(low, high, scale, digits, signed)}"
 
 
+def reading(value: float, low: float, high: float, margin: float, scale: float = 1.0, digits: int = 3, unit: str = "") -> str:
+    """What an interval of a difference says: no difference detected, negligible, higher or lower, with the interval."""
+    shown = interval(value, low, high, scale, digits, signed=True) + unit
+    if any(math.isnan(v) for v in (value, low, high)):
+        return f"undefined ({shown})"
+    if low <= 0 <= high:
+        return f"no difference detected ({shown}: the interval includes zero)"
+    if max(abs(low), abs(high)) < margin:
+        return f"negligible ({shown}: the interval excludes zero but lies within ±{scale * margin:g}{unit})"
+    return f"{'higher' if low > 0 else 'lower'} ({shown})"
+
+
 def shown(value: float | None, digits: int = 4) -> str:
     """A number of a JSON file, or "–" where it is undefined (null: e.g. the sd of one trial)."""
-    return "–" if value is None else f"{value:.{digits}f}"
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def p_value(value: float, floor: float = 0.0) -> str:
+    """A p-value; a bootstrap p of 0 as "< floor" (no resample crossed zero: the p is below the resolution, times Holm's factor)."""
+    if pd.isna(value):
+        return "–"
+    return f"< {floor:.2g}" if value == 0 and floor else f"{value:.3g}"
+
+
+def equals(shown_p: str) -> str:
+    """``= 0.03`` or ``< 0.012``: a shown p-value after its relation."""
+    return shown_p if shown_p.startswith("<") else f"= {shown_p}"
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
@@ -48,22 +88,13 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def read(results: Path, *parts: str) -> pd.DataFrame | None:
-    path = results.joinpath(*parts)
-    return pd.read_parquet(path) if path.exists() else None
-
-
 def missing(*parts: str) -> str:
     return f"_{'/'.join(parts)} is missing: the study has not written it._"
 
 
-def stage_times(results: Path) -> str:
+def stage_times(results: str) -> str:
     """Each stage's wall time from its marker, and the sum."""
-    rows = []
-    for stage in STAGES:
-        marker = results / FOLDERS.get(stage, stage) / "_stage.json"
-        if marker.exists():
-            rows.append((stage, float(json.loads(marker.read_text())["duration_s"])))
+    rows = [(stage.name, float(marker["duration_s"])) for stage in STAGES if (marker := read_marker(results, stage.folder)) is not None]
     if not rows:
         return missing("<stage>", "_stage.json")
     frame = pd.DataFrame(rows, columns=["stage", "seconds"])
@@ -73,58 +104,115 @@ def stage_times(results: Path) -> str:
     return markdown_table(frame) + f"\n\nAll stages: {total / 60:.1f} minutes ({total:.0f} s)."
 
 
-def split_sizes(results: Path) -> str:
-    sizes = {split: len(frame) for split in ("train", "val", "test") if (frame := read(results, "images", f"{split}.parquet")) is not None}
+def split_sizes(results: str) -> str:
+    sizes = {split: len(frame) for split in ("train", "val", "test") if (frame := read_frame(results, "images", f"{split}.parquet")) is not None}
     return ", ".join(f"{split} {count:,}" for split, count in sizes.items()) + " images"
 
 
-def base_accuracy(results: Path) -> str:
-    table2 = read(results, "final", "table2.parquet")
+def base_accuracy(results: str) -> str:
+    table2 = read_frame(results, "final", "table2.parquet")
     if table2 is None:
         return missing("final", "table2.parquet")
     base = table2.set_index("model").loc["base"]
     return f"base model: train {100 * base['train_acc']:.2f} %, val {100 * base['val_acc']:.2f} %, test {100 * base['test_acc']:.2f} %"
 
 
-def detection(results: Path) -> str:
-    """Table 1 on test, then AUROC and AUPR of every score with bootstrap intervals and the paired difference to max softmax."""
-    table1, scores = read(results, "analysis", "detection.parquet"), read(results, "analysis", "error_scores.parquet")
-    if table1 is None or scores is None:
-        return missing("analysis", "detection.parquet")
-    test = table1[table1["split"] == "test"]
+# ------------------------------------------------------------------ detection
+
+
+def table1(results: str) -> tuple[str, list[str]]:
+    """Table 1 on test with its two controls, and a sentence per CFE rule: what it catches beyond the gate and max softmax."""
+    detection = read_frame(results, "analysis", "detection.parquet")
+    if detection is None:
+        return missing("analysis", "detection.parquet"), []
+    test = detection[detection["split"] == "test"].copy()
+    if "control" not in test:
+        test["control"] = ""
     rows = pd.DataFrame(
         {
             "setting": test["setting"],
             "skip thr.": test["skip_threshold"],
-            "freq. thr.": test["freq_threshold"],
+            "freq. thr.": ["–" if pd.isna(v) else v for v in test["freq_threshold"]],
             "flagged": test["flagged"],
             "errors detected": [f"{n} of {t} ({p:.1f} %)" for n, t, p in zip(test["errors_detected"], test["total_errors"], test["errors_detected_pct"])],
             "new errors": test["new_errors"],
             "accuracy → altered": [f"{100 * a:.2f} → {100 * b:.2f} %" for a, b in zip(test["accuracy"], test["altered_accuracy"])],
         }
     )
-    quality = scores[scores["split"] == "test"].set_index("score").loc[[s for s in DETECTOR_SCORES if s in set(scores["score"])]]
-    auroc = pd.DataFrame(
+    sentences = []
+    rules = test[test["control"] == ""]
+    gates = test[test["control"] == "skip gate"].set_index("skip_threshold")
+    softmax = test[test["control"] == "max softmax"].set_index("setting")
+    for rule in rules.to_dict("records"):
+        text = f"{rule['setting']} flags {rule['flagged']} test images and catches {rule['errors_detected']} of {rule['total_errors']} errors ({rule['errors_detected_pct']:.1f} %)"
+        if rule["skip_threshold"] in gates.index:
+            gate = gates.loc[rule["skip_threshold"]]
+            text += f"; the skip gate alone (confidence ≤ {rule['skip_threshold']:g}) flags {gate['flagged']} and catches {gate['errors_detected']} ({gate['errors_detected_pct']:.1f} %)"
+        control = softmax.loc[f"control: max softmax, as many as {rule['setting']}"] if f"control: max softmax, as many as {rule['setting']}" in softmax.index else None
+        if control is not None:
+            gained = int(rule["errors_detected"]) - int(control["errors_detected"])
+            text += (
+                f"; max softmax flagging the same {rule['flagged']} catches {control['errors_detected']} ({control['errors_detected_pct']:.1f} %), "
+                f"so the filters catch {gained:+d} errors against it at the same count"
+            )
+        sentences.append(text + ".")
+    return markdown_table(rows), sentences
+
+
+def error_scores(results: str) -> tuple[str, list[str]]:
+    """AUROC, AUPR and within-class AUROC of every score with intervals, the difference to max softmax with its Holm p, and their readings."""
+    scores = read_frame(results, "analysis", "error_scores.parquet")
+    if scores is None:
+        return missing("analysis", "error_scores.parquet"), []
+    quality = scores[scores["split"] == "test"].set_index("score")
+    quality = quality.loc[[s for s in DETECTOR_SCORES if s in quality.index]]
+    has_within = "auroc_within" in quality
+    floor = (len(quality) - 1) / max(1, int(quality["bootstrap_defined"].min()))  # Holm's largest factor over the resamples
+    table = pd.DataFrame(
         {
             "score": quality.index,
             "AUROC [95 % CI]": [interval(r.auroc, r.auroc_lo, r.auroc_hi) for r in quality.itertuples()],
             "AUPR [95 % CI]": [interval(r.aupr, r.aupr_lo, r.aupr_hi) for r in quality.itertuples()],
             "AUROC − max softmax [paired 95 % CI]": [interval(r.auroc_diff, r.auroc_diff_lo, r.auroc_diff_hi, signed=True) for r in quality.itertuples()],
+            "Holm p": [p_value(v, floor) for v in quality.get("auroc_diff_p_holm", pd.Series(math.nan, index=quality.index))],
         }
     )
+    if has_within:
+        table["within-class AUROC [95 % CI]"] = [interval(r.auroc_within, r.auroc_within_lo, r.auroc_within_hi) for r in quality.itertuples()]
     first = quality.iloc[0]
-    return (
-        f"Table 1 on the {int(first['images']):,} test images ({int(first['errors']):,} errors):\n\n{markdown_table(rows)}\n\n"
-        f"Each score as a threshold-free detector of 'the prediction is wrong' on test ({int(first['bootstrap_defined'])} bootstrap resamples):\n\n"
-        f"{markdown_table(auroc)}"
+    header = (
+        f"Each score as a threshold-free detector of 'the prediction is wrong' on the {int(first['images']):,} test images "
+        f"({int(first['errors']):,} errors; {int(first['bootstrap_defined'])} bootstrap resamples; `_centred`: minus the predicted class's "
+        "mean on its accepted training images, over that class's sd; within-class: the AUROC among the images of each predicted class, "
+        f"averaged weighted by their errors; Holm p: over the {len(quality) - 1} differences with max softmax):"
     )
+    sentences = [
+        f"{name} − max softmax, AUROC: {reading(r['auroc_diff'], r['auroc_diff_lo'], r['auroc_diff_hi'], NEGLIGIBLE['auroc'])}"
+        + (f"; Holm p {equals(p_value(r['auroc_diff_p_holm'], floor))} ({'survives' if survives(r['auroc_diff_p_holm']) else 'does not survive'} at α = {ALPHA:g})" if "auroc_diff_p_holm" in r else "")
+        + "."
+        for name, r in quality.drop(index="max_softmax", errors="ignore").iterrows()
+    ]
+    for name in ("f1", "recall"):
+        if has_within and name in quality.index and f"{name}_centred" in quality.index:
+            raw, centred = quality.loc[name], quality.loc[f"{name}_centred"]
+            sentences.append(
+                f"{name} agreement, pooled over classes: AUROC {interval(raw['auroc'], raw['auroc_lo'], raw['auroc_hi'])}; class-centred "
+                f"{interval(centred['auroc'], centred['auroc_lo'], centred['auroc_hi'])}; within each predicted class "
+                f"{interval(raw['auroc_within'], raw['auroc_within_lo'], raw['auroc_within_hi'])} (max softmax within class "
+                f"{interval(quality.loc['max_softmax', 'auroc_within'], quality.loc['max_softmax', 'auroc_within_lo'], quality.loc['max_softmax', 'auroc_within_hi'])})."
+            )
+    if "mc_size" in quality.index:
+        size = quality.loc["mc_size"]
+        side = "larger" if size["auroc_lo"] > 0.5 else "smaller" if size["auroc_hi"] < 0.5 else "neither larger nor smaller (the interval includes 0.5)"
+        sentences.append(f"MC-set size alone (larger = more suspicious): AUROC {interval(size['auroc'], size['auroc_lo'], size['auroc_hi'])}: errors have {side} MC sets.")
+    return header + "\n\n" + markdown_table(table), sentences
 
 
-def learned_detector(results: Path) -> str:
-    """The two logistic regressions fitted on validation, scored on test."""
-    frame = read(results, "analysis", "learned_detector.parquet")
+def learned_detector(results: str) -> tuple[str, list[str]]:
+    """The two logistic regressions fitted on validation, scored on test; the interval is conditional on the fit."""
+    frame = read_frame(results, "analysis", "learned_detector.parquet")
     if frame is None:
-        return missing("analysis", "learned_detector.parquet")
+        return missing("analysis", "learned_detector.parquet"), []
     first = frame.iloc[0]
     rows = pd.DataFrame(
         {
@@ -138,18 +226,25 @@ def learned_detector(results: Path) -> str:
     coefficients = frame.set_index("detector")[[c for c in frame.columns if c.startswith("coef_")]].T
     coefficients.index = [name.removeprefix("coef_") for name in coefficients.index]
     coefficients = coefficients.map(lambda value: "–" if pd.isna(value) else f"{value:+.3f}").reset_index(names="feature")
-    return (
+    text = (
         f"Logistic regression (standardised features, class_weight {first['class_weight']}) fitted on validation "
-        f"({int(first['fit_errors'])} errors in {int(first['fit_images']):,}), scored on test ({int(first['errors'])} errors in {int(first['images']):,}):\n\n"
+        f"({int(first['fit_errors'])} errors in {int(first['fit_images']):,}), scored on test ({int(first['errors'])} errors in {int(first['images']):,}); "
+        "the intervals resample the test images for the fitted coefficients: they are conditional on that fit, whose own variance they leave out:\n\n"
         f"{markdown_table(rows)}\n\nFitted coefficients (log-odds per standard deviation):\n\n{markdown_table(coefficients)}"
     )
+    last = frame.iloc[-1]
+    sentences = [f"{last['detector']} − {last['baseline']}, test AUROC, given the fit: {reading(last['auroc_diff'], last['auroc_diff_lo'], last['auroc_diff_hi'], NEGLIGIBLE['auroc'])}."]
+    return text, sentences
 
 
-def retraining(results: Path) -> str:
-    """Debugged − control over seeds (test and validation), and the class group's recall change."""
-    summary, group = read(results, "final", "seed_summary.parquet"), read(results, "final", "group_recall.parquet")
+# ------------------------------------------------------------------ retraining
+
+
+def retraining(results: str) -> tuple[str, list[str]]:
+    """Debugged − control over seeds on test, and the class group's recall changes with Holm's adjustment."""
+    summary, group = read_frame(results, "final", "seed_summary.parquet"), read_frame(results, "final", "group_recall.parquet")
     if summary is None:
-        return missing("final", "seed_summary.parquet")
+        return missing("final", "seed_summary.parquet"), []
     rows = pd.DataFrame(
         {
             "comparison": summary["comparison"],
@@ -158,11 +253,20 @@ def retraining(results: Path) -> str:
             "test Δ mean ± sd (points)": [f"{100 * m:+.2f} ± {100 * s:.2f}" for m, s in zip(summary["test_diff_mean"], summary["test_diff_sd"])],
             "test Δ paired 95 % CI": [bounds(lo, hi, 100, 2, True) for lo, hi in zip(summary["test_diff_ci_low"], summary["test_diff_ci_high"])],
             "seeds won (test)": summary["test_wins"],
-            "val Δ mean ± sd": [f"{100 * m:+.2f} ± {100 * s:.2f}" for m, s in zip(summary["val_diff_mean"], summary["val_diff_sd"])],
         }
     )
-    text = f"Accuracy differences in points, paired by seed (t interval):\n\n{markdown_table(rows)}"
+    text = (
+        "Accuracy differences in points, paired by seed (t interval). Validation chose the base epoch, the search's best trial and each "
+        f"seed's epoch, so a validation difference is optimistic and is not shown:\n\n{markdown_table(rows)}"
+    )
+    sentences = [
+        f"{r['comparison']} over {r['seeds']} seeds, test accuracy: "
+        f"{reading(r['test_diff_mean'], r['test_diff_ci_low'], r['test_diff_ci_high'], NEGLIGIBLE['accuracy'], scale=100, digits=2, unit=' points')}; "
+        f"{r['test_wins']} of {r['seeds']} seeds won."
+        for r in summary.to_dict("records")
+    ]
     if group is not None and len(group):
+        has_p = "change_p_holm" in group
         recall = pd.DataFrame(
             {
                 "comparison": group["comparison"],
@@ -171,46 +275,96 @@ def retraining(results: Path) -> str:
                 "control recall": (100 * group["recall_control_mean"]).round(2),
                 "model recall": (100 * group["recall_mean"]).round(2),
                 "change (points) [95 % CI]": [interval(m, lo, hi, 100, 2, True) for m, lo, hi in zip(group["change_mean"], group["change_ci_low"], group["change_ci_high"])],
+                "p": [p_value(v) for v in group.get("change_p", pd.Series(math.nan, index=group.index))],
+                "Holm p": [p_value(v) for v in group.get("change_p_holm", pd.Series(math.nan, index=group.index))],
             }
         )
-        text += f"\n\nTest recall of the confusable classes (mean over seeds; the group row pools their images):\n\n{markdown_table(recall)}"
-    return text
+        text += (
+            "\n\nTest recall of the confusable classes (mean over seeds; the group row pools their images; p: paired t test; "
+            f"Holm p: over each comparison's class rows, the group row unadjusted):\n\n{markdown_table(recall)}"
+        )
+        for comparison, rows_ in group.groupby("comparison", sort=False):
+            classes = rows_[rows_["class"] != "(group)"]
+            kept = [str(name) for name, p in zip(classes["class"], classes["change_p_holm"]) if survives(p)] if has_p else []
+            uncorrected = [str(name) for name, lo, hi in zip(classes["class"], classes["change_ci_low"], classes["change_ci_high"]) if not lo <= 0 <= hi]
+            pooled = rows_[rows_["class"] == "(group)"]
+            sentence = f"{comparison}, per-class recall: {len(uncorrected)} of {len(classes)} class intervals exclude zero ({', '.join(uncorrected) or 'none'})"
+            sentence += f"; after Holm's adjustment {len(kept)} survive{'s' if len(kept) == 1 else ''} at α = {ALPHA:g} ({', '.join(kept) or 'none'})" if has_p else ""
+            if len(pooled):
+                g = pooled.iloc[0]
+                sentence += f"; the group as a whole: {reading(g['change_mean'], g['change_ci_low'], g['change_ci_high'], NEGLIGIBLE['recall'], scale=100, digits=2, unit=' points')}"
+            sentences.append(sentence + ".")
+    return text, sentences
 
 
-def search(results: Path) -> str:
-    """Spread of the trials' val_acc against the binomial standard error, and Optuna's importances."""
-    path = results / "report" / "search_noise.json"
-    if not path.exists():
-        return missing("report", "search_noise.json")
-    noise = json.loads(path.read_text())
+# ------------------------------------------------------------------ search
+
+
+def search(results: str) -> tuple[str, list[str]]:
+    """McNemar's comparison of the trials with the best, the seed-to-seed noise, whether the stops reproduce, and Optuna's importances."""
+    location = storage.join_uri(results, "report", "search_noise.json")
+    if not storage.exists(location):
+        return missing("report", "search_noise.json"), []
+    noise = json.loads(storage.read_text(location))
     numbers = (
         f"{noise['trials']} searched trials ({noise['trials_stopped']} stopped by ASHA) on {noise['validation_images']:,} validation images: "
-        f"{noise['metric']} mean {shown(noise['mean'])}, sd {shown(noise['sd'])}, range {shown(noise['min'])}–{shown(noise['max'])}; "
-        f"binomial standard error at the mean {shown(noise['binomial_se'])} (sd / SE = {shown(noise['sd_over_se'], 2)})."
+        f"{noise['metric']} mean {shown(noise['mean'])}, sd {shown(noise['sd'])}, range {shown(noise['min'])}–{shown(noise['max'])} "
+        f"({shown(noise['range_images'], 0)} images)."
     )
-    board, completed = read(results, "leaderboard.parquet"), ""
-    if board is not None:
-        done = board[~board["is_control"] & (board["status"] == "completed")][noise["metric"]]
-        if len(done) > 1:
-            completed = (
-                f" Counting only the {len(done)} searched trials that ran every epoch (leaderboard.parquet): range "
-                f"{done.min():.4f}–{done.max():.4f}, sd {done.std():.4f} ({done.std() / noise['binomial_se']:.2f} SE)."
-            )
+    if "indistinguishable" not in noise:
+        return numbers + " _This search_noise.json predates McNemar's comparison: rebuild the report (`raycf report RESULTS`)._", []
+    study = load_results_study(results)
+    asha, deterministic = study.search.scheduler.asha, getattr(study.search, "deterministic", False)
+    if asha is None:
+        schedule = "No early stopping: every trial ran its whole schedule."
+    elif deterministic:
+        schedule = "The search ran one trial at a time (search.deterministic): ASHA's stop decisions and TPE's proposals follow trial order and reproduce on a rerun."
+    else:
+        schedule = (
+            f"ASHA decided asynchronously with {study.search.max_concurrent} trials at once: which trials it stops depends on timing and machine load, "
+            "so a rerun can stop others and move the spread (search.deterministic: true reproduces them)."
+        )
     importances = noise.get("importances") or {}
     ranked = ", ".join(f"{name} {value:.2f}" for name, value in sorted(importances.items(), key=lambda item: -item[1])) or "none"
-    return f"{numbers} {noise['verdict']}{completed}\n\nOptuna's importances ({noise['importance_evaluator']}, seed {noise['importance_seed']}): {ranked}."
+    text = f"{numbers} {noise['verdict']}\n\n{schedule}\n\nOptuna's importances ({noise['importance_evaluator']}, seed {noise['importance_seed']}): {ranked}."
+    sentences = []
+    if noise["compared"]:
+        sentences.append(
+            f"On the validation images they disagree on, {noise['indistinguishable']} of the {noise['compared']} searched trials compared are not "
+            f"distinguishable from the best by McNemar's test ({noise['indistinguishable_holm']} after Holm): the search's choice among them is the split's noise as much as the parameters'."
+        )
+    spread = {model: sd for model, sd in (noise.get("seed_sd") or {}).items() if sd is not None}
+    if noise.get("seeds", 0) > 1 and spread:
+        sentences.append(f"Retraining one configuration over {noise['seeds']} seeds moves val_acc by an sd of " + ", ".join(f"{m} {sd:.4f}" for m, sd in spread.items()) + ".")
+    return text, sentences
 
 
-def findings(results: Path) -> str:
-    """The whole section."""
+def findings(results: str) -> str:
+    """The whole section: the measured tables, then every reading as a bullet."""
+    name = results.rstrip("/").rsplit("/", 1)[-1]
+    table1_text, table1_sentences = table1(results)
+    scores_text, scores_sentences = error_scores(results)
+    learned_text, learned_sentences = learned_detector(results)
+    retraining_text, retraining_sentences = retraining(results)
+    search_text, search_sentences = search(results)
+    readings = [
+        ("Detection", table1_sentences + scores_sentences),
+        ("Learned detector", learned_sentences),
+        ("Debug retraining", retraining_sentences),
+        ("Search", search_sentences),
+    ]
+    bullets = "\n".join(f"- **{title}.** {' '.join(sentences)}" for title, sentences in readings if sentences)
     return "\n\n".join(
         [
-            f"Study `{results.name}`: {split_sizes(results)}; {base_accuracy(results)}.",
+            f"Study `{name}`: {split_sizes(results)}; {base_accuracy(results)}.",
             "### Time per stage (this machine)\n\n" + stage_times(results),
-            "### Detection (paper Table 1, and AUROC against max softmax)\n\n" + detection(results),
-            "### Do the CFE signals add anything to confidence?\n\n" + learned_detector(results),
-            "### Debug retraining against the control\n\n" + retraining(results),
-            "### The search\n\n" + search(results),
+            "### Detection (paper Table 1 with its controls, and AUROC against max softmax)\n\n"
+            + "Table 1 on test; the two control rows flag without the filters: every image the skip gate lets through, and the least "
+            + f"confident images, as many as each CFE rule flags:\n\n{table1_text}\n\n{scores_text}",
+            "### Do the CFE signals add anything to confidence?\n\n" + learned_text,
+            "### Debug retraining against the control\n\n" + retraining_text,
+            "### The search\n\n" + search_text,
+            "### What these numbers say (generated from the intervals)\n\n" + (bullets or "_No reading: the study's files are missing._"),
         ]
     )
 
@@ -219,7 +373,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1 or not Path(argv[0], "config.yaml").is_file():
         print("usage: python scripts/findings.py RESULTS (a study's results folder, with its config.yaml)", file=sys.stderr)
         return 2
-    print(findings(Path(argv[0])))
+    print(findings(argv[0]))
     return 0
 
 

@@ -37,6 +37,7 @@ def bootstrapped(tmp_path_factory) -> dict:
         for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"):
             patch.setenv(name, "testing")
         patch.setenv("AWS_DEFAULT_REGION", REGION)
+        patch.delenv("AWS_ENDPOINT_URL", raising=False)  # the suite's local S3 server (conftest): AWS here is moto's in-process mock
         patch.setenv("MOTO_IAM_LOAD_MANAGED_POLICIES", "true")  # Ray attaches AWS-managed policies to its role
         patch.setenv("HOME", str(tmp_path_factory.mktemp("home")))  # the key pair Ray creates lands in ~/.ssh
         # Ray waits 15 s twice for IAM to propagate; moto's IAM is consistent at once.

@@ -176,6 +176,7 @@ def test_seeds_retrain_three_models_per_seed_and_seed_zero_is_the_searchs_own_dr
     for model, trial in (("best", best), ("control", control)):
         assert rows.loc[(model, 0), "lambda1"] == pytest.approx(trial["lambda1"]) and rows.loc[(model, 0), "tau"] == pytest.approx(trial["tau"])
         # seed 0 draws what the search drew: the same best epoch, validation accuracy and loss (on the CPU, exactly)
+        assert rows.loc[(model, 0), "trial_id"] == trial["trial_id"]  # the search's own model: not trained again
         assert rows.loc[(model, 0), "best_epoch"] == trial["best_epoch"]
         assert rows.loc[(model, 0), "val_acc_at_selection"] == pytest.approx(trial["val_acc"], abs=1e-12)
         assert rows.loc[(model, 0), "val_loss"] == pytest.approx(trial["val_loss"], abs=1e-9)
@@ -200,8 +201,11 @@ def test_each_seed_model_reads_the_test_split_once_and_its_accuracies_are_its_pr
     test = predictions[predictions["split"] == "test"]
     images = test["image_index"].nunique()
     assert test.groupby(["model", "seed"]).size().tolist() == [images] * 6
-    # the control and the debugged model of Tables 2 and 3, then the six seed models: each test image read 8 times, no more
-    assert len(reads) == images and set(reads.values()) == {8}
+    # the control and the debugged model of Tables 2 and 3 (seed 0's control and best: the same models, not run again),
+    # then the four seed models trained here: each test image read 6 times, no more
+    assert len(reads) == images and set(reads.values()) == {6}
+    # train and val come from the prefix cache: the final stage reads none of their images
+    assert not any(line.startswith(("train ", "val ")) for line in (seeded_results.parent.parent / "reads.log").read_text().splitlines())
     seeds = pd.read_parquet(seeded_results / "final" / "seeds.parquet").set_index(["model", "seed"])
     for (model, seed), rows in predictions.groupby(["model", "seed"]):
         for split, split_rows in rows.groupby("split"):
@@ -246,6 +250,27 @@ def test_the_seed_runs_leave_tables_2_and_3_as_they_were(seeded_results, smoke_s
         pd.testing.assert_frame_equal(pd.read_parquet(seeded_results / name), pd.read_parquet(smoke_study_results / name), check_exact=True)
     marker = json.loads((seeded_results / "final" / "_stage.json").read_text())
     assert marker["summary"]["seeds"] == 2 and set(marker["summary"]) >= {"best_minus_control_test_acc", "reference_minus_control_test_acc"}
+
+
+def test_an_interrupted_seed_grid_resumes_with_its_finished_runs_kept(seeded_results, tmp_path):
+    """The final stage killed after its seed grid (no marker, no outputs; the grid's Tune run left): rerun, it retrains nothing."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO, ray_address
+
+    results = tmp_path / "results" / "digits"
+    shutil.copytree(seeded_results, results)
+    shutil.rmtree(results / "final")  # its outputs and marker: the stage never finished
+    environment = {**os.environ, "RAY_ADDRESS": ray_address()}
+    arguments = ["studies/digits.yaml", f"storage_path={tmp_path / 'results'}", *SEED_SETTINGS]
+    done = subprocess.run([sys.executable, "-c", RUN_FINAL_STAGE, *arguments], capture_output=True, text=True, cwd=REPO, env=environment, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "final: resuming the interrupted seed grid" in done.stderr
+    # every run kept as it finished: the same epochs, losses and times (a retrained run would have its own times)
+    pd.testing.assert_frame_equal(pd.read_parquet(results / "final" / "seeds.parquet"), pd.read_parquet(seeded_results / "final" / "seeds.parquet"), check_exact=True)
 
 
 def test_the_report_and_the_describe_text_show_the_seed_comparison(seeded_results):

@@ -32,9 +32,38 @@ def test_findings_of_the_smoke_study_quote_its_files(smoke_study_results):
     assert f"| base | {round(durations['base'], 1)} |" in text
     # The smoke study runs one seed: the seed comparison is named as missing, not invented.
     assert "_final/seed_summary.parquet is missing: the study has not written it._" in text
+    # Table 1's controls, the class-aware scores and their readings, all from the files
+    detection = pd.read_parquet(smoke_study_results / "analysis" / "detection.parquet")
+    gate = detection[(detection["split"] == "test") & (detection["control"] == "skip gate")].iloc[0]
+    assert f"| {gate['setting']} |" in text and f"flags {gate['flagged']} and catches {gate['errors_detected']}" in text
+    assert "| control: max softmax, as many as Avg. F1 |" in text and "so the filters catch" in text
+    centred = scores.loc[("test", "f1_centred")]
+    assert f"| f1_centred | {centred['auroc']:.3f} [{centred['auroc_lo']:.3f}, {centred['auroc_hi']:.3f}] |" in text
+    assert f"within each predicted class {f1['auroc_within']:.3f}" in text and "MC-set size alone" in text
+    assert "f1 − max softmax, AUROC: " in text and "Holm p " in text
+    assert "conditional on that fit" in text and "given the fit: " in text
+    assert "McNemar" in text and noise["verdict"] in text and "ASHA decided asynchronously" in text
+    assert "val Δ" not in text and "What these numbers say (generated from the intervals)" in text
 
 
 def test_findings_refuse_a_folder_that_is_not_a_study(tmp_path):
     completed = _findings(str(tmp_path))
     assert completed.returncode == 2
     assert completed.stderr.strip() == "usage: python scripts/findings.py RESULTS (a study's results folder, with its config.yaml)"
+
+
+def _script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("findings_script", REPO / "scripts" / "findings.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_reading_of_an_interval_follows_its_bounds():
+    reading = _script().reading
+    assert reading(0.002, -0.001, 0.005, margin=0.01).startswith("no difference detected (+0.002 [-0.001, +0.005]")
+    assert reading(0.003, 0.0004, 0.005, margin=0.01).startswith("negligible (+0.003 [+0.000, +0.005]: the interval excludes zero but lies within ±0.01")
+    assert reading(-0.36, -0.60, -0.11, margin=0.01).startswith("lower (-0.360 [-0.600, -0.110]")
+    assert reading(0.0036, 0.0011, 0.006, margin=0.001, scale=100, digits=2, unit=" points") == "higher (+0.36 [+0.11, +0.60] points)"

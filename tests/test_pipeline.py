@@ -123,3 +123,21 @@ def test_unknown_forced_stage_is_refused(digits_study):
 
     with pytest.raises(UserError, match="--force nope: unknown stage"):
         pipeline.run_stages(load_study(digits_study), ["base"], force={"nope"})
+
+
+def test_a_rerunning_stage_withdraws_its_own_and_its_downstream_markers_first(tmp_path, monkeypatch):
+    """A forced search that dies leaves no final stage naming a trial of the old search, and no search folder looking finished."""
+    study = load_study(REPO / "studies" / "digits.yaml", [f"storage_path={tmp_path}"])
+    _mark_everything_finished(study)
+    search = stage_named("search")
+
+    def dies(run):
+        storage.write_text(run.path("leaderboard-in-progress.txt"), "partial")
+        raise RuntimeError("driver killed")
+
+    monkeypatch.setattr(pipeline, "stage_named", lambda name: dataclasses.replace(search, run=dies) if name == "search" else stage_named(name))
+    with pytest.raises(RuntimeError, match="driver killed"):
+        pipeline.run_stage(study, "search", fresh=True)
+    finished = {stage.name for stage in STAGES if pipeline.read_marker(study.results_uri, stage.name) is not None}
+    assert finished == {stage.name for stage in STAGES} - {"search", "final", "report"}
+    assert dict(pipeline.plan(study, ["final", "report"], set()))["final"] == "an upstream stage reran"

@@ -172,6 +172,7 @@ def test_report_shows_intervals_the_learned_detector_and_the_search_noise(tmp_pa
     assert "test: error detection without thresholds" in page and "AUROC − max softmax [95 % CI]" in page
     assert "f1_centred" in page and "within-class AUROC [95 % CI]" in page and "Holm p" in page and "mc_size" in page
     assert "control: skip gate alone" in page and "control: max softmax, as many as Avg. F1" in page
+    assert "test, class-aware: F1 agreement centred on its predicted class" in page and "within each predicted class, weighted by its errors" in page
     assert "Learned detector" in page and "AUROC − confidence [95 % CI]" in page and "Fitted coefficients" in page
     # against the best (d, right on 4): a has b = 2, c = 0 (p = 0.5), b has b = 1 (p = 1): neither is distinguishable
     assert "2 of the 2 other searched trials compared are not distinguishable from it" in page

@@ -73,7 +73,10 @@ def test_without_predictions_and_with_a_seed_grid():
     spread = seed_spread(seeds)
     assert spread["control"]["sd"] == pytest.approx(0.01) and spread["best"]["seeds"] == 3
     noise = search_noise(toy_board(), validation_images=500, seeds=spread)
-    assert noise["compared"] == 0 and "McNemar's test cannot compare them" in noise["verdict"]
+    assert noise["compared"] == 0 and "none kept validation predictions, so McNemar's test cannot compare" in noise["verdict"]
+    only_control = pd.DataFrame({"trial_id": ["control"], "p": [0.25], "distinguishable": [False], "distinguishable_holm": [False]})
+    alone = search_noise(toy_board(), validation_images=500, comparison=only_control, best="d")
+    assert "is the only searched trial with validation predictions" in alone["verdict"] and "p = 0.25" in alone["verdict"]
     assert "over 3 seeds moves val_acc by an sd of control 0.0100" in noise["verdict"]
     with pytest.raises(ValueError, match="positive"):
         binomial_standard_error(0.9, 0)

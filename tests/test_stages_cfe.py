@@ -70,11 +70,16 @@ def test_digits_smoke_study_features_to_analyze(smoke_study_results: Path, capsy
     test_features = load_features(results, "test")
     assert read["masks_rows"] == len(test_features) and read["mask_width"] == 64 and read["mask_dtype"] == "bool"
     assert {"image_id", "split", "label", "pred", "confidence", "mc_mask", "topk_mc_masks", "masked_pred", "empty_pred"} <= set(read["masks_columns"])
-    rows = read["detection"]
+    every_row = read["detection"]
+    rows = [row for row in every_row if row["control"] == ""]  # the rules; then Table 1's controls
     assert {row["split"] for row in rows} == {"test", "val"} and len(rows) == 2 * (len(study.analysis.settings) + 1)
-    for row in rows:
+    for row in every_row:
         assert row["errors_detected"] + row["new_errors"] == row["flagged"] <= row["images"]
     assert [row["total_errors"] for row in rows if row["split"] == "test"] == [read["errors"]] * 4
+    # per split: one skip gate (every rule here gates at 0.9 or not at all), and max softmax flagging as many as each of the 4 rules
+    controls = [row for row in every_row if row["split"] == "test" and row["control"] != ""]
+    assert [row["control"] for row in controls] == ["skip gate"] + ["max softmax"] * 4
+    assert [row["flagged"] for row in controls[1:]] == [row["flagged"] for row in rows if row["split"] == "test"]
     assert {"max_softmax", "f1", "recall", "max_softmax_x_f1"} <= {row["score"] for row in read["scores"]}
     assert read["global_rows"] == 10 * 64 and {"class", "filter", "count", "magnitude", "in_global"} <= set(read["global_columns"])
     # Bootstrap intervals (the study's analysis.bootstrap resamples) bracket each score's AUROC.

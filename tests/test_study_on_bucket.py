@@ -150,7 +150,8 @@ def test_leaderboard_report_explain_and_rerun_read_the_bucket(resumed_bucket_stu
     report = run_cli("report", results, env_extra=laptop)
     assert report.returncode == 0, report.stderr[-2000:]
     page = storage.read_text(storage.join_uri(results, "report", "index.html"))
-    assert "Grad-CAM" in page and rows[0]["trial_id"] in page
+    # The gallery found the best trial's checkpoint through the leaderboard's URI.
+    assert "Grad-CAM (captum" in page and "No gallery" not in page and rows[0]["trial_id"] in page
 
     image_id = str(pd.read_parquet(storage.join_uri(results, "masks", "test").removeprefix("s3://"), filesystem=storage.resolve(results)[0])["image_id"].iloc[0])
     explain = run_cli("explain", results, image_id, "--out", str(tmp_path / "explanations"), env_extra=laptop)
@@ -164,11 +165,12 @@ def test_leaderboard_report_explain_and_rerun_read_the_bucket(resumed_bucket_stu
 
 
 def test_a_results_uri_without_a_study_is_refused_in_one_line(s3_bucket):
-    for command in (["leaderboard"], ["report"], ["rerun", "--best"][:1] + []):
-        completed = run_cli(command[0], f"{s3_bucket}/nothing/here", *(["--best"] if command[0] == "rerun" else []), env_extra={"RAY_ADDRESS": ""})
+    empty = f"{s3_bucket}/nothing/here"
+    for command in (["leaderboard", empty], ["report", empty], ["rerun", empty, "--best"], ["explain", empty, "digits-0001"]):
+        completed = run_cli(*command, env_extra={"RAY_ADDRESS": ""})
         assert completed.returncode == 2, completed.stderr[-2000:]
         lines = completed.stderr.strip().splitlines()
-        assert len(lines) == 1 and f"{s3_bucket}/nothing/here" in lines[0]
+        assert len(lines) == 1 and empty in lines[0], command
 
 
 def test_a_missing_bucket_is_refused_before_any_stage_runs(s3_bucket):

@@ -41,6 +41,32 @@ def test_predictions_of_a_model_on_every_split_are_its_argmax_and_softmax(tmp_pa
     assert val["image_id"].tolist() == store.ids("val") and val["label"].tolist() == store.labels("val").tolist()
 
 
+@pytest.mark.parametrize("scope", ["last_conv_and_head", "head"])
+def test_predictions_from_the_prefix_cache_are_the_whole_networks_on_train_and_val(tmp_path, scope):
+    from raycf.prefix_cache import PrefixRef
+    from raycf.stages.prefix import write_cache_here
+
+    study = study_from_mapping(
+        {
+            "name": "t",
+            "data": {"kind": "digits", "image_size": 16, "test_fraction": 0.8, "val_fraction": 0.2},
+            "debug": {"trainable": scope, "views": 2},
+            "prefix": {"dtype": "float32"},
+        }
+    )
+    images = write_image_store(study, tmp_path / "images")
+    torch.manual_seed(0)
+    model = build_model(study.model, 10).eval()
+    model_bytes = ClassifierCheckpoint("vgg_tiny", 64, 10, [str(d) for d in range(10)], 16, "x", model.state_dict()).to_bytes()
+    (tmp_path / "model.pt").write_bytes(model_bytes)
+    write_cache_here(study, str(tmp_path / "model.pt"), images, str(tmp_path / "prefix"))
+    whole = predict_splits(study, images, model_bytes, "m")
+    cached = predict_splits(study, images, model_bytes, "m", prefix=PrefixRef(str(tmp_path / "prefix"), "test-prefix"))
+    # train (its plain view 0) and val through the trainable tail on the cache: the whole network's predictions; test is always the whole network
+    pd.testing.assert_frame_equal(cached.drop(columns="confidence"), whole.drop(columns="confidence"))
+    assert cached["confidence"].to_numpy() == pytest.approx(whole["confidence"].to_numpy(), rel=1e-5)
+
+
 def test_evaluation_of_predictions_gives_accuracy_recall_and_support():
     predictions = pd.DataFrame(
         {"split": ["test"] * 6 + ["val"] * 2, "label": [0, 0, 1, 1, 1, 2, 0, 1], "pred": [0, 1, 1, 1, 0, 0, 0, 0]}

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raycf.method.bank import thresholded_relu
+from raycf.method.bank import THRESHOLD, thresholded_relu
 
 INDICATORS = ("paper", "centred")
 MIN_STD = 1e-6  # a filter that never varies over the training split is not rescaled by 1/0
@@ -99,23 +99,55 @@ class DebugLoss:
 
     def active(self, activations: torch.Tensor) -> torch.Tensor:
         """The indicator ``s`` (B×K)."""
+        return thresholded_relu(torch.sigmoid(self.indicator_input(activations)))
+
+    def indicator_input(self, activations: torch.Tensor) -> torch.Tensor:
+        """What the thresholded sigmoid reads: ``a`` (paper), or ``(a − μ) / σ`` (centred)."""
         if self.indicator == "paper":
-            return paper_indicator(activations)
-        return centred_indicator(activations, self.stats.mean, self.stats.std)
+            return activations
+        return (activations - self.stats.mean) / self.stats.std.clamp_min(MIN_STD)
 
     def __call__(self, logits: torch.Tensor, activations: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ce = F.cross_entropy(logits.float(), labels)
-        s = self.active(activations.float())
-        in_global = self.global_filters[labels]  # G_y, B×K
         count = len(labels)
-        in_set = s * in_global
-        mc = in_set.sum() / count  # mean over images of Σ_k s·G_y
-        nonmc = s.sum() / count - mc  # Σ_k s·(1 − G_y) = Σ_k s − Σ_k s·G_y
-        loss = ce - self.lambda1 * mc + self.lambda2 * nonmc
+        if self.lambda1 == self.lambda2 == 0:  # the control: the loss is the cross-entropy; s only for the parts
+            loss = ce
+            with torch.no_grad():
+                s = self.active(activations.float())
+        else:
+            # −λ1 Σ_k s·G_y + λ2 Σ_k s·(1 − G_y), per image, as one weighted sum of s with the per-class penalties (−λ1 in G_y, +λ2 outside)
+            penalties = (self.lambda2 - (self.lambda1 + self.lambda2) * self.global_filters[labels]) / count
+            penalty, s = IndicatorPenalty.apply(self.indicator_input(activations.float()), penalties)
+            loss = ce + penalty
         with torch.no_grad():  # parts stay on the device: the caller reads them once per epoch
-            active_mc = (in_set > 0).sum() / count  # s ≥ 0 and G is 0/1: active and in G_y
-            parts = {"loss": loss.detach(), "ce": ce.detach(), "mc": mc.detach(), "nonmc": nonmc.detach(), "active_mc": active_mc, "active_nonmc": (s > 0).sum() / count - active_mc}
+            in_global = self.global_filters[labels]  # G_y, B×K
+            active = (s > 0).float()
+            mc, total, active_mc, active_total = torch.stack([(s * in_global).sum(), s.sum(), (active * in_global).sum(), active.sum()]).div_(count).unbind()
+            parts = {"loss": loss.detach(), "ce": ce.detach(), "mc": mc, "nonmc": total - mc, "active_mc": active_mc, "active_nonmc": active_total - active_mc}
         return loss, parts
+
+
+class IndicatorPenalty(torch.autograd.Function):
+    """``Σ s · W`` with ``s = thresholded_relu_0.5(sigmoid(z))``, and ``s`` itself (no gradient), as one autograd node.
+
+    The same value and gradient as the composed torch ops (``∂/∂z = W · σ(z)(1 − σ(z))`` where
+    ``σ(z) > 0.5``, else 0), without recording each elementwise op of a step
+    that is otherwise tiny (a few layers on the prefix cache).
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sig = torch.sigmoid(z)
+        s = torch.where(sig > THRESHOLD, sig, 0.0)
+        ctx.save_for_backward(s, weights)
+        ctx.mark_non_differentiable(s)
+        return (s * weights).sum(), s
+
+    @staticmethod
+    def backward(ctx, grad_value: torch.Tensor, _grad_s: torch.Tensor) -> tuple[torch.Tensor, None]:
+        s, weights = ctx.saved_tensors
+        # σ' = σ(1 − σ) where kept: s(1 − s) is exactly that there, and 0 where s = 0
+        return grad_value * weights * s * (1 - s), None
 
 
 def global_filters_tensor(global_filters, num_classes: int, num_filters: int) -> torch.Tensor:

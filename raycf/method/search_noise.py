@@ -165,8 +165,12 @@ def search_noise(
 
 def _verdict(record: dict[str, Any]) -> str:
     images = f"{record['validation_images']:,} validation images"
-    if not record["best_trial"] or not record["compared"]:
-        text = f"{record['trials']} searched trial(s); no pair of trials kept validation predictions, so McNemar's test cannot compare them with the best."
+    if not record["best_trial"]:
+        text = f"{record['trials']} searched trial(s); none kept validation predictions, so McNemar's test cannot compare trials with the best."
+    elif not record["compared"]:
+        text = f"The best trial ({record['best_trial']}) is the only searched trial with validation predictions: no other searched trial to compare it with."
+        if record["control_p"] is not None:
+            text += f" The control against it, McNemar's exact test on the {images} where they disagree: p = {record['control_p']:.3g}."
     else:
         text = (
             f"McNemar's exact test against the best trial ({record['best_trial']}) on the {images} where they disagree: "

@@ -27,19 +27,20 @@ of the features stage.  Output, ``<results>/debug/``:
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
-import numpy as np
 import pandas as pd
 
 from raycf import storage
-from raycf.artefacts import PREDICTIONS_FILE, base_model_bytes, base_predictions, class_names, global_mc_sets, prefix_ref, store_ref
+from raycf.artefacts import PREDICTIONS_FILE, base_model_bytes, base_predictions, class_names
 from raycf.checkpoint import CHECKPOINT_FILE
 from raycf.cluster import ensure_ray
 from raycf.console import log
 from raycf.method.treatment import format_table2, format_table3, treatment_tables
 from raycf.predict import predict_on_ray
-from raycf.training.debug import DebugJob, run_debug_training
+from raycf.stages.jobs import debug_job
+from raycf.training.debug import run_debug_training
 
 if TYPE_CHECKING:
     from raycf.stages.stage import StageRun
@@ -49,24 +50,20 @@ def run(run: "StageRun") -> dict:
     """Debug retraining and its control from the base model; Tables 2 and 3."""
     study, config = run.study, run.study.debug
     ensure_ray()
-    global_filters = np.asarray(global_mc_sets(run.results, config.tau, config.freq_threshold), dtype=bool)
     base_bytes = base_model_bytes(run.results)
+    control_job = debug_job(study, run.results, base_bytes, lambdas=(0.0, 0.0))
+    global_filters = control_job.global_filters
     log(f"debug: global MC filters: {global_filters.sum(1).mean():.1f} of {global_filters.shape[1]} per class (tau {config.tau}, f {config.freq_threshold})")
 
-    images, prefix = store_ref(run.results), prefix_ref(run.results, study)
-
-    def job(lambda1: float, lambda2: float) -> DebugJob:
-        return DebugJob(study=study, global_filters=global_filters, base_model=base_bytes, lambda1=lambda1, lambda2=lambda2, images=images, prefix=prefix)
-
     log(f"debug: control (lambda1 = lambda2 = 0), {config.epochs} epochs, {config.workers} worker(s)")
-    control = run_debug_training(job(0.0, 0.0), name=f"debug-control-{run.stage_hash}", storage_path=run.ray_storage())
+    control = run_debug_training(control_job, name=f"debug-control-{run.stage_hash}", storage_path=run.ray_storage())
     if config.lambda1 == config.lambda2 == 0:
         debugged = control
     else:
         log(f"debug: debugged (lambda1 {config.lambda1:g}, lambda2 {config.lambda2:g}, indicator {config.indicator})")
-        debugged = run_debug_training(job(config.lambda1, config.lambda2), name=f"debug-{run.stage_hash}", storage_path=run.ray_storage())
+        debugged = run_debug_training(replace(control_job, lambda1=config.lambda1, lambda2=config.lambda2), name=f"debug-{run.stage_hash}", storage_path=run.ray_storage())
 
-    retrained = predict_on_ray(study, images, {"control": control.best_model_bytes, "debugged": debugged.best_model_bytes})
+    retrained = predict_on_ray(study, control_job.images, {"control": control.best_model_bytes, "debugged": debugged.best_model_bytes})
     predictions = pd.concat([base_predictions(run.results), retrained], ignore_index=True)
     tables = treatment_tables(
         predictions, class_names(run.results), debugged_config=config, control_best_epoch=control.best_epoch, debugged_best_epoch=debugged.best_epoch

@@ -8,9 +8,11 @@ the report and the printed summary say so.  The control must have run its
 whole schedule; one stopped early by ASHA (or failed) is retrained here.
 
 Each retrained model is run once over train, val and test
-(``final/predictions.parquet``); the base model's rows come from the
-features stage.  Tables 2 and 3 and ``class_recall.parquet`` are computed
-from those rows: the test split is read once per model.
+(``final/predictions.parquet``; train and val from the frozen-prefix cache's
+plain view where retraining runs on it, :mod:`raycf.predict`); the base
+model's rows come from the features stage.  Tables 2 and 3 and
+``class_recall.parquet`` are computed from those rows: the test split is
+read once per model.
 
 With ``final.seeds`` = n > 1 the stage also retrains, from the same base
 model on the same frozen-prefix cache, three models n times each: the
@@ -18,9 +20,12 @@ control (λ1 = λ2 = 0), the study's own λ (``reference``: the study file's
 ``debug`` section) and the best searched trial's parameters (``best``).
 Seed s (0 … n − 1) draws the data order, the view each image is seen in per
 epoch and dropout from the study's seed + s (the views' augmentations are
-those of the prefix cache); seed 0 is the search's own draw.  The 3n runs are
-one Ray Tune grid over (model, seed) with the search's trial function and
-resources, ``search.max_concurrent`` at once, no early stopping.  Each
+those of the prefix cache); seed 0 is the search's own draw, so seed 0's
+control and best model are the search's own (same seed, same schedule;
+a best trial that ASHA stopped early is retrained).  The other runs are one
+Ray Tune grid with the search's trial function, resources and job builder
+(:mod:`raycf.stages.jobs`), ``search.max_concurrent`` at once, no early
+stopping; an interrupted grid resumes with its finished runs kept.  Each
 keeps its best validation epoch and is run once over every split;
 ``final/seeds.parquet``, ``final/seed_class_recall.parquet``,
 ``final/seed_predictions.parquet``, ``final/seed_summary.parquet`` (paired
@@ -38,19 +43,20 @@ import numpy as np
 import pandas as pd
 
 from raycf import storage
-from raycf.artefacts import PREDICTIONS_FILE, base_model_bytes, read_final_frame, base_predictions, class_names, global_mc_sets, prefix_ref, store_ref, trial_model_bytes
+from raycf.artefacts import PREDICTIONS_FILE, base_model_bytes, read_final_frame, base_predictions, class_names, prefix_ref, store_ref, trial_model_bytes
 from raycf.checkpoint import CHECKPOINT_FILE, complete, parse_classifier_checkpoint
 from raycf.cluster import ensure_ray
 from raycf.config import StudyConfig
-from raycf.console import log, verbose
+from raycf.console import log
 from raycf.leaderboard import read_leaderboard, sort_by_objective
 from raycf.method.replication import BEST, CONTROL, REFERENCE, check_class_group, format_seed_summary, group_recall, pooled_base_recall, seed_summary
 from raycf.method.selection import SCORE_KEY, best_epoch, selection_key
 from raycf.method.treatment import ModelEvaluation, evaluation_of, format_table2, format_table3, treatment_tables
 from raycf.predict import predict_on_ray
+from raycf.prefix_cache import PrefixRef
 from raycf.searcher import control_point, field_value, parameter_names, trial_study, trial_values
-from raycf.stages.search import SearchContext, train_in_trial, trial_dirname, trial_job, trial_resources
-from raycf.training.debug import DebugJob, run_debug_training
+from raycf.stages.jobs import TrialContext, debug_job, run_trial, trainable_of, trial_context, tune_run
+from raycf.training.debug import run_debug_training
 
 SEEDS_FILE = "seeds.parquet"
 SEED_SUMMARY_FILE = "seed_summary.parquet"
@@ -114,12 +120,14 @@ def run(run: "StageRun") -> dict:
     best_bytes = trial_model_bytes(best, base_bytes, results)
     if best_bytes is None:
         raise RuntimeError(f"best trial {best['trial_id']}: its checkpoint {best['checkpoint_path']!r} is gone")
-    control, control_bytes, control_epoch = the_control(run, board, base_bytes)
+    control, control_run = the_control(run, board, base_bytes)
     points = seed_points(study, best)
-    seed_runs = train_seed_grid(run, points, base_bytes) if study.final.seeds > 1 else []
-    # Every retrained model's one pass over the splits, as parallel Ray tasks (the seed runs' many models share search.max_concurrent of them).
-    models = {"control": control_bytes, "debugged": best_bytes, **{seed_run.name: seed_run.model_bytes for seed_run in seed_runs}}
-    retrained = predict_on_ray(study, store_ref(results), models, tasks=study.search.max_concurrent if seed_runs else None)
+    seed_runs = train_seed_grid(run, points, base_bytes, search_seed_zero(study, best, best_bytes, control_run)) if study.final.seeds > 1 else []
+    # Every retrained model's one pass over the splits, as parallel Ray tasks (the seed runs' many models share search.max_concurrent of them);
+    # seed 0's models that are the search's own (the control and the debugged model) are not run again.
+    models = {"control": control_run.model_bytes, "debugged": best_bytes, **{seed_run.name: seed_run.model_bytes for seed_run in seed_runs if not seed_run.reused_as}}
+    retrained = predict_on_ray(study, store_ref(results), models, tasks=study.search.max_concurrent if seed_runs else None, prefix=scoring_cache(results, study, points))
+    retrained = pd.concat([retrained, *(reused_rows(retrained, seed_run) for seed_run in seed_runs if seed_run.reused_as)], ignore_index=True)
     of_seeds = retrained["model"].isin([seed_run.name for seed_run in seed_runs])
     names = parameter_names(study)
     predictions = pd.concat([base_predictions(results), retrained[~of_seeds]], ignore_index=True)
@@ -127,7 +135,7 @@ def run(run: "StageRun") -> dict:
         predictions,
         class_names(results),
         debugged_config=trial_study(study, trial_values(best, names)).debug,
-        control_best_epoch=control_epoch,
+        control_best_epoch=int(control_run.best["epoch"]),
         debugged_best_epoch=int(best["best_epoch"]),
     )
     verdict = control_verdict(board, best, study)
@@ -151,21 +159,20 @@ def run(run: "StageRun") -> dict:
     return summary
 
 
-def the_control(run: "StageRun", board: pd.DataFrame, base_bytes: bytes) -> tuple[pd.Series | None, bytes, int]:
-    """The control's leaderboard row (None when it was not searched), its model and best epoch; retrained for the full schedule when the search's stopped early."""
+def the_control(run: "StageRun", board: pd.DataFrame, base_bytes: bytes) -> tuple[pd.Series | None, "SeedRun"]:
+    """The control's leaderboard row (None when it was not searched) and its run (seed 0); retrained for the full schedule when the search's stopped early."""
     study, results = run.study, run.results
     control, control_bytes = full_control(board, base_bytes, results)
     if control_bytes is not None:
-        return control, control_bytes, int(control["best_epoch"])
+        return control, searched_run(CONTROL, control, control_bytes)
     # Stopped early by ASHA, failed, or not searched: the comparison needs the full schedule.
     log("final: training the control (lambda1 = lambda2 = 0) for the full schedule")
-    control_study = trial_study(study, control_point(study))
-    filters = global_mc_sets(results, control_study.debug.tau, control_study.debug.freq_threshold)
-    job = DebugJob(
-        study=control_study, global_filters=filters, base_model=base_bytes, lambda1=0.0, lambda2=0.0, images=store_ref(results), prefix=prefix_ref(results, control_study)
-    )
-    control_run = run_debug_training(job, name=f"final-{run.stage_hash}-control", storage_path=run.ray_storage())
-    return control, control_run.best_model_bytes, control_run.best_epoch
+    job = debug_job(trial_study(study, control_point(study)), results, base_bytes, lambdas=(0.0, 0.0))
+    trained = run_debug_training(job, name=f"final-{run.stage_hash}-control", storage_path=run.ray_storage())
+    best = next(row for row in trained.history if int(row["epoch"]) == trained.best_epoch)
+    epochs = int(max(row["epoch"] for row in trained.history))
+    time_total_s = float(sum(row.get("epoch_s", 0.0) for row in trained.history))
+    return control, SeedRun(CONTROL, 0, "" if control is None else str(control["trial_id"]), epochs, time_total_s, best, trained.best_model_bytes)
 
 
 def final_frame(table2: pd.DataFrame, names: list[str], control: dict[str, Any], best: dict[str, Any], verdict: str) -> pd.DataFrame:
@@ -203,27 +210,39 @@ def describe(results: str) -> str:
 
 @dataclass(frozen=True)
 class SeedGrid:
-    """What every seed run needs: the search's trial context and each model's parameter values."""
+    """What every seed run needs: the trials' context, each model's parameter values and each run's (model, seed)."""
 
-    context: SearchContext
+    context: TrialContext
     points: dict[str, dict[str, Any]]  # control, reference, best -> the searched parameters' values
+    runs: dict[str, tuple[str, int]]  # run name (best-seed1) -> (model, seed)
 
 
 @dataclass
 class SeedRun:
-    """One finished (model, seed) retraining: its epochs, its best validation epoch and that epoch's whole model."""
+    """One finished (model, seed) retraining: its epochs, its best validation epoch and that epoch's whole model.
+
+    ``reused_as``: the name of the final pass's model this run is (``control``,
+    ``debugged``) when seed 0's model is the search's own; "" when trained here.
+    """
 
     model: str
     seed: int
     trial_id: str
-    history: list[dict[str, Any]]
+    epochs: int
+    time_total_s: float
     best: dict[str, Any]
     model_bytes: bytes
+    reused_as: str = ""
 
     @property
     def name(self) -> str:
         """The run's model name in the final pass over the splits: ``best-seed1``."""
-        return f"{self.model}-seed{self.seed}"
+        return run_name(self.model, self.seed)
+
+
+def run_name(model: str, seed: int) -> str:
+    """A seed run's name: ``best-seed1``."""
+    return f"{model}-seed{seed}"
 
 
 def seed_points(study: StudyConfig, best: pd.Series) -> dict[str, dict[str, Any]]:
@@ -236,51 +255,77 @@ def seed_points(study: StudyConfig, best: pd.Series) -> dict[str, dict[str, Any]
     }
 
 
-def run_seed_trial(config: dict[str, Any], grid: SeedGrid) -> None:
+def searched_run(model: str, row: pd.Series, model_bytes: bytes) -> SeedRun:
+    """A search trial that ran its whole schedule as seed 0's run of ``model``: the search trains on the study's own seed."""
+    best = {"epoch": int(row["best_epoch"]), "val_acc": float(row["val_acc"]), "val_loss": float(row["val_loss"])}
+    return SeedRun(model, 0, str(row["trial_id"]), int(row["epochs"]), float(row["time_total_s"]), best, model_bytes)
+
+
+def search_seed_zero(study: StudyConfig, best: pd.Series, best_bytes: bytes, control_run: SeedRun) -> dict[str, SeedRun]:
+    """Seed 0's runs that need no retraining: the control (searched, or retrained above for the full schedule) and the best
+    trial when it ran every epoch (one stopped by ASHA is retrained for the full schedule)."""
+    reused = {CONTROL: replace(control_run, reused_as="control")}
+    if best["status"] == "completed" and int(best["epochs"]) == study.debug.epochs:
+        reused[BEST] = replace(searched_run(BEST, best, best_bytes), reused_as="debugged")
+    return reused
+
+
+def scoring_cache(results: str, study: StudyConfig, points: dict[str, dict[str, Any]]) -> PrefixRef | None:
+    """The prefix cache the final pass scores train and val from: the study's, when every retrained model kept its frozen layers
+    (each one's scope is the cache's); None (every split through the whole network) otherwise."""
+    scopes = {trial_study(study, point).debug.trainable for point in points.values()}
+    return prefix_ref(results, study) if scopes == {study.debug.trainable} else None
+
+
+def reused_rows(predictions: pd.DataFrame, seed_run: SeedRun) -> pd.DataFrame:
+    """A reused seed-0 run's rows of the final pass: those of the model it is, under its own name."""
+    return predictions[predictions["model"] == seed_run.reused_as].assign(model=seed_run.name)
+
+
+def run_seed_trial(config: dict[str, Any], context: SeedGrid) -> None:
     """Tune function trainable: one (model, seed) retraining, reported per epoch as a search trial is."""
-    study = trial_study(grid.context.study, grid.points[config["model"]])
-    job = replace(trial_job(study, grid.context), order_seed=study.seed + int(config["seed"]))
-    train_in_trial(job, grid.context)
+    model, seed = context.runs[config["run"]]
+    run_trial({**context.points[model], "order_seed": context.context.study.seed + seed}, context.context)
 
 
-def train_seed_grid(run: "StageRun", points: dict[str, dict[str, Any]], base_bytes: bytes) -> list[SeedRun]:
-    """Every (model, seed) retraining as one Tune grid, ``search.max_concurrent`` at once; their best-validation models."""
+def train_seed_grid(run: "StageRun", points: dict[str, dict[str, Any]], base_bytes: bytes, reused: dict[str, SeedRun]) -> list[SeedRun]:
+    """Every (model, seed) retraining but seed 0's ``reused`` ones, as one Tune grid, ``search.max_concurrent`` at once; their best-validation models.
+
+    An interrupted grid resumes: its finished runs are kept, the others start over.
+    """
     import ray.tune as tune
 
     from raycf.pipeline import clear_ray_runs
     from raycf.search_console import TrialConsole
 
     study, seeds = run.study, run.study.final.seeds
-    log(f"final: retraining {', '.join(points)} over {seeds} seeds ({len(points) * seeds} runs, {study.search.max_concurrent} at once)")
+    runs = {run_name(model, seed): (model, seed) for seed in range(seeds) for model in points if not (seed == 0 and model in reused)}
+    log(f"final: retraining {', '.join(points)} over {seeds} seeds ({len(runs)} runs, {study.search.max_concurrent} at once; seed 0 of {', '.join(reused)} is the search's)")
     experiment, tune_storage = f"final-{run.stage_hash}-seeds", run.ray_storage()
-    clear_ray_runs(run.results, experiment)  # a run interrupted before: its seeds start over
-    context = SearchContext(
-        study=study,
-        results=run.results,
-        base_model=base_bytes,
-        images=store_ref(run.results),
-        train_storage=storage.join_uri(tune_storage, experiment + "-train"),
-    )
-    trainable = tune.with_resources(tune.with_parameters(run_seed_trial, grid=SeedGrid(context, points)), trial_resources(study))
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"model": tune.grid_search(list(points)), "seed": tune.grid_search(list(range(seeds)))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=study.search.max_concurrent, trial_dirname_creator=trial_dirname, reuse_actors=True),
-        run_config=tune.RunConfig(
+    grid = SeedGrid(trial_context(study, run.results, base_bytes, tune_storage, experiment), points, runs)
+    trainable = trainable_of(study, grid, run_seed_trial)
+    experiment_path = storage.join_uri(tune_storage, experiment)
+    if tune.Tuner.can_restore(experiment_path):
+        log(f"final: resuming the interrupted seed grid at {experiment_path}")
+        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False)
+    else:
+        clear_ray_runs(run.results, experiment)
+        tuner = tune_run(
+            study,
+            trainable,
             name=experiment,
             storage_path=tune_storage,
-            callbacks=[TrialConsole(["model", "seed"], study.search.metric, study.search.mode, total_trials=len(points) * seeds, epochs=study.debug.epochs, label="final")],
-            failure_config=tune.FailureConfig(max_failures=study.debug.max_failures if study.debug.workers == 1 else 0),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE_KEY, checkpoint_score_order="max"),
-            verbose=1 if verbose() else 0,
-        ),
-    )
-    return [seed_run(result, study, base_bytes) for result in tuner.fit()]
+            callbacks=[TrialConsole(["run"], study.search.metric, study.search.mode, total_trials=len(runs), epochs=study.debug.epochs, label="final")],
+            param_space={"run": tune.grid_search(list(runs))},
+            max_concurrent_trials=study.search.max_concurrent,
+        )
+    trained = [seed_run(result, runs, study, base_bytes) for result in tuner.fit()]
+    return [*reused.values(), *trained]
 
 
-def seed_run(result, study: StudyConfig, base_bytes: bytes) -> SeedRun:
+def seed_run(result, runs: dict[str, tuple[str, int]], study: StudyConfig, base_bytes: bytes) -> SeedRun:
     """A finished grid trial's epochs and its best validation epoch's model (completed with the base model)."""
-    model, seed = str(result.config["model"]), int(result.config["seed"])
+    model, seed = runs[str(result.config["run"])]
     if result.error is not None:
         raise RuntimeError(f"final: the {model} retraining of seed {seed} failed: {result.error}")
     history = result.metrics_dataframe.to_dict("records")
@@ -293,7 +338,9 @@ def seed_run(result, study: StudyConfig, base_bytes: bytes) -> SeedRun:
     if int(saved.metrics["epoch"]) != int(chosen["epoch"]):
         raise RuntimeError(f"final: the {model} retraining of seed {seed} kept epoch {saved.metrics['epoch']}, but its best epoch is {chosen['epoch']}")
     trial_id = str(result.metrics.get("trial_id", "")) if result.metrics else ""
-    return SeedRun(model, seed, trial_id, history, chosen, complete(saved, base_bytes).to_bytes())
+    epochs = int(max(row["epoch"] for row in history))
+    time_total_s = float(max(row.get("time_total_s", 0.0) for row in history))
+    return SeedRun(model, seed, trial_id, epochs, time_total_s, chosen, complete(saved, base_bytes).to_bytes())
 
 
 def seed_rows(predictions: pd.DataFrame, runs: list[SeedRun]) -> pd.DataFrame:
@@ -335,11 +382,11 @@ def seed_row(study: StudyConfig, seed_run: SeedRun, evaluation: ModelEvaluation,
         "trial_id": seed_run.trial_id,
         **{name: float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value for name, value in point.items()},
         "best_epoch": int(seed_run.best["epoch"]),
-        "epochs": int(max(row["epoch"] for row in seed_run.history)),
+        "epochs": seed_run.epochs,
         **{f"{split}_acc": evaluation.accuracy.get(split, np.nan) for split in ("train", "val", "test")},
         "val_acc_at_selection": float(seed_run.best.get("val_acc", np.nan)),  # as training measured it (on the prefix cache when it trains on it)
         "val_loss": float(seed_run.best["val_loss"]),
-        "time_total_s": float(max(row.get("time_total_s", 0.0) for row in seed_run.history)),
+        "time_total_s": seed_run.time_total_s,
     }
 
 

@@ -20,95 +20,23 @@ trials finish, and Tune's driver state is bundled after every step
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from raycf import kill_points, storage
-from raycf.artefacts import base_model_bytes, load_study_data, prefix_ref, store_ref
+from raycf.artefacts import base_model_bytes
 from raycf.cluster import ensure_ray
 from raycf.config import StudyConfig
-from raycf.console import log, verbose
+from raycf.console import log
 from raycf.errors import UserError
-from raycf.image_store import StoreRef
 from raycf.leaderboard import LeaderboardWriter, read_leaderboard, sort_by_objective
 from raycf.manifest import versions
-from raycf.method.detection import detection_quality
-from raycf.method.selection import SCORE_KEY
 from raycf.search_console import TrialConsole, error_summary
 from raycf.searcher import control_first_searcher, parameter_names, trial_study
-from raycf.training.debug import DebugJob, debug_train_loop
-from raycf.training.session import TuneSession
-from raycf.training.trainer import fit
+from raycf.stages.jobs import trainable_of, trial_context, tune_run
 
 if TYPE_CHECKING:
     from raycf.stages.stage import StageRun
-
-@dataclass(frozen=True)
-class SearchContext:
-    """What every trial needs, shipped once through the object store."""
-
-    study: StudyConfig
-    results: str
-    base_model: bytes
-    images: StoreRef
-    train_storage: str  # where multi-worker trials keep their Ray Train runs
-
-
-def trial_job(study: StudyConfig, context: SearchContext) -> DebugJob:
-    """The debug run of one trial: G at the trial's τ and f, and the detection quality (on val) of that G as extra metrics.
-
-    Detection is measured with the trial's own τ and f (``debug.tau``,
-    ``debug.freq_threshold``), so no detection setting (``analysis.*``) enters
-    the search.
-    """
-    tau, freq_threshold = study.debug.tau, study.debug.freq_threshold
-    data = load_study_data(context.results, splits=("val",), with_head=False)
-    global_filters = data.global_filters(tau, freq_threshold)
-    detection = {key: float(value) for key, value in detection_quality(data, tau, freq_threshold, split="val").items()}
-    detection["g_size"] = float(np.asarray(global_filters).sum(axis=1).mean())
-    return DebugJob(
-        study=study,
-        global_filters=np.asarray(global_filters, dtype=bool),
-        base_model=context.base_model,
-        lambda1=study.debug.lambda1,
-        lambda2=study.debug.lambda2,
-        extra_metrics=detection,
-        print_epochs=False,
-        images=context.images,
-        prefix=prefix_ref(context.results, study),
-    )
-
-
-def run_trial(config: dict[str, Any], context: SearchContext) -> None:
-    """Tune function trainable: debug retraining for one point, reported per epoch."""
-    study = trial_study(context.study, config)
-    train_in_trial(trial_job(study, context), context)
-
-
-def train_in_trial(job: DebugJob, context: SearchContext) -> None:
-    """Run ``job`` inside the calling Tune trial (one worker), or drive a TorchTrainer from it (several), reporting every epoch to Tune."""
-    import ray.tune
-
-    study = job.study
-    if study.debug.workers == 1:
-        debug_train_loop(job, TuneSession(study.debug.use_gpu))
-        return
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    trial_id = ray.tune.get_context().get_trial_id()
-    fit(
-        debug_train_loop,
-        job,
-        name=f"trial-{trial_id}",
-        storage_path=context.train_storage,
-        workers=study.debug.workers,
-        use_gpu=study.debug.use_gpu,
-        max_failures=study.debug.max_failures,
-        callbacks=[TuneReportCallback()],
-    )
 
 
 def leaderboard_writer(study: StudyConfig, results: str) -> LeaderboardWriter:
@@ -172,11 +100,6 @@ def tune_callback(study: StudyConfig, writer: LeaderboardWriter):
             writer.records, writer.order = dict(state["records"]), list(state["order"])
 
     return LeaderboardCallback()
-
-
-def trial_dirname(trial) -> str:
-    """A trial's folder under the Tune experiment: ``trial-<trial id>``."""
-    return f"trial-{trial.trial_id}"
 
 
 OPTUNA_FILE = "optuna.db"
@@ -253,14 +176,6 @@ def check_driver_resources(study: StudyConfig) -> None:
             )
 
 
-def trial_resources(study: StudyConfig) -> dict[str, float]:
-    """What one trial reserves: a CPU and ``debug.gpus_per_trial`` of a GPU when it trains in the trial (several
-    small trials share a GPU), a driver's share otherwise (its TorchTrainer's workers reserve their own)."""
-    if study.debug.workers == 1:
-        return {"cpu": 1, "gpu": study.debug.gpus_per_trial if study.debug.use_gpu else 0}
-    return {"cpu": study.search.driver_cpus, **study.search.driver_resources}
-
-
 def asha_scheduler(study: StudyConfig):
     """ASHA on the per-epoch objective, or None when the study turns it off."""
     from ray.tune.schedulers import ASHAScheduler
@@ -292,17 +207,8 @@ def run(run: "StageRun") -> dict:
         check_driver_resources(study)
     experiment = f"search-{run.stage_hash}"
     tune_storage = run.ray_storage()
-    context = SearchContext(
-        study=study,
-        results=results,
-        base_model=base_model_bytes(run.results),
-        images=store_ref(results),
-        train_storage=storage.join_uri(tune_storage, experiment + "-train"),
-    )
-    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), trial_resources(study))
-    # Tune's console (--verbose): what its status table and trial summaries show
-    # (a trainable attribute Tune reads for this), and no per-epoch result dumps.
-    trainable._progress_metrics = ("epoch", "val_acc", "train_loss", "det_auroc")
+    context = trial_context(study, results, base_model_bytes(results), tune_storage, experiment)
+    trainable = trainable_of(study, context)
     experiment_path = storage.join_uri(tune_storage, experiment)
     snapshot = storage.join_uri(tune_storage, f"{experiment}-driver", "state.zip")
     saved_state = read_snapshot(snapshot)
@@ -316,30 +222,25 @@ def run(run: "StageRun") -> dict:
         # Killed before its first trial existed (or never run): nothing to keep.
         clear_ray_runs(results, experiment)
         forget_optuna_study(url, f"{study.name}-{run.stage_hash}")
-        tuner = tune.Tuner(
+        tuner = tune_run(
+            study,
             trainable,
-            tune_config=tune.TuneConfig(
-                metric=study.search.metric,
-                mode=study.search.mode,
-                search_alg=control_first_searcher(study, url, study_name=f"{study.name}-{run.stage_hash}"),
-                scheduler=asha_scheduler(study),
-                num_samples=study.search.num_samples,
-                trial_dirname_creator=trial_dirname,
-            ),
-            run_config=tune.RunConfig(
-                name=experiment,
-                storage_path=tune_storage,
-                # The console callback last: Tune restores callback state by position.
-                callbacks=[
-                    tune_callback(study, leaderboard_writer(study, results)),
-                    DriverStateSnapshot(snapshot),
-                    *uploads,
-                    TrialConsole(parameter_names(study), study.search.metric, study.search.mode, total_trials=study.search.num_samples, epochs=study.debug.epochs),
-                ],
-                failure_config=tune.FailureConfig(max_failures=study.debug.max_failures if study.debug.workers == 1 else 0),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE_KEY, checkpoint_score_order="max"),
-                verbose=1 if verbose() else 0,
-            ),
+            name=experiment,
+            storage_path=tune_storage,
+            # The console callback last: Tune restores callback state by position.
+            callbacks=[
+                tune_callback(study, leaderboard_writer(study, results)),
+                # Optuna's file first: the bucket's copy is never older than the driver state it goes with
+                # (a proposal newer than that state is adopted on resume, see searcher.adopt_orphan).
+                *uploads,
+                DriverStateSnapshot(snapshot),
+                TrialConsole(parameter_names(study), study.search.metric, study.search.mode, total_trials=study.search.num_samples, epochs=study.debug.epochs),
+            ],
+            metric=study.search.metric,
+            mode=study.search.mode,
+            search_alg=control_first_searcher(study, url, study_name=f"{study.name}-{run.stage_hash}"),
+            scheduler=asha_scheduler(study),
+            num_samples=study.search.num_samples,
         )
     tuner.fit()  # the leaderboard callback wrote leaderboard.parquet
     if upload:

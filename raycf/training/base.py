@@ -95,14 +95,19 @@ def report_epoch(
     objective: tuple[str, str] = ("val_acc", "max"),
     base_hash: str = "",
     extra_files: dict[str, bytes] | None = None,
+    only_improving: bool = False,
 ) -> None:
     """Report an epoch with its selection score under ``objective`` (metric, mode); rank 0 attaches ``model.pt`` and ``train_state.pt``.
 
     With ``base_hash``, ``model.pt`` is partial: the trainable layers only (:func:`raycf.checkpoint.checkpoint_of`).
     ``extra_files``: more files of rank 0's checkpoint folder (the validation predictions).
+    ``only_improving``: attach them only to an epoch that is the best so far
+    (the only checkpoint a run keeps; a restarted run resumes from it and
+    redraws the later epochs, which depend only on (seed, epoch)).
     """
-    metrics = {**metrics, SCORE_KEY: checkpoint_scores(state.history, *objective)[-1]}
-    if session.rank != 0:
+    score = checkpoint_scores(state.history, *objective)[-1]
+    metrics = {**metrics, SCORE_KEY: score}
+    if session.rank != 0 or (only_improving and not float(score).is_integer()):
         session.report(metrics)
         return
     checkpoint = checkpoint_of(model, class_names, study.data.image_size, study.config_hash(), metrics, base_hash)

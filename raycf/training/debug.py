@@ -176,9 +176,12 @@ def debug_train_loop(job: DebugJob, session: Session) -> list[dict[str, Any]]:
 
     Reports per epoch: epoch, val_acc, val_loss, train_loss, train_ce,
     train_mc, train_nonmc, train_acc, images_per_s, lr, active_mc,
-    active_nonmc, epoch_s, time (unix seconds at the end of the epoch), the
-    job's extra metrics and the selection score; rank 0 attaches a checkpoint.
+    active_nonmc, epoch_s, time (unix seconds at the end of the epoch),
+    setup_s and report_s (the run's start-up, the previous epoch's report),
+    the job's extra metrics and the selection score; rank 0 attaches a checkpoint
+    to each epoch that improves the objective (the best so far).
     """
+    entered = time.time()
     study, config, data = job.study, job.study.debug, job.study.data
     rank, world_size, device = session.rank, session.world_size, session.device
     prepare_device(device)
@@ -205,10 +208,12 @@ def debug_train_loop(job: DebugJob, session: Session) -> list[dict[str, Any]]:
     train_data, sampler = train_loader(inputs.train, config.batch_size, job.run_seed, rank, world_size, data.loader_workers)
     val_data = eval_loader(inputs.val, config.eval_batch_size, rank, world_size, data.loader_workers)
     flops = FlopCount()
+    setup_s, report_s = None, 0.0  # where a run's time outside its epochs goes (benchmarks/bench_search.py)
     for epoch in range(state.next_epoch, config.epochs):
         if job.fail_once is not None:
             job.fail_once.maybe_fail(epoch, rank)
         started = time.time()
+        setup_s = started - entered if setup_s is None else setup_s
         seed_everything(epoch_seed(job.run_seed, epoch, rank))
         sampler.set_epoch(epoch)
         batches = device_batches(train_data, device, lambda data_, indices, epoch=epoch: inputs.train_inputs(data_, indices, epoch))
@@ -227,14 +232,24 @@ def debug_train_loop(job: DebugJob, session: Session) -> list[dict[str, Any]]:
             "active_nonmc": train_metrics["train_active_nonmc"],
             "epoch_s": time.time() - started,
             "time": time.time(),
+            "setup_s": setup_s,  # from the loop's start to its first epoch's (opening the store, the cache, the model)
+            "report_s": report_s,  # the previous epoch's report and checkpoint
             **job.extra_metrics,
+            **run_conditions(device, precision),
         }
         state = TrainState(next_epoch=epoch + 1, history=[*state.history, metrics], phase=PHASE, optimizer=optimizer.state_dict())
+        reporting = time.time()
         extra = {VAL_PREDICTIONS_FILE: predictions_bytes(val_predictions)} if val_predictions is not None else None
-        report_epoch(session, metrics, model, state, class_names, study, (study.search.metric, study.search.mode), base_hash, extra)
+        report_epoch(session, metrics, model, state, class_names, study, (study.search.metric, study.search.mode), base_hash, extra, only_improving=True)
+        report_s = time.time() - reporting
         if job.print_epochs:
             print_epoch(session, job.label, metrics, config.epochs)
     return state.history
+
+
+def run_conditions(device: torch.device, precision: Precision) -> dict[str, str]:
+    """What a run computed on and with (reported with every epoch): ``raycf rerun`` reads them back."""
+    return {"device": device.type, "precision": precision.name, "torch": torch.__version__}
 
 
 @dataclass

@@ -232,6 +232,8 @@ def train_one_epoch(
     scaler = precision.grad_scaler() if precision is not None else None
     meter = ThroughputMeter(precision.device if precision is not None else None).start()
     sums: dict[str, torch.Tensor | float] = {"correct": 0.0, "count": 0.0}
+    part_names: list[str] = []
+    part_sums: torch.Tensor | None = None  # the loss parts of every step, summed as one vector (one op a step, not one per part)
     for inputs, labels in batches:
         if flops is not None and flops.per_image is None and precision is not None and precision.device.type == "cuda":
             flops.per_image = step_flops_per_image(model, inputs, labels, loss_fn, forward, precision)
@@ -250,8 +252,10 @@ def train_one_epoch(
         meter.add(batch)
         sums["correct"] = sums["correct"] + (logits.detach().argmax(1) == labels).sum()
         sums["count"] = sums["count"] + batch
-        for key, value in parts.items():
-            sums[key] = sums.get(key, 0.0) + value.float() * batch
+        weighted = torch.stack(list(parts.values())).float() * batch
+        part_names, part_sums = list(parts), weighted if part_sums is None else part_sums + weighted
+    if part_sums is not None:
+        sums.update(zip(part_names, part_sums.unbind()))
     totals = all_reduce_sums(sums)
     meter.stop()
     count = max(totals.pop("count"), 1.0)
