@@ -111,7 +111,7 @@ def test_resnets_two_tensor_cache_trains_as_the_whole_network(resnet_setup):
 
 
 def _in_a_tune_trial(config, job) -> None:
-    from raycf.stages.search import train_in_trial
+    from raycf.stages.jobs import train_in_trial
 
     train_in_trial(job, None)  # one worker: the loop runs inside the trial, as a search trial's does
 
