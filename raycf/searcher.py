@@ -184,6 +184,11 @@ def trial_seeded_sampler(seed: int):
             self._random_sampler._rng.rng.seed(draws)
             super().before_trial(study, trial)
 
+        def __reduce__(self):
+            # A local class does not pickle by name (Tune pickles the searcher into its driver state);
+            # rebuilding from the seed loses nothing, as every draw depends on (seed, n) alone.
+            return trial_seeded_sampler, (seed,)
+
     return TrialSeededTPESampler(seed=seed)
 
 

@@ -104,6 +104,8 @@ def test_pick_trial():
 
 def test_a_resumed_sampler_does_not_draw_again_the_points_of_earlier_trials():
     """The sampler rebuilt on resume (from the seed) draws for trial n what an uninterrupted one draws: no point twice."""
+    import pickle
+
     import optuna
 
     from raycf.searcher import trial_seeded_sampler
@@ -125,3 +127,7 @@ def test_a_resumed_sampler_does_not_draw_again_the_points_of_earlier_trials():
     uninterrupted = points(None)
     assert len(set(uninterrupted)) == 4
     assert points(2) == points(1) == uninterrupted
+    # Tune pickles the searcher into its driver state: the sampler survives it and draws the same points.
+    study = optuna.create_study(sampler=pickle.loads(pickle.dumps(trial_seeded_sampler(0))))
+    trial = study.ask()
+    assert (trial.suggest_float("x", 0, 1), trial.suggest_categorical("c", ["paper", "centred"])) == uninterrupted[0]
