@@ -195,7 +195,7 @@ def debug_ratio(study, images, folder: Path, model_location: Path) -> Ratio:
     return Ratio("debug_epoch_vs_bare_step_rate", history[-1]["images_per_s"] / cuda_rate(step, DEBUG_BATCH), ">=", 0.8)
 
 
-def _records(store, views: int = 2) -> "pyarrow.Table":
+def _records(store, views: int = 2) -> "pa.Table":
     import pyarrow as pa
 
     count = len(store.labels("train"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import shutil
 import typing
-from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
