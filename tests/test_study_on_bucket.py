@@ -23,10 +23,13 @@ import optuna
 import pandas as pd
 import pyarrow.fs as pafs
 import pytest
+import torch
 
 from conftest import REPO, ray_address, run_cli
 from raycf import storage
-from raycf.artefacts import MARKER_FILE, read_marker
+from raycf.artefacts import MARKER_FILE, debugged_model_bytes, load_results_study, read_marker
+from raycf.checkpoint import parse_classifier_checkpoint
+from raycf.models import classifier_from_checkpoint
 from raycf.leaderboard import read_leaderboard
 from raycf.tune_state import finished_trials, read_snapshot
 
@@ -162,6 +165,18 @@ def test_leaderboard_report_explain_and_rerun_read_the_bucket(resumed_bucket_stu
     rerun = run_cli("rerun", results, "--best", env_extra=laptop)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
     assert "matches the recorded run" in rerun.stdout
+
+    # raycf export from the bucket: the debugged model, as the bucket's checkpoint holds it.
+    out = tmp_path / "model.ts"
+    export = run_cli("export", results, "--format", "torchscript", "--out", str(out), env_extra=laptop)
+    assert export.returncode == 0, export.stderr[-2000:]
+    trial_id, model_bytes = debugged_model_bytes(results)
+    study = load_results_study(results)
+    model = classifier_from_checkpoint(study.model, parse_classifier_checkpoint(model_bytes, "debugged"))
+    inputs = torch.rand(4, 3, study.data.image_size, study.data.image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(out))(inputs), model(inputs), rtol=0, atol=1e-5)
+    assert json.loads(out.with_name("model.ts.json").read_text())["trial_id"] == trial_id
 
 
 def test_a_results_uri_without_a_study_is_refused_in_one_line(s3_bucket):
