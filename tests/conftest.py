@@ -224,6 +224,23 @@ def bucket_study_results(ray_session, s3_bucket, tmp_path_factory) -> str:
     return f"{s3_bucket}/runs/digits"
 
 
+RUN_STAGE = (
+    "import sys\n"
+    "from raycf import console\n"
+    "from raycf.config import load_study\n"
+    "from raycf.pipeline import run_stages\n"
+    "study = load_study(sys.argv[2], sys.argv[3:], smoke=True)\n"
+    "console.configure(study.results_uri)\n"
+    "run_stages(study, [sys.argv[1]])\n"
+)
+
+
+def run_stage(stage: str, study_file: str, *overrides: str, env_extra: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``stage`` of ``study_file`` with ``--smoke`` (and the stages it needs first) in a fresh process joining the session's cluster."""
+    environment = {**os.environ, "RAY_ADDRESS": ray_address(), **(env_extra or {})}
+    return subprocess.run([sys.executable, "-c", RUN_STAGE, stage, study_file, *overrides], capture_output=True, text=True, cwd=REPO, env=environment, timeout=timeout)
+
+
 RUN_WITHOUT_RAY = (
     "import sys, ray\n"
     "from raycf.cli import main\n"

@@ -130,35 +130,21 @@ def test_the_final_section_of_the_study_file():
 
 # ------------------------------------------------------------------ end to end: final.seeds = 2 on the smoke study's results
 
-RUN_FINAL_STAGE = (
-    "import sys\n"
-    "from raycf import console\n"
-    "from raycf.config import load_study\n"
-    "from raycf.pipeline import run_stages\n"
-    "study = load_study(sys.argv[1], sys.argv[2:], smoke=True)\n"
-    "console.configure(study.results_uri)\n"
-    "run_stages(study, ['final'])\n"
-)
 SEED_SETTINGS = ("final.seeds=2", "final.class_group=[3, 5, 8]")
 
 
 @pytest.fixture(scope="module")
 def seeded_results(smoke_study_results, tmp_path_factory):
     """A copy of the smoke study's results whose final stage reran with two retraining seeds (only it: every earlier stage is cached)."""
-    import os
     import shutil
-    import subprocess
-    import sys
     import time
 
-    from conftest import REPO, ray_address
+    from conftest import run_stage
 
     folder = tmp_path_factory.mktemp("seeded-final")
     shutil.copytree(smoke_study_results, folder / "results" / "digits", ignore=shutil.ignore_patterns("report", ".staging", "_ray", "logs"))
-    environment = {**os.environ, "RAY_ADDRESS": ray_address(), "RAYCF_READ_LOG": str(folder / "reads.log")}
-    arguments = ["studies/digits.yaml", f"storage_path={folder / 'results'}", *SEED_SETTINGS]
     started = time.time()
-    done = subprocess.run([sys.executable, "-c", RUN_FINAL_STAGE, *arguments], capture_output=True, text=True, cwd=REPO, env=environment, timeout=600)
+    done = run_stage("final", "studies/digits.yaml", f"storage_path={folder / 'results'}", *SEED_SETTINGS, env_extra={"RAYCF_READ_LOG": str(folder / "reads.log")})
     assert done.returncode == 0, done.stderr[-3000:]
     (folder / "stdout.txt").write_text(done.stdout)
     (folder / "stderr.txt").write_text(done.stderr + f"\n(final stage with two seeds: {time.time() - started:.1f} s)\n")
@@ -254,19 +240,14 @@ def test_the_seed_runs_leave_tables_2_and_3_as_they_were(seeded_results, smoke_s
 
 def test_an_interrupted_seed_grid_resumes_with_its_finished_runs_kept(seeded_results, tmp_path):
     """The final stage killed after its seed grid (no marker, no outputs; the grid's Tune run left): rerun, it retrains nothing."""
-    import os
     import shutil
-    import subprocess
-    import sys
 
-    from conftest import REPO, ray_address
+    from conftest import run_stage
 
     results = tmp_path / "results" / "digits"
     shutil.copytree(seeded_results, results)
     shutil.rmtree(results / "final")  # its outputs and marker: the stage never finished
-    environment = {**os.environ, "RAY_ADDRESS": ray_address()}
-    arguments = ["studies/digits.yaml", f"storage_path={tmp_path / 'results'}", *SEED_SETTINGS]
-    done = subprocess.run([sys.executable, "-c", RUN_FINAL_STAGE, *arguments], capture_output=True, text=True, cwd=REPO, env=environment, timeout=600)
+    done = run_stage("final", "studies/digits.yaml", f"storage_path={tmp_path / 'results'}", *SEED_SETTINGS)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "final: resuming the interrupted seed grid" in done.stderr
     # every run kept as it finished: the same epochs, losses and times (a retrained run would have its own times)

@@ -4,26 +4,14 @@ every trial keeps its validation predictions for McNemar's test."""
 from __future__ import annotations
 
 import io
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO, ray_address
+from conftest import run_stage
 
-RUN_SEARCH_STAGE = (
-    "import sys\n"
-    "from raycf import console\n"
-    "from raycf.config import load_study\n"
-    "from raycf.pipeline import run_stages\n"
-    "study = load_study(sys.argv[1], sys.argv[2:], smoke=True)\n"
-    "console.configure(study.results_uri)\n"
-    "run_stages(study, ['search'])\n"
-)
 # Three trials of three epochs, ASHA deciding after the first epoch: stops are possible, and the order decides them.
 SETTINGS = ("search.deterministic=true", "search.num_samples=3", "search.max_concurrent=2", "debug.epochs=3", "search.scheduler.asha.grace_period=1")
 COMPARED = ["trial_order", "status", "lambda1", "lambda2", "tau", "freq_threshold", "val_acc", "val_loss", "best_epoch", "epochs"]
@@ -35,9 +23,7 @@ def _search_copy(smoke_study_results, folder) -> pd.DataFrame:
     for name in ("config.yaml", "manifest.json", "images", "base", "features", "cfe", "masks", "analysis", "prefix"):
         path = smoke_study_results / name
         (shutil.copytree if path.is_dir() else shutil.copy2)(path, results / name)
-    environment = {**os.environ, "RAY_ADDRESS": ray_address()}
-    arguments = ["studies/digits.yaml", f"storage_path={folder / 'results'}", *SETTINGS]
-    done = subprocess.run([sys.executable, "-c", RUN_SEARCH_STAGE, *arguments], capture_output=True, text=True, cwd=REPO, env=environment, timeout=600)
+    done = run_stage("search", "studies/digits.yaml", f"storage_path={folder / 'results'}", *SETTINGS)
     assert done.returncode == 0, done.stderr[-3000:]
     board = pd.read_parquet(results / "leaderboard.parquet")
     board["trial_order"] = pd.to_datetime(board["started_at"]).rank(method="first").astype(int)
