@@ -362,6 +362,8 @@ def fake_ray(monkeypatch):
     init = FakeInit()
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", init)
+    for name in [name for name in os.environ if name.startswith(cluster.FORWARDED_PREFIX)]:  # the suite's S3 endpoint: tested apart
+        monkeypatch.delenv(name)
     return init
 
 
@@ -406,3 +408,10 @@ def test_a_users_own_backend_level_wins(fake_ray, tmp_path, monkeypatch):
     console.configure(str(tmp_path / "digits"))
     cluster.ensure_ray()
     assert fake_ray.environment["RAY_BACKEND_LOG_LEVEL"] == "debug" and fake_ray.kwargs["runtime_env"] is None
+
+
+def test_an_s3_endpoint_reaches_a_local_clusters_workers(fake_ray, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # a bucket that is not AWS's: every worker must reach the same one
+    console.configure(str(tmp_path / "digits"), verbose=True)
+    cluster.ensure_ray()
+    assert fake_ray.kwargs["runtime_env"] == {"env_vars": {"RAYCF_VERBOSE": "1", "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}}
