@@ -810,7 +810,7 @@ def gallery_section(context: ReportContext) -> Section:
     section = Section("gallery", "Gallery (as the paper's Figure 2)")
     final = context.final_frame("final.parquet")
     if final is None:
-        section.note("final.parquet is missing: no debugged model to compare with.")
+        section.note("final/final.parquet is missing: no debugged model to compare with.")
         return section
     try:
         groups = gallery_images(context)

@@ -15,8 +15,11 @@ from raycf.stages.stage import Stage, StageRun, entry
 
 __all__ = ["STAGES", "Stage", "StageRun", "stage_named"]
 
-# What the images stage decodes by: every data field but the augmentation (applied later, on the device).
-IMAGE_FIELDS = ("data.kind", "data.root", "data.image_size", "data.stored_side", "data.val_fraction", "data.test_fraction", "data.max_per_split", "data.bbox_crop")
+# What the images stage decodes by: every data field but the augmentation and the normalisation (applied later, on the device).
+IMAGE_FIELDS = (
+    "data.kind", "data.root", "data.image_size", "data.stored_side", "data.val_fraction", "data.test_fraction", "data.max_per_split", "data.bbox_crop",
+    "data.preprocess.mode", "data.preprocess.resize", "data.preprocess.interpolation",
+)
 
 STAGES: tuple[Stage, ...] = (
     Stage(

@@ -249,7 +249,7 @@ def debug_train_loop(job: DebugJob, session: Session) -> list[dict[str, Any]]:
 
 def run_conditions(device: torch.device, precision: Precision) -> dict[str, str]:
     """What a run computed on and with (reported with every epoch): ``raycf rerun`` reads them back."""
-    return {"device": device.type, "precision": precision.name, "torch": torch.__version__}
+    return {"device": device.type, "precision": precision.name, "torch": str(torch.__version__)}  # a plain str: torch.load(weights_only=True) refuses TorchVersion
 
 
 @dataclass
