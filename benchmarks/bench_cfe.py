@@ -11,7 +11,7 @@ augmentation and loss, for the same classes (all 10) and the same number of
 epochs (10, the reference's CUB setting), in this process on the CPU.
 
 * reference: per class, a shuffled loader over the stored training images,
-  each batch augmented afresh (:func:`raycf.views.model_inputs`), the trunk
+  each batch augmented afresh (:func:`raycf.data.views.model_inputs`), the trunk
   run on it, one SGD step of that class's generator;
 * caching: the features stage's actor (:class:`~raycf.stages.features.FeatureExtractor`)
   called in this process on every training record (``cfe.views`` views per
@@ -40,18 +40,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchmarks import Ratio
-from raycf.artefacts import AUGMENTED_FOLDER
-from raycf.checkpoint import ClassifierCheckpoint
+from raycf.results.artefacts import AUGMENTED_FOLDER
+from raycf.models.checkpoint import ClassifierCheckpoint
 from raycf.config import load_study
-from raycf.data import load_splits
-from raycf.image_store import StoredImages, StoreRef, open_store, write_store_here
+from raycf.data.datasets import load_splits
+from raycf.data.image_store import StoredImages, StoreRef, open_store, write_store_here
 from raycf.training.loops import batched_collate
 from raycf.method.bank import LossWeights, mc_soft_masks
-from raycf.models import build_model
+from raycf.models.classifiers import build_model
 from raycf.stages.features import FeatureExtractor, feature_records
 from raycf.training.cfe import CfeJob, cfe_train_loop
 from raycf.training.session import LocalSession
-from raycf.views import epoch_seeds, model_inputs
+from raycf.data.views import epoch_seeds, model_inputs
 
 EPOCHS = 10
 STUDY = Path(__file__).resolve().parent.parent / "studies" / "digits.yaml"
@@ -90,7 +90,7 @@ def cache_vectors(study, model_location: str, images: StoreRef, num_train: int, 
     """The features stage's work, in this process: every training image, view 0 plain, the others augmented.
 
     Writes ``results/features/{train,train_augmented}/`` as the stage does
-    (what :func:`raycf.artefacts.load_features` reads); returns the vector count.
+    (what :func:`raycf.results.artefacts.load_features` reads); returns the vector count.
     """
     extractor = FeatureExtractor(study, model_location, images, use_gpu=False)
     records = feature_records({"train": num_train, "val": 0, "test": 0}, study.cfe.views)

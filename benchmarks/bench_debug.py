@@ -2,7 +2,7 @@
 
 Both measurements take the path the debug stage takes for the digits study
 file's own settings (vgg_tiny, 32 px, batch 16, last conv + head trainable,
-4 views): on the frozen-prefix cache (:mod:`raycf.prefix_cache`; only the
+4 views): on the frozen-prefix cache (:mod:`raycf.data.prefix_cache`; only the
 trainable tail runs), or through the whole network from the uint8 image store
 when the study turns the cache off.  The cache (and the image store) are built
 in this process beforehand, outside every timing.
@@ -46,11 +46,11 @@ def _study(storage: str):
 
 def _setup(study, folder: Path):
     """The image store, an untrained base model, its frozen-prefix cache (when the study uses one) and a random G."""
-    from raycf.checkpoint import ClassifierCheckpoint
-    from raycf.data import load_splits
-    from raycf.image_store import StoreRef, write_store_here
-    from raycf.models import build_model
-    from raycf.prefix_cache import PrefixRef, uses_cache
+    from raycf.models.checkpoint import ClassifierCheckpoint
+    from raycf.data.datasets import load_splits
+    from raycf.data.image_store import StoreRef, write_store_here
+    from raycf.models.classifiers import build_model
+    from raycf.data.prefix_cache import PrefixRef, uses_cache
     from raycf.stages.prefix import write_cache_here
 
     splits = load_splits(study.data, study.seed)
@@ -82,9 +82,9 @@ def _job(study, images, prefix, global_filters, base_bytes: bytes, lambda1: floa
 
 def _model_and_inputs(job):
     """A fresh base model with the debug scope trainable, and the loop's own inputs (cache or images) for it."""
-    from raycf.checkpoint import parse_classifier_checkpoint
-    from raycf.image_store import open_store
-    from raycf.models import classifier_from_checkpoint
+    from raycf.models.checkpoint import parse_classifier_checkpoint
+    from raycf.data.image_store import open_store
+    from raycf.models.classifiers import classifier_from_checkpoint
     from raycf.training.debug import cached_inputs, image_inputs
 
     model = classifier_from_checkpoint(job.study.model, parse_classifier_checkpoint(job.base_model, "base model"))
@@ -166,7 +166,7 @@ def bare_epoch_seconds(job) -> list[float]:
 
 
 def ray_train_ratio(job, storage: str) -> list[Ratio]:
-    from raycf.cluster import ensure_ray
+    from raycf.runtime.cluster import ensure_ray
     from raycf.training.debug import run_debug_training
 
     ensure_ray()

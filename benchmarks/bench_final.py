@@ -25,7 +25,7 @@ STAGES = ("images", "base", "features", "cfe", "masks", "analyze", "prefix", "se
 
 
 def measure() -> list[Ratio]:
-    from raycf import console
+    from raycf.runtime import console
     from raycf.config import FASHION_MNIST_ROOT, load_study
     from raycf.pipeline import read_marker, run_stages
 

@@ -11,7 +11,7 @@ of 32:
   image, in the loading process;
 * stored: the images stage's uint8 store (decoded once, at 256 px, not
   timed), sliced by a DataLoader and augmented and normalised a whole batch at
-  a time by :func:`raycf.views.model_inputs` (here on the CPU; on a GPU it is
+  a time by :func:`raycf.data.views.model_inputs` (here on the CPU; on a GPU it is
   one ``grid_sample``).
 
 Both on one thread, in one process; the faster of two runs each counts.  Target ≥ 3.
@@ -91,9 +91,9 @@ def decode_epoch(paths: list[Path]) -> float:
 
 
 def stored_epoch(store, augment) -> float:
-    from raycf.image_store import StoredImages
+    from raycf.data.image_store import StoredImages
     from raycf.training.loops import batched_collate
-    from raycf.views import model_inputs
+    from raycf.data.views import model_inputs
 
     dataset = StoredImages(store, "train")
     started = time.perf_counter()
@@ -104,7 +104,7 @@ def stored_epoch(store, augment) -> float:
 
 def stored_host_epoch(store) -> float:
     """The host side of the stored path: the loader's batches of uint8 images, nothing computed on them."""
-    from raycf.image_store import StoredImages
+    from raycf.data.image_store import StoredImages
     from raycf.training.loops import batched_collate
 
     dataset = StoredImages(store, "train")
@@ -115,8 +115,8 @@ def stored_host_epoch(store) -> float:
 
 
 def build_store(paths: list[Path], folder: Path):
-    from raycf.data import DataSplits, SplitImages, open_image
-    from raycf.image_store import ImageStore, write_store_here
+    from raycf.data.datasets import DataSplits, SplitImages, open_image
+    from raycf.data.image_store import ImageStore, write_store_here
 
     def split(name: str, chosen: list[Path]) -> SplitImages:
         return SplitImages(name, [path.name for path in chosen], [0] * len(chosen), lambda i: open_image(chosen[i]), STORED)

@@ -32,17 +32,17 @@ import pyarrow.compute as pc
 import torch
 
 from benchmarks import Ratio
-from raycf.arrow import table_arrays
-from raycf.checkpoint import ClassifierCheckpoint
+from raycf.results.arrow import table_arrays
+from raycf.models.checkpoint import ClassifierCheckpoint
 from raycf.config import load_study
-from raycf.data import SPLITS, load_splits
-from raycf.image_store import StoreRef, write_store_here
+from raycf.data.datasets import SPLITS, load_splits
+from raycf.data.image_store import StoreRef, write_store_here
 from raycf.method.bank import CfeModel, bank_from_model
 from raycf.method.masks import compute_masks
-from raycf.models import build_model
+from raycf.models.classifiers import build_model
 from raycf.stages.features import FeatureExtractor
 from raycf.stages.masks import INPUT_COLUMNS, MaskComputer, masks_table
-from raycf.storage import read_table
+from raycf.results.storage import read_table
 
 STUDY = Path(__file__).resolve().parent.parent / "studies" / "digits.yaml"
 VIEWS = 3
@@ -82,8 +82,8 @@ def timed(run) -> float:
 def measure() -> list[Ratio]:
     import ray
 
-    from raycf.cluster import ensure_ray
-    from raycf.ray_data import data_context
+    from raycf.runtime.cluster import ensure_ray
+    from raycf.runtime.ray_data import data_context
 
     ensure_ray()
     data_context()

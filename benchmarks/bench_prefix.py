@@ -29,11 +29,11 @@ EPOCHS = 3
 
 
 def _setup(folder: Path, overrides: list[str]):
-    from raycf.checkpoint import ClassifierCheckpoint
+    from raycf.models.checkpoint import ClassifierCheckpoint
     from raycf.config import load_study
-    from raycf.data import load_splits
-    from raycf.image_store import StoreRef, write_store_here
-    from raycf.models import build_model
+    from raycf.data.datasets import load_splits
+    from raycf.data.image_store import StoreRef, write_store_here
+    from raycf.models.classifiers import build_model
 
     root = Path(__file__).resolve().parent.parent
     study = load_study(root / "studies" / "digits.yaml", [f"storage_path={folder}", f"debug.epochs={EPOCHS}", *overrides])
@@ -58,7 +58,7 @@ def epoch_seconds(study, images, global_filters, folder: Path, prefix) -> list[f
 
 
 def cached_vs_full(name: str, overrides: list[str], target: float) -> Ratio:
-    from raycf.prefix_cache import PrefixRef
+    from raycf.data.prefix_cache import PrefixRef
     from raycf.stages.prefix import write_cache_here
 
     with tempfile.TemporaryDirectory() as scratch:

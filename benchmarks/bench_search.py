@@ -3,7 +3,7 @@
 Runs what ``raycf study studies/digits.yaml --smoke`` runs up to its final
 stage (every stage the search and the final evaluation need), in this
 process, into a temporary ``storage_path``, with Ray started by raycf
-(:func:`raycf.cluster.ensure_ray`, or the cluster this process already
+(:func:`raycf.runtime.cluster.ensure_ray`, or the cluster this process already
 joined).  Then, from ``leaderboard.parquet``, for each trial that did not
 fail: ``wall_s`` (its wall time from the driver's start event to its end
 event) minus ``epochs_s`` (the sum of its epochs' ``epoch_s``): what the trial
@@ -45,9 +45,9 @@ COLUMNS = ("wall_s", "epochs_s")
 
 
 def measure() -> list[Ratio]:
-    from raycf import console
+    from raycf.runtime import console
     from raycf.config import load_study
-    from raycf.leaderboard import read_leaderboard
+    from raycf.search.leaderboard import read_leaderboard
     from raycf.pipeline import read_marker, run_stages
 
     with tempfile.TemporaryDirectory(prefix="raycf-bench-search-") as storage, finished_records() as records:
@@ -90,7 +90,7 @@ def measure() -> list[Ratio]:
 @contextlib.contextmanager
 def finished_records() -> Iterator[dict]:
     """Every search trial's leaderboard record as the driver finishes it (trial id -> record), collected while the search runs here."""
-    from raycf.leaderboard import LeaderboardWriter
+    from raycf.search.leaderboard import LeaderboardWriter
 
     records: dict = {}
     finish = LeaderboardWriter.finish

@@ -8,7 +8,7 @@ prints one line per ratio (``<name>: <value> (target <op> <value>)``):
 * ``vgg16_train_step_images_per_s`` and ``vgg16_train_step_mfu``: the bare
   training step (bf16 autocast, channels_last, all layers trainable, SGD) on
   tensors already on the GPU, batch 64; MFU against the GPU's bf16 peak
-  (:mod:`raycf.throughput`);
+  (:mod:`raycf.training.throughput`);
 * ``base_epoch_vs_bare_step_rate``: images/s of a whole base-training epoch
   (:func:`raycf.training.base.base_train_loop`: the uint8 store, pinned
   non-blocking copies, augmentation on the GPU, bf16) ÷ the bare step rate.  Target ≥ 0.8;
@@ -61,8 +61,8 @@ def cuda_rate(step, images_per_call: int, calls: int = 10) -> float:
 def synthetic_study(folder: Path):
     """A CUB-shaped study on a synthetic image folder, and its uint8 store (random images: speed only)."""
     from raycf.config import study_from_mapping
-    from raycf.data import DataSplits, SplitImages
-    from raycf.image_store import StoreRef, write_store_here
+    from raycf.data.datasets import DataSplits, SplitImages
+    from raycf.data.image_store import StoreRef, write_store_here
 
     rng = np.random.default_rng(0)
 
@@ -86,7 +86,7 @@ def synthetic_study(folder: Path):
 
 
 def bare_train_rate(model, batch: int) -> float:
-    from raycf.precision import Precision
+    from raycf.models.precision import Precision
 
     precision = Precision.of("bf16", torch.device("cuda"))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
@@ -105,7 +105,7 @@ def bare_train_rate(model, batch: int) -> float:
 
 def bare_step_flops_per_image(model) -> float:
     """FLOPs per image of the bare training step, counted as the training loops count theirs."""
-    from raycf.precision import Precision
+    from raycf.models.precision import Precision
     from raycf.training.loops import cross_entropy_loss, logits_and_features, step_flops_per_image
 
     inputs = torch.randn(2, 3, SIZE, SIZE, device="cuda").to(memory_format=torch.channels_last)
@@ -115,7 +115,7 @@ def bare_step_flops_per_image(model) -> float:
 
 @torch.no_grad()
 def bare_inference_rate(model) -> float:
-    from raycf.precision import Precision
+    from raycf.models.precision import Precision
 
     precision = Precision.of("bf16", torch.device("cuda"))
     inputs = torch.randn(256, 3, SIZE, SIZE, device="cuda").to(memory_format=torch.channels_last)
@@ -128,10 +128,10 @@ def bare_inference_rate(model) -> float:
 
 
 def measure() -> list[Ratio]:
-    from raycf.checkpoint import checkpoint_of
-    from raycf.models import build_model
-    from raycf.precision import prepare_device, prepare_model
-    from raycf.throughput import mfu, peak_flops
+    from raycf.models.checkpoint import checkpoint_of
+    from raycf.models.classifiers import build_model
+    from raycf.models.precision import prepare_device, prepare_model
+    from raycf.training.throughput import mfu, peak_flops
     from raycf.training.base import BaseJob, base_train_loop
     from raycf.training.trainer import run_local
 
@@ -164,9 +164,9 @@ def measure() -> list[Ratio]:
 
 def debug_ratio(study, images, folder: Path, model_location: Path) -> Ratio:
     """A debug epoch on the prefix cache ÷ the bare step of block5_conv3 and the head on cached activations."""
-    from raycf.models import TrainableTail, build_model
-    from raycf.precision import Precision, prepare_model
-    from raycf.prefix_cache import PrefixRef
+    from raycf.models.classifiers import TrainableTail, build_model
+    from raycf.models.precision import Precision, prepare_model
+    from raycf.data.prefix_cache import PrefixRef
     from raycf.stages.prefix import write_cache_here
     from raycf.training.debug import DebugJob, run_debug_training
 
@@ -205,7 +205,7 @@ def _records(store, views: int = 2) -> "pa.Table":
 
 def features_rate(study, images, model_location: Path) -> float:
     """The features stage's actor, called on batches as Ray Data would (images from the store, views on the GPU)."""
-    from raycf.image_store import open_store
+    from raycf.data.image_store import open_store
     from raycf.stages.features import FeatureExtractor
 
     actor = FeatureExtractor(study, str(model_location), images, use_gpu=True)

@@ -43,7 +43,7 @@ STUDY = Path(__file__).resolve().parent.parent / "studies" / "digits.yaml"
 
 def run_seed(seed: int, root: str, overrides: list[str]) -> dict:
     """Run the study for one seed up to the debug stage; return its Table 2 in one row."""
-    from raycf import storage
+    from raycf.results import storage
     from raycf.config import load_study
     from raycf.pipeline import run_stages
 
@@ -93,8 +93,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--verbose", action="store_true", help="show Ray's own console output too")
     args = parser.parse_args(argv)
 
-    from raycf import console
-    from raycf.cluster import ensure_ray
+    from raycf.runtime import console
+    from raycf.runtime.cluster import ensure_ray
 
     # As the command line does: Ray's own output goes to <root>/logs/ray.log.  Without
     # RAY_ADDRESS a private local cluster is started, never one another process started.

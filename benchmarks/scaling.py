@@ -64,7 +64,7 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 def pooled_fashion_mnist() -> tuple[np.ndarray, np.ndarray]:
     """The 70,000 images and labels of Debian's Fashion-MNIST, train then test, in a fixed shuffled order."""
     from raycf.config import FASHION_MNIST_ROOT
-    from raycf.data import FASHION_MNIST_FILES, read_idx
+    from raycf.data.datasets import FASHION_MNIST_FILES, read_idx
 
     root = Path(FASHION_MNIST_ROOT)
     images = np.concatenate([read_idx(root / FASHION_MNIST_FILES[s][0]) for s in ("train", "test")])
@@ -162,7 +162,7 @@ def train_shared_base(folder: Path, storage: Path) -> str:
 
 def measure_size(train_images: int, folder: Path, base_weights: str, storage: Path, rows: list[dict]) -> None:
     """Run every measured stage at one size."""
-    from raycf.artefacts import global_mc_sets, prefix_ref, store_ref
+    from raycf.results.artefacts import global_mc_sets, prefix_ref, store_ref
     from raycf.pipeline import read_marker, run_stages
     from raycf.training.debug import DebugJob, run_debug_training
 
@@ -198,8 +198,8 @@ def ratios(table: pd.DataFrame) -> list[Ratio]:
 
 def run(sizes: tuple[int, ...], scratch: Path) -> pd.DataFrame:
     """The measured table, every size in ``sizes``."""
-    from raycf import console
-    from raycf.cluster import ensure_ray
+    from raycf.runtime import console
+    from raycf.runtime.cluster import ensure_ray
 
     images, labels = pooled_fashion_mnist()
     if max(sizes) + VALIDATION + TEST > len(labels):

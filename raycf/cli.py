@@ -154,9 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_checked_study(args: argparse.Namespace):
     """Validate the study, its data and its weights before anything is written."""
-    from raycf import console
+    from raycf.runtime import console
     from raycf.config import load_study
-    from raycf.data import load_splits
+    from raycf.data.datasets import load_splits
 
     study = load_study(args.study, args.overrides, smoke=args.smoke)
     console.configure(study.results_uri, verbose=args.verbose)  # before any stage starts Ray (cluster.ensure_ray)
@@ -168,7 +168,7 @@ def _load_checked_study(args: argparse.Namespace):
 def check_study_inputs(study, class_names: list[str]) -> None:
     """The pre-checks of a validated study against its dataset's classes (UserError, one line): the model and its weights, the class group."""
     from raycf.method.replication import check_class_group
-    from raycf.models import check_model_weights
+    from raycf.models.classifiers import check_model_weights
 
     check_model_weights(study.model, len(class_names), class_names)
     check_class_group(study.final.class_group, class_names)
@@ -195,7 +195,7 @@ def _run_study_command(args: argparse.Namespace) -> int:
 
 
 def _run_leaderboard_command(args: argparse.Namespace) -> int:
-    from raycf.leaderboard import objective_of, pareto_front, read_leaderboard, render, sort_by_objective
+    from raycf.search.leaderboard import objective_of, pareto_front, read_leaderboard, render, sort_by_objective
 
     if args.top is not None and args.top <= 0:
         raise UserError(f"--top {args.top}: expected a positive number of trials")
@@ -215,7 +215,7 @@ def _run_leaderboard_command(args: argparse.Namespace) -> int:
 def _pareto_axes(results: str) -> tuple[str, str]:
     import yaml
 
-    from raycf import storage
+    from raycf.results import storage
 
     location = storage.join_uri(storage.normalise_root(results), "config.yaml")
     search = (yaml.safe_load(storage.read_text(location)) or {}).get("search", {}) if storage.exists(location) else {}
@@ -233,7 +233,7 @@ def _run_rerun_command(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device is visible here (expected an NVIDIA GPU with a working driver, or --device cpu)")
-    from raycf.rerun import rerun_trial
+    from raycf.outputs.rerun import rerun_trial
 
     report = rerun_trial(args.results, None if args.best else args.trial, args.device)
     print(
@@ -246,14 +246,14 @@ def _run_rerun_command(args: argparse.Namespace) -> int:
 
 
 def _run_report_command(args: argparse.Namespace) -> int:
-    from raycf.report import write_report
+    from raycf.outputs.report import write_report
 
     print(write_report(args.results), flush=True)
     return 0
 
 
 def _run_explain_command(args: argparse.Namespace) -> int:
-    from raycf.explain import explain_images, most_suspicious, summary_line
+    from raycf.outputs.explain import explain_images, most_suspicious, summary_line
 
     if args.flagged is not None and args.flagged <= 0:
         raise UserError(f"--flagged {args.flagged}: expected a positive number of images")
@@ -266,7 +266,7 @@ def _run_explain_command(args: argparse.Namespace) -> int:
 
 
 def _run_export_command(args: argparse.Namespace) -> int:
-    from raycf.export import export_model
+    from raycf.outputs.export import export_model
 
     written, sidecar = export_model(args.results, args.model, args.format, args.out)
     print(f"{written} ({args.format}) and {sidecar}", flush=True)

@@ -25,8 +25,8 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from raycf import field_reads
-from raycf.architectures import VGG_TINY, accepted_names, family_of, refused_names
+from raycf.runtime import field_reads
+from raycf.models.architectures import VGG_TINY, accepted_names, family_of, refused_names
 from raycf.errors import UserError
 
 DATASET_KINDS = ("digits", "fashion_mnist", "cub200", "imagefolder")
@@ -118,7 +118,7 @@ PREPROCESS_FROM_WEIGHTS = ("resize", "interpolation", "mean", "std")
 
 
 class PreprocessConfig(StrictModel):
-    """How the evaluation image is made from a source image (:mod:`raycf.preprocess`); training augmentation comes after it."""
+    """How the evaluation image is made from a source image (:mod:`raycf.data.preprocess`); training augmentation comes after it."""
 
     mode: Literal["squash", "resize_crop", "weights"] = Field(
         "squash",
@@ -536,7 +536,7 @@ class StudyConfig(StrictModel):
         preprocess = self.data.preprocess
         if preprocess.mode != "weights":
             return self
-        from raycf.preprocess import weights_preprocessing
+        from raycf.data.preprocess import weights_preprocessing
 
         resolved = weights_preprocessing(self.model.arch, self.data.image_size)
         for name in sorted(preprocess.model_fields_set & set(PREPROCESS_FROM_WEIGHTS)):  # a resolved config read back gives the same
@@ -561,7 +561,7 @@ class StudyConfig(StrictModel):
     @property
     def results_uri(self) -> str:
         """``<storage_path>/<name>``: a local path (absolute) or a URI."""
-        from raycf.storage import join_uri, normalise_root
+        from raycf.results.storage import join_uri, normalise_root
 
         return join_uri(normalise_root(self.storage_path), self.name)
 
@@ -589,7 +589,7 @@ _MISSING = object()
 
 
 def field_value_at(model: BaseModel, path: str) -> Any:
-    """The value of a dotted field of ``model``, read without recording it (:mod:`raycf.field_reads`)."""
+    """The value of a dotted field of ``model``, read without recording it (:mod:`raycf.runtime.field_reads`)."""
     value: Any = model
     for part in path.split("."):
         value = object.__getattribute__(value, part)

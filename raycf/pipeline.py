@@ -22,16 +22,18 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from raycf import artefacts, field_reads, storage
-from raycf.artefacts import MARKER_FILE
-from raycf.cluster import check_gpus, check_storage_for_cluster
+from raycf.results import artefacts, storage
+
+from raycf.runtime import field_reads
+from raycf.results.artefacts import MARKER_FILE
+from raycf.runtime.cluster import check_gpus, check_storage_for_cluster
 from raycf.config import StudyConfig, hash_object
-from raycf.console import LOG_FOLDER, RAY_LOG_FILE, log, ray_log_path
-from raycf.data import load_splits
+from raycf.runtime.console import LOG_FOLDER, RAY_LOG_FILE, log, ray_log_path
+from raycf.data.datasets import load_splits
 from raycf.errors import UserError
-from raycf.fingerprints import FILE_FIELDS, content_of, file_fingerprints, reads_field
-from raycf.manifest import finish_manifest, iso_time, raycf_version, write_study_files
-from raycf.prefix_cache import check_budget, uses_cache
+from raycf.results.fingerprints import FILE_FIELDS, content_of, file_fingerprints, reads_field
+from raycf.results.manifest import finish_manifest, iso_time, raycf_version, write_study_files
+from raycf.data.prefix_cache import check_budget, uses_cache
 from raycf.stages import STAGES, Stage, StageRun, stage_named
 
 FOLDERS = {stage.name: stage.folder for stage in STAGES}

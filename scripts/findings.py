@@ -31,8 +31,8 @@ if __name__ == "__main__" and (len(sys.argv) != 2 or not Path(sys.argv[1], "conf
     print(USAGE, file=sys.stderr)  # bad input is refused before raycf's (torch's) imports
     sys.exit(2)
 
-from raycf import storage  # noqa: E402
-from raycf.artefacts import load_results_study, read_frame, read_marker  # noqa: E402
+from raycf.results import storage  # noqa: E402
+from raycf.results.artefacts import load_results_study, read_frame, read_marker  # noqa: E402
 from raycf.method.multiple import ALPHA, survives  # noqa: E402
 from raycf.stages import STAGES  # noqa: E402
 

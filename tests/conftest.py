@@ -89,8 +89,8 @@ def ray_session():
 
 def write_image_store(study, folder: Path):
     """The study's uint8 image store written in this process (no Ray) into ``folder``; its StoreRef."""
-    from raycf.data import load_splits
-    from raycf.image_store import StoreRef, write_store_here
+    from raycf.data.datasets import load_splits
+    from raycf.data.image_store import StoreRef, write_store_here
 
     write_store_here(load_splits(study.data, study.seed), str(folder))
     return StoreRef(str(folder), f"test-{folder.name}")
@@ -180,8 +180,8 @@ def smoke_study_results(ray_session, tmp_path_factory) -> Path:
 
     Returns the results folder (``<tmp>/results/digits``).  Tests must not
     modify it.  Beside ``results/``: ``reads.log`` (every image read, see
-    ``raycf.data.READ_LOG``), ``fields.log`` (every study field each stage
-    read, see :mod:`raycf.field_reads`), ``stdout.txt`` and ``stderr.txt``.
+    ``raycf.data.datasets.READ_LOG``), ``fields.log`` (every study field each stage
+    read, see :mod:`raycf.runtime.field_reads`), ``stdout.txt`` and ``stderr.txt``.
     """
     folder = tmp_path_factory.mktemp("smoke-study")
     storage = folder / "results"

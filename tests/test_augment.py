@@ -1,4 +1,4 @@
-"""raycf.augment against a transcription of Keras' apply_affine_transform (scipy.ndimage), on the CPU.
+"""raycf.data.augment against a transcription of Keras' apply_affine_transform (scipy.ndimage), on the CPU.
 
 Tolerance of the reference comparisons: Keras centres its matrix at
 ``n/2 − 0.5`` with pixel ``i`` at index ``i`` (scipy's convention), which is
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from raycf.augment import (
+from raycf.data.augment import (
     AffineParams,
     augment_batch,
     evaluate_batch,
@@ -26,7 +26,7 @@ from raycf.augment import (
     warp_batch,
 )
 from raycf.config import AugmentConfig
-from raycf.data import IMAGENET_MEAN, IMAGENET_STD
+from raycf.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 
 REFERENCE = AugmentConfig(rotation=15, shift=0.2, shear=0.2, zoom=0.2, hflip=True)
 TOLERANCE = 1e-4  # on [0, 1]; see the module docstring

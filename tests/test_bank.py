@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raycf.arrow import vector_column
-from raycf.artefacts import AUGMENTED_FOLDER, EMPTY_MARKER, load_bank
+from raycf.results.arrow import vector_column
+from raycf.results.artefacts import AUGMENTED_FOLDER, EMPTY_MARKER, load_bank
 from raycf.config import CfeConfig, study_from_mapping
 from raycf.errors import UserError
 from raycf.method.bank import (

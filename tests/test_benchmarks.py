@@ -39,7 +39,7 @@ def test_scaling_subset_folder_reads_as_fashion_mnist(tmp_path):
 
     from benchmarks.scaling import TEST, VALIDATION, write_subset
     from raycf.config import DataConfig
-    from raycf.data import load_splits
+    from raycf.data.datasets import load_splits
 
     images = np.random.default_rng(0).integers(0, 256, size=(5000, 28, 28), dtype=np.uint8)
     labels = np.arange(5000) % 10

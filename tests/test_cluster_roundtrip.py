@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require_system
-from raycf.checkpoint import load_classifier_checkpoint
+from raycf.models.checkpoint import load_classifier_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 SANDBOX_SCRIPT = REPO / "tests" / "cluster" / "sandbox.sh"

@@ -15,7 +15,7 @@ from ray.autoscaler._private.util import prepare_config
 
 from raycf.config import load_study
 from raycf.errors import UserError
-from raycf.cluster import check_gpus, check_storage_for_cluster, launcher_worker_types
+from raycf.runtime.cluster import check_gpus, check_storage_for_cluster, launcher_worker_types
 from raycf.pipeline import run_stages
 
 REPO = Path(__file__).resolve().parent.parent

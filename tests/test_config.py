@@ -162,7 +162,7 @@ def test_a_searched_value_the_field_refuses_is_refused_before_the_search():
 
 def test_a_study_without_a_search_space_searches_the_default_one():
     from raycf.config import DEFAULT_SPACE
-    from raycf.searcher import parameter_names
+    from raycf.search.searcher import parameter_names
 
     study = study_from_mapping({"name": "x", "data": {"kind": "digits"}, "model": {"arch": "vgg_tiny"}})
     assert study.search.space is None and study.search.searched_space == DEFAULT_SPACE

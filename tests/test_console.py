@@ -1,4 +1,4 @@
-"""What a search prints (raycf.search_console.TrialConsole) and where Ray's own output goes (raycf.console), without Ray running."""
+"""What a search prints (raycf.search.console.TrialConsole) and where Ray's own output goes (raycf.runtime.console), without Ray running."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from raycf import cluster, console
+from raycf.runtime import cluster, console
 from raycf.cli import build_parser
-from raycf.search_console import TrialConsole, error_summary, format_value
+from raycf.search.console import TrialConsole, error_summary, format_value
 
 NAMES = ["lambda1", "lambda2", "tau", "freq_threshold"]
 CONTROL = {"lambda1": 0.0, "lambda2": 0.0, "tau": 0.5, "freq_threshold": 0.2}
@@ -321,8 +321,8 @@ def test_verbose_is_an_option_of_the_study_and_stage_commands():
 
 def test_the_cli_hands_verbose_and_the_results_folder_to_the_console(monkeypatch, tmp_path):
     import raycf.config
-    import raycf.data
-    import raycf.models
+    import raycf.data.datasets
+    import raycf.models.classifiers
     from raycf.cli import _load_checked_study
 
     class Study:
@@ -335,8 +335,8 @@ def test_the_cli_hands_verbose_and_the_results_folder_to_the_console(monkeypatch
         class_names = [str(digit) for digit in range(10)]
 
     monkeypatch.setattr(raycf.config, "load_study", lambda *args, **kwargs: Study())
-    monkeypatch.setattr(raycf.data, "load_splits", lambda *args, **kwargs: Splits())
-    monkeypatch.setattr(raycf.models, "check_model_weights", lambda *args: None)
+    monkeypatch.setattr(raycf.data.datasets, "load_splits", lambda *args, **kwargs: Splits())
+    monkeypatch.setattr(raycf.models.classifiers, "check_model_weights", lambda *args: None)
     _load_checked_study(build_parser().parse_args(["study", "s.yaml"]))
     assert console.configured_results() == Study.results_uri and not console.verbose()
     _load_checked_study(build_parser().parse_args(["study", "s.yaml", "--verbose"]))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from raycf.config import DataConfig
-from raycf.data import load_splits, read_idx, stored_side
+from raycf.data.datasets import load_splits, read_idx, stored_side
 from raycf.errors import UserError
 
 from conftest import _image

@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from conftest import write_image_store
-from raycf.checkpoint import ClassifierCheckpoint, parse_classifier_checkpoint
+from raycf.models.checkpoint import ClassifierCheckpoint, parse_classifier_checkpoint
 from raycf.config import study_from_mapping, with_values
-from raycf.image_store import StoredImages, open_store
+from raycf.data.image_store import StoredImages, open_store
 from raycf.method.debug_loss import DebugLoss
-from raycf.models import build_model
+from raycf.models.classifiers import build_model
 from raycf.training import debug
 from raycf.training.loops import train_one_epoch
-from raycf.views import model_inputs
+from raycf.data.views import model_inputs
 
 METRICS = {"epoch", "train_loss", "train_ce", "train_mc", "train_nonmc", "train_acc", "val_loss", "val_acc", "active_mc", "active_nonmc"}
 

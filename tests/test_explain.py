@@ -14,8 +14,8 @@ from PIL import Image
 
 from conftest import run_cli_without_ray
 from raycf.cli import main
-from raycf.explain import BUNDLE_FILES
-from raycf.artefacts import load_masks_frame
+from raycf.outputs.explain import BUNDLE_FILES
+from raycf.results.artefacts import load_masks_frame
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -118,9 +118,9 @@ def test_bundle_numbers_are_the_masks_parquet_rows(smoke_study_results, tmp_path
         assert image.width > 3 * image.height  # image, Grad-CAM and the top MC filters side by side
 
     manifest = json.loads((out / rows[0]["image_id"] / "manifest.json").read_text())
-    from raycf.checkpoint import load_classifier_checkpoint
-    from raycf.artefacts import load_results_study
-    from raycf.manifest import versions
+    from raycf.models.checkpoint import load_classifier_checkpoint
+    from raycf.results.artefacts import load_results_study
+    from raycf.results.manifest import versions
 
     assert manifest["checkpoint_config_hash"] == load_classifier_checkpoint(str(results / "base" / "model.pt")).config_hash
     assert manifest["study_config_hash"] == load_results_study(str(results)).config_hash()

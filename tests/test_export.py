@@ -7,12 +7,12 @@ import json
 import numpy as np
 import torch
 
-from raycf.artefacts import debugged_model_bytes, load_results_study
-from raycf.checkpoint import parse_classifier_checkpoint
+from raycf.results.artefacts import debugged_model_bytes, load_results_study
+from raycf.models.checkpoint import parse_classifier_checkpoint
 from raycf.cli import main
-from raycf.image_store import ImageStore
-from raycf.models import classifier_from_checkpoint
-from raycf.views import model_inputs
+from raycf.data.image_store import ImageStore
+from raycf.models.classifiers import classifier_from_checkpoint
+from raycf.data.views import model_inputs
 
 
 def test_raycfs_vgg_exports_as_torchscript_and_refuses_a_state_dict(smoke_study_results, tmp_path, capsys):

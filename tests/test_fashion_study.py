@@ -39,10 +39,10 @@ def test_fashion_smoke_study_runs_every_stage_on_capped_splits(fashion_smoke_res
 
 
 def test_fashion_report_opens_in_headless_chromium_with_garments_in_the_gallery(fashion_smoke_results, tmp_path):
-    from raycf.artefacts import load_results_study
+    from raycf.results.artefacts import load_results_study
     from raycf.config import FASHION_MNIST_ROOT
-    from raycf.data import FASHION_MNIST_FILES, read_idx
-    from raycf.report import ReportContext, gallery_images
+    from raycf.data.datasets import FASHION_MNIST_FILES, read_idx
+    from raycf.outputs.report import ReportContext, gallery_images
 
     index = (fashion_smoke_results / "report" / "index.html").resolve()
     figures = len(list(index.parent.glob("*.png")))

@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from conftest import write_image_store
-from raycf.arrow import column_array, vector_column
-from raycf.checkpoint import ClassifierCheckpoint
+from raycf.results.arrow import column_array, vector_column
+from raycf.models.checkpoint import ClassifierCheckpoint
 from raycf.config import study_from_mapping
-from raycf.data import load_splits
+from raycf.data.datasets import load_splits
 from raycf.method.bank import CfeBank
 from raycf.method.masks import compute_masks
-from raycf.models import build_model
+from raycf.models.classifiers import build_model
 from raycf.stages.features import FeatureExtractor, feature_records
-from raycf.views import view_seed
+from raycf.data.views import view_seed
 from raycf.stages.masks import masks_table
 
 

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from raycf.config import study_from_mapping
-from raycf.leaderboard import sort_by_objective
+from raycf.search.leaderboard import sort_by_objective
 from raycf.stages.final import best_searched_trial, control_verdict, full_control
 
 STUDY = study_from_mapping({"name": "t"})
@@ -174,7 +174,7 @@ def test_seeds_retrain_three_models_per_seed_and_seed_zero_is_the_searchs_own_dr
 
 
 def load_study_file(results):
-    from raycf.artefacts import load_results_study
+    from raycf.results.artefacts import load_results_study
 
     return load_results_study(str(results))
 
@@ -255,7 +255,7 @@ def test_an_interrupted_seed_grid_resumes_with_its_finished_runs_kept(seeded_res
 
 
 def test_the_report_and_the_describe_text_show_the_seed_comparison(seeded_results):
-    from raycf.report import ReportContext, final_section
+    from raycf.outputs.report import ReportContext, final_section
     from raycf.stages.final import describe
 
     assert "Retraining over 2 seeds" in describe(str(seeded_results))

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from raycf.views import model_inputs
-from raycf.gradcam import display_image, filter_heatmaps, grad_cam
-from raycf.models import FilterClassifier
+from raycf.data.views import model_inputs
+from raycf.outputs.gradcam import display_image, filter_heatmaps, grad_cam
+from raycf.models.classifiers import FilterClassifier
 
 
 def _tiny_classifier(weights: list[list[float]], vgg_pool: bool) -> FilterClassifier:

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from raycf.errors import UserError
-from raycf.leaderboard import (
+from raycf.search.leaderboard import (
     TrialRecord,
     leaderboard_frame,
     pareto_front,

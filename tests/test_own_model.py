@@ -19,15 +19,15 @@ from safetensors.torch import load_file
 
 from conftest import _image as make_image
 from conftest import ray_address, run_cli, write_study
-from raycf.artefacts import debugged_model_bytes, load_results_study
-from raycf.checkpoint import load_classifier_checkpoint, parse_classifier_checkpoint
-from raycf.image_store import ImageStore
-from raycf.views import model_inputs
+from raycf.results.artefacts import debugged_model_bytes, load_results_study
+from raycf.models.checkpoint import load_classifier_checkpoint, parse_classifier_checkpoint
+from raycf.data.image_store import ImageStore
+from raycf.data.views import model_inputs
 from raycf.cli import check_study_inputs, main
 from raycf.config import DataConfig, ModelConfig, StudyConfig
-from raycf.data import load_splits
+from raycf.data.datasets import load_splits
 from raycf.errors import UserError
-from raycf.models import adopted_model_bytes, build_model, check_model_weights, classifier_from_checkpoint
+from raycf.models.classifiers import adopted_model_bytes, build_model, check_model_weights, classifier_from_checkpoint
 
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -382,7 +382,7 @@ def test_a_safetensors_file_of_the_same_model_gives_the_same_base_model(own_mode
 
 def _accepted_names() -> list[str]:
     """Every torchvision name architectures.py accepts, vgg_tiny, and the timm members of the contract test."""
-    from raycf.architectures import family_of
+    from raycf.models.architectures import family_of
 
     def accepted(name: str) -> bool:
         try:

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from raycf import manifest, pipeline, storage
+from raycf.results import manifest, storage
+
+from raycf import pipeline
 from raycf.config import load_study
 from raycf.stages import STAGES, stage_named
 

@@ -1,4 +1,4 @@
-"""The frozen-prefix cache (raycf.prefix_cache, stage prefix): what it holds, that training on it is training the network,
+"""The frozen-prefix cache (raycf.data.prefix_cache, stage prefix): what it holds, that training on it is training the network,
 its size and its budget."""
 
 from __future__ import annotations
@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from conftest import write_image_store
-from raycf.checkpoint import ClassifierCheckpoint, complete, parse_classifier_checkpoint
+from raycf.models.checkpoint import ClassifierCheckpoint, complete, parse_classifier_checkpoint
 from raycf.config import study_from_mapping, with_values
 from raycf.errors import UserError
-from raycf.image_store import open_store
-from raycf.models import FrozenPrefix, build_model
-from raycf.prefix_cache import PrefixCache, PrefixRef, cache_bytes, cached_shapes, check_budget, uses_cache
+from raycf.data.image_store import open_store
+from raycf.models.classifiers import FrozenPrefix, build_model
+from raycf.data.prefix_cache import PrefixCache, PrefixRef, cache_bytes, cached_shapes, check_budget, uses_cache
 from raycf.stages.prefix import write_cache_here
 from raycf.training import debug
-from raycf.views import model_inputs, view_seeds
+from raycf.data.views import model_inputs, view_seeds
 
 VIEWS = 3
 
@@ -198,7 +198,7 @@ PREFIX_MEMBERS = [
 def test_prefix_then_tail_is_the_whole_network_for_every_family(arch):
     """FrozenPrefix → TrainableTail equals the full forward: in evaluation, and in retraining's mode (frozen norms in eval)."""
     from raycf.config import ModelConfig
-    from raycf.models import TrainableTail
+    from raycf.models.classifiers import TrainableTail
     from raycf.training.loops import set_train_mode
 
     torch.manual_seed(0)

@@ -13,9 +13,9 @@ from PIL import Image
 from conftest import write_image_store
 from raycf.config import ModelConfig, study_from_mapping
 from raycf.errors import UserError
-from raycf.image_store import ImageStore
-from raycf.models import build_model
-from raycf.views import model_inputs
+from raycf.data.image_store import ImageStore
+from raycf.models.classifiers import build_model
+from raycf.data.views import model_inputs
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import require_system, run_cli_without_ray
 from raycf.config import dump_yaml, study_from_mapping
-from raycf.report import (
+from raycf.outputs.report import (
     Figure,
     Section,
     auroc_figure,
@@ -274,7 +274,7 @@ def test_parameter_importances_come_from_the_study_optuna_storage_seeded(tmp_pat
     import optuna
 
     from raycf.pipeline import stage_hash
-    from raycf.report import ReportContext, param_importances
+    from raycf.outputs.report import ReportContext, param_importances
 
     study = study_from_mapping({"name": "tiny", "storage_path": str(tmp_path), "seed": 3})
     results = tmp_path / "tiny"

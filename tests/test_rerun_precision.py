@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from raycf.leaderboard import read_leaderboard, write_leaderboard
-from raycf.rerun import Conditions, RerunReport, rerun_precision, rerun_trial
+from raycf.search.leaderboard import read_leaderboard, write_leaderboard
+from raycf.outputs.rerun import Conditions, RerunReport, rerun_precision, rerun_trial
 
 
 def _report(differences: dict[str, float], recorded: Conditions, rerun: Conditions) -> RerunReport:

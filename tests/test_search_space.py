@@ -7,8 +7,8 @@ import pytest
 
 from raycf.config import study_from_mapping
 from raycf.errors import UserError
-from raycf.leaderboard import LeaderboardWriter, read_leaderboard
-from raycf.searcher import control_point, field_value, parameter_names, trial_study, trial_values
+from raycf.search.leaderboard import LeaderboardWriter, read_leaderboard
+from raycf.search.searcher import control_point, field_value, parameter_names, trial_study, trial_values
 
 SPACE = {"debug.indicator": {"choice": ["paper", "centred"]}, "lambda1": {"loguniform": [0.001, 0.1]}}  # lambda2 not searched
 
@@ -54,7 +54,7 @@ def test_final_parquet_keeps_each_values_type(tmp_path):
 
 
 def test_a_prefix_cache_built_for_other_views_augmentation_or_seed_is_refused():
-    from raycf.prefix_cache import cache_identity, check_cache_matches
+    from raycf.data.prefix_cache import cache_identity, check_cache_matches
 
     study = study_from_mapping({"name": "x"})
     meta = {"enabled": True, "dtype": "float16", **cache_identity(study)}

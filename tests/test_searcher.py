@@ -8,8 +8,8 @@ import pytest
 
 from raycf.config import study_from_mapping
 from raycf.errors import UserError
-from raycf.rerun import pick_trial
-from raycf.searcher import control_first_searcher, control_point, optuna_distributions, parameter_names
+from raycf.outputs.rerun import pick_trial
+from raycf.search.searcher import control_first_searcher, control_point, optuna_distributions, parameter_names
 
 SPACE = {
     "lambda1": {"loguniform": [1e-3, 1.0]},
@@ -108,7 +108,7 @@ def test_a_resumed_sampler_does_not_draw_again_the_points_of_earlier_trials():
 
     import optuna
 
-    from raycf.searcher import trial_seeded_sampler
+    from raycf.search.searcher import trial_seeded_sampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from raycf import pipeline, storage
+from raycf import pipeline
+
+from raycf.results import storage
 from raycf.config import load_study
 from raycf.stages import STAGES
 

@@ -2,7 +2,7 @@
 
 The smoke study (and ``raycf debug`` on a copy of it) ran with
 ``RAYCF_FIELD_LOG``: each stage's code, on the driver and in Ray's workers,
-recorded the study fields it read (:mod:`raycf.field_reads`).  A read that
+recorded the study fields it read (:mod:`raycf.runtime.field_reads`).  A read that
 the stage's hash does not cover (its own ``reads`` and, through their hashes,
 its upstream stages') would serve a stale result; a declared field that the
 code never reads reruns it for nothing.  Resource fields are aside (they
@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from conftest import ray_address, run_cli
 from raycf.config import StudyConfig, is_hashed
-from raycf.field_reads import FIELD_LOG, reads_by_stage
+from raycf.runtime.field_reads import FIELD_LOG, reads_by_stage
 from raycf.stages import STAGES, stage_named
 
 # Declared fields the digits smoke study's code path does not reach: other

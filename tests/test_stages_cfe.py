@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from raycf import cli
-from raycf.artefacts import global_mc_sets, load_bank, load_features, load_masks, load_study_data
+from raycf.results.artefacts import global_mc_sets, load_bank, load_features, load_masks, load_study_data
 from raycf.config import load_study
 from raycf.method.detection import detection_quality
 from raycf.method.masks import compute_masks

@@ -27,8 +27,8 @@ def put_images_stage(client, pixels: bytes, finished_at: str) -> None:
 
 def test_a_stage_rewritten_under_the_same_hash_gets_a_fresh_node_copy(s3_client):
     """A node-local copy is keyed by the stage's write, not only its hash: a forced rerun's new bytes are read."""
-    from raycf.artefacts import store_ref
-    from raycf.node_cache import local_folder
+    from raycf.results.artefacts import store_ref
+    from raycf.results.node_cache import local_folder
 
     client = s3_client
     results = f"s3://{BUCKET}/runs/rewritten"
@@ -50,8 +50,8 @@ def _marker(client, prefix: str, folder: str) -> None:
 
 def test_a_stage_on_a_bucket_is_committed_by_its_marker_alone(s3_client):
     """No rename on S3: a rerun withdraws its own and its downstream markers, empties its folder, writes in place; a crash leaves no marker."""
-    from raycf import storage
-    from raycf.artefacts import read_marker
+    from raycf.results import storage
+    from raycf.results.artefacts import read_marker
     from raycf.pipeline import run_in_place, withdraw_markers
     from raycf.stages import Stage, StageRun
 
@@ -85,7 +85,7 @@ def test_a_stage_on_a_bucket_is_committed_by_its_marker_alone(s3_client):
 
 
 def test_checkpoint_paths_get_their_scheme_back():
-    from raycf.storage import with_scheme
+    from raycf.results.storage import with_scheme
 
     assert with_scheme("raycf-results/runs/digits/_ray/search-1/trial-a/checkpoint_000001", "s3://raycf-results/runs/digits") == (
         "s3://raycf-results/runs/digits/_ray/search-1/trial-a/checkpoint_000001"
@@ -96,7 +96,7 @@ def test_checkpoint_paths_get_their_scheme_back():
 
 def test_a_bucket_that_does_not_exist_is_one_line_naming_storage_path(s3_bucket):
     from raycf.errors import UserError
-    from raycf.storage import check_writable
+    from raycf.results.storage import check_writable
 
     check_writable(f"{s3_bucket}/runs/probe")  # the bucket exists: nothing raised, nothing left
     with pytest.raises(UserError, match=r"^storage_path: cannot write to s3://no-such-bucket/runs \(.*not.*\)"):

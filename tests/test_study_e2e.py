@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, run_cli
-from raycf.checkpoint import load_classifier_checkpoint
-from raycf.leaderboard import METRIC_COLUMNS, sort_by_objective
-from raycf.report import GALLERY_GROUPS, GALLERY_PER_GROUP
+from raycf.models.checkpoint import load_classifier_checkpoint
+from raycf.search.leaderboard import METRIC_COLUMNS, sort_by_objective
+from raycf.outputs.report import GALLERY_GROUPS, GALLERY_PER_GROUP
 
 EXPECTED_FILES = [
     "config.yaml",

@@ -28,7 +28,7 @@ def _copy_cached_stages(source: Path, target: Path) -> None:
         (shutil.copytree if path.is_dir() else shutil.copy2)(path, target / name)
 
 
-# The search driver is killed at each of these points in turn (raycf.kill_points), resuming the search in
+# The search driver is killed at each of these points in turn (raycf.runtime.kill_points), resuming the search in
 # between: after a trial completes, after a searched point is proposed, after a trial starts, after an
 # epoch is reported, while the driver state bundle is written.  A categorical parameter is searched and
 # lambda2 is not: the values keep their type and the study's own lambda2 stands, through final and rerun.
@@ -43,7 +43,7 @@ def _epochs_reported(trial_folder: Path) -> list[int]:
 def test_the_search_resumes_from_every_kill_point_and_a_categorical_space_runs_through_final_and_rerun(ray_session, smoke_study_results, tmp_path):
     import optuna
 
-    from raycf.kill_points import KILL_AT
+    from raycf.runtime.kill_points import KILL_AT
 
     storage = tmp_path / "results"
     results = storage / "digits"

@@ -10,7 +10,7 @@ import pandas as pd
 import yaml
 
 from conftest import ray_address, run_cli
-from raycf.checkpoint import load_classifier_checkpoint
+from raycf.models.checkpoint import load_classifier_checkpoint
 
 
 def test_a_study_file_with_only_data_and_model_runs_its_smoke_study(ray_session, imagefolder_root, tmp_path):

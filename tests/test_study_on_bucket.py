@@ -26,12 +26,12 @@ import pytest
 import torch
 
 from conftest import REPO, ray_address, run_cli
-from raycf import storage
-from raycf.artefacts import MARKER_FILE, debugged_model_bytes, load_results_study, read_marker
-from raycf.checkpoint import parse_classifier_checkpoint
-from raycf.models import classifier_from_checkpoint
-from raycf.leaderboard import read_leaderboard
-from raycf.tune_state import finished_trials, read_snapshot
+from raycf.results import storage
+from raycf.results.artefacts import MARKER_FILE, debugged_model_bytes, load_results_study, read_marker
+from raycf.models.checkpoint import parse_classifier_checkpoint
+from raycf.models.classifiers import classifier_from_checkpoint
+from raycf.search.leaderboard import read_leaderboard
+from raycf.search.tune_state import finished_trials, read_snapshot
 
 SEARCH_SETTINGS = ["search.num_samples=2", "search.max_concurrent=1", "search.scheduler.asha=null"]
 CACHED_STAGES = ("images", "base", "features", "cfe", "masks", "analysis", "prefix")

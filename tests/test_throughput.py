@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from raycf import throughput
+from raycf.training import throughput
 from raycf.config import ModelConfig
-from raycf.models import build_model
-from raycf.precision import Precision
-from raycf.throughput import PEAK_FLOPS, ThroughputMeter, mfu, peak_flops, step_flops, step_precision
+from raycf.models.classifiers import build_model
+from raycf.models.precision import Precision
+from raycf.training.throughput import PEAK_FLOPS, ThroughputMeter, mfu, peak_flops, step_flops, step_precision
 from raycf.training.loops import cross_entropy_loss, logits_and_features, step_flops_per_image
 
 IN, OUT = 10, 20

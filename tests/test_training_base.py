@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from conftest import write_image_store
-from raycf import pipeline, storage
-from raycf.checkpoint import load_classifier_checkpoint, parse_classifier_checkpoint
+from raycf import pipeline
+from raycf.results import storage
+from raycf.models.checkpoint import load_classifier_checkpoint, parse_classifier_checkpoint
 from raycf.config import load_study
 from raycf.method.selection import best_epoch
 from raycf.training.base import BaseJob, Phase, base_phases, base_train_loop, phase_at, scheduled_lr
@@ -78,7 +79,7 @@ def test_two_worker_ddp_run_then_cache(ray_session, digits_study, capsys):
 
 
 def test_same_seed_same_initial_weights(digits_study):
-    from raycf.models import build_model
+    from raycf.models.classifiers import build_model
 
     study = load_study(digits_study)
     seed_everything(5)

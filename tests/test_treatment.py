@@ -1,4 +1,4 @@
-"""Paper Tables 2 and 3 from per-image predictions (raycf.method.treatment) and the predictions themselves (raycf.predict)."""
+"""Paper Tables 2 and 3 from per-image predictions (raycf.method.treatment) and the predictions themselves (raycf.outputs.predict)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from conftest import write_image_store
-from raycf import storage
-from raycf.checkpoint import ClassifierCheckpoint
+from raycf.results import storage
+from raycf.models.checkpoint import ClassifierCheckpoint
 from raycf.config import DebugConfig, study_from_mapping
-from raycf.image_store import open_store
+from raycf.data.image_store import open_store
 from raycf.method import treatment
-from raycf.models import build_model
-from raycf.predict import predict_splits
+from raycf.models.classifiers import build_model
+from raycf.outputs.predict import predict_splits
 from raycf.stages.debug import describe
-from raycf.views import model_inputs
+from raycf.data.views import model_inputs
 
 
 def test_predictions_of_a_model_on_every_split_are_its_argmax_and_softmax(tmp_path):
@@ -43,7 +43,7 @@ def test_predictions_of_a_model_on_every_split_are_its_argmax_and_softmax(tmp_pa
 
 @pytest.mark.parametrize("scope", ["last_conv_and_head", "head"])
 def test_predictions_from_the_prefix_cache_are_the_whole_networks_on_train_and_val(tmp_path, scope):
-    from raycf.prefix_cache import PrefixRef
+    from raycf.data.prefix_cache import PrefixRef
     from raycf.stages.prefix import write_cache_here
 
     study = study_from_mapping(

@@ -7,7 +7,7 @@ import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
-from raycf.tune_state import DriverStateSnapshot, finished_trials, read_snapshot, restore_driver_state
+from raycf.search.tune_state import DriverStateSnapshot, finished_trials, read_snapshot, restore_driver_state
 
 
 def _experiment_state(*trials: tuple[str, str]) -> str:

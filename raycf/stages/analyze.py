@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from raycf import storage
-from raycf.artefacts import load_masks, load_study_data, read_frame
-from raycf.console import log
+from raycf.results import storage
+from raycf.results.artefacts import load_masks, load_study_data, read_frame
+from raycf.runtime.console import log
 from raycf.method.detection import EVALUATED_SPLITS, analyse, format_tables
 from raycf.method.flagged import flagged_frame
 from raycf.method.learned_detector import coefficient_frame, detector_summary, learned_detector_frame

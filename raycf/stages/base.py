@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from raycf import storage
-from raycf.artefacts import store_ref
-from raycf.checkpoint import CHECKPOINT_FILE
-from raycf.cluster import ensure_ray
-from raycf.console import log
-from raycf.data import load_splits
+from raycf.results import storage
+from raycf.results.artefacts import store_ref
+from raycf.models.checkpoint import CHECKPOINT_FILE
+from raycf.runtime.cluster import ensure_ray
+from raycf.runtime.console import log
+from raycf.data.datasets import load_splits
 from raycf.method.selection import best_epoch
-from raycf.models import adopted_model_bytes
-from raycf.predict import predict_splits
+from raycf.models.classifiers import adopted_model_bytes
+from raycf.outputs.predict import predict_splits
 from raycf.training.base import BaseJob, base_train_loop
 from raycf.training.trainer import fit
 

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from raycf import storage
-from raycf.artefacts import BANK_FILE
-from raycf.checkpoint import CHECKPOINT_FILE, load_classifier_checkpoint
-from raycf.cluster import ensure_ray
-from raycf.console import log, verbose
+from raycf.results import storage
+from raycf.results.artefacts import BANK_FILE
+from raycf.models.checkpoint import CHECKPOINT_FILE, load_classifier_checkpoint
+from raycf.runtime.cluster import ensure_ray
+from raycf.runtime.console import log, verbose
 from raycf.training.cfe import CfeJob, cfe_summary, cfe_train_loop
 from raycf.training.trainer import fit, run_local
 

@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from raycf import storage
-from raycf.artefacts import PREDICTIONS_FILE, base_model_bytes, base_predictions, class_names
-from raycf.checkpoint import CHECKPOINT_FILE
-from raycf.cluster import ensure_ray
-from raycf.console import log
+from raycf.results import storage
+from raycf.results.artefacts import PREDICTIONS_FILE, base_model_bytes, base_predictions, class_names
+from raycf.models.checkpoint import CHECKPOINT_FILE
+from raycf.runtime.cluster import ensure_ray
+from raycf.runtime.console import log
 from raycf.method.treatment import format_table2, format_table3, treatment_tables
-from raycf.predict import predict_on_ray
+from raycf.outputs.predict import predict_on_ray
 from raycf.stages.jobs import debug_job
 from raycf.training.debug import run_debug_training
 

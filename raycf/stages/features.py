@@ -15,7 +15,7 @@ Columns (plain ``fixed_size_list`` vectors, no Ray extension types):
 ``image_index`` (position in its split), ``image_id``, ``split``, ``label``,
 ``view``, ``pred``, ``confidence`` (max softmax), ``logits``
 (``fixed_size_list<float32>[C]``) and ``a`` (``fixed_size_list<float32>[K]``).
-Read them with :func:`raycf.artefacts.load_features`, which never needs Ray.
+Read them with :func:`raycf.results.artefacts.load_features`, which never needs Ray.
 """
 
 from __future__ import annotations
@@ -26,17 +26,17 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from raycf.arrow import vector_column
-from raycf.artefacts import AUGMENTED_FOLDER, store_ref
-from raycf.checkpoint import CHECKPOINT_FILE, load_classifier_checkpoint
-from raycf.cluster import ensure_ray
+from raycf.results.arrow import vector_column
+from raycf.results.artefacts import AUGMENTED_FOLDER, store_ref
+from raycf.models.checkpoint import CHECKPOINT_FILE, load_classifier_checkpoint
+from raycf.runtime.cluster import ensure_ray
 from raycf.config import StudyConfig
-from raycf.console import log
-from raycf.data import SPLITS, log_read
-from raycf.image_store import StoreRef, open_store
-from raycf.predict import inference_model
-from raycf.ray_data import actor_pool, data_context, write_folders
-from raycf.views import model_inputs, view_seed
+from raycf.runtime.console import log
+from raycf.data.datasets import SPLITS, log_read
+from raycf.data.image_store import StoreRef, open_store
+from raycf.outputs.predict import inference_model
+from raycf.runtime.ray_data import actor_pool, data_context, write_folders
+from raycf.data.views import model_inputs, view_seed
 
 if TYPE_CHECKING:
     from raycf.stages.stage import StageRun
@@ -49,7 +49,7 @@ class FeatureExtractor:
 
     Input batches are pyarrow tables of records (``folder``, ``split``,
     ``image_index``, ``view``); view 0 is the plain image, other views are
-    augmented with their seeds (:mod:`raycf.views`), on the actor's device.
+    augmented with their seeds (:mod:`raycf.data.views`), on the actor's device.
     """
 
     def __init__(self, study: StudyConfig, model_location: str, images: StoreRef, use_gpu: bool):

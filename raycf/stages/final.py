@@ -9,7 +9,7 @@ whole schedule; one stopped early by ASHA (or failed) is retrained here.
 
 Each retrained model is run once over train, val and test
 (``final/predictions.parquet``; train and val from the frozen-prefix cache's
-plain view where retraining runs on it, :mod:`raycf.predict`); the base
+plain view where retraining runs on it, :mod:`raycf.outputs.predict`); the base
 model's rows come from the features stage.  Tables 2 and 3 and
 ``class_recall.parquet`` are computed from those rows: the test split is
 read once per model.
@@ -42,19 +42,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from raycf import storage
-from raycf.artefacts import PREDICTIONS_FILE, base_model_bytes, read_final_frame, base_predictions, class_names, prefix_ref, store_ref, trial_model_bytes
-from raycf.checkpoint import CHECKPOINT_FILE, complete, parse_classifier_checkpoint
-from raycf.cluster import ensure_ray
+from raycf.results import storage
+from raycf.results.artefacts import PREDICTIONS_FILE, base_model_bytes, read_final_frame, base_predictions, class_names, prefix_ref, store_ref, trial_model_bytes
+from raycf.models.checkpoint import CHECKPOINT_FILE, complete, parse_classifier_checkpoint
+from raycf.runtime.cluster import ensure_ray
 from raycf.config import StudyConfig
-from raycf.console import log
-from raycf.leaderboard import read_leaderboard, sort_by_objective
+from raycf.runtime.console import log
+from raycf.search.leaderboard import read_leaderboard, sort_by_objective
 from raycf.method.replication import BEST, CONTROL, REFERENCE, check_class_group, format_seed_summary, group_recall, pooled_base_recall, seed_summary
 from raycf.method.selection import SCORE_KEY, best_epoch, selection_key
 from raycf.method.treatment import ModelEvaluation, evaluation_of, format_table2, format_table3, treatment_tables
-from raycf.predict import predict_on_ray
-from raycf.prefix_cache import PrefixRef
-from raycf.searcher import control_point, field_value, parameter_names, trial_study, trial_values
+from raycf.outputs.predict import predict_on_ray
+from raycf.data.prefix_cache import PrefixRef
+from raycf.search.searcher import control_point, field_value, parameter_names, trial_study, trial_values
 from raycf.stages.jobs import TrialContext, debug_job, run_trial, trainable_of, trial_context, tune_run
 from raycf.training.debug import run_debug_training
 
@@ -296,7 +296,7 @@ def train_seed_grid(run: "StageRun", points: dict[str, dict[str, Any]], base_byt
     import ray.tune as tune
 
     from raycf.pipeline import clear_ray_runs
-    from raycf.search_console import TrialConsole
+    from raycf.search.console import TrialConsole
 
     study, seeds = run.study, run.study.final.seeds
     runs = {run_name(model, seed): (model, seed) for seed in range(seeds) for model in points if not (seed == 0 and model in reused)}

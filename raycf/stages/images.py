@@ -1,14 +1,14 @@
-"""Stage ``images``: decode every image of every split once, on CPUs, into the uint8 image store (:mod:`raycf.image_store`)."""
+"""Stage ``images``: decode every image of every split once, on CPUs, into the uint8 image store (:mod:`raycf.data.image_store`)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from raycf.cluster import ensure_ray
-from raycf.console import log
-from raycf.data import stored_side
-from raycf.image_store import write_store
-from raycf.ray_data import data_context
+from raycf.runtime.cluster import ensure_ray
+from raycf.runtime.console import log
+from raycf.data.datasets import stored_side
+from raycf.data.image_store import write_store
+from raycf.runtime.ray_data import data_context
 
 if TYPE_CHECKING:
     from raycf.stages.stage import StageRun

@@ -17,14 +17,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from raycf import storage
-from raycf.artefacts import global_mc_sets, load_study_data, prefix_ref, store_ref, written_key
+from raycf.results import storage
+from raycf.results.artefacts import global_mc_sets, load_study_data, prefix_ref, store_ref, written_key
 from raycf.config import StudyConfig
-from raycf.console import verbose
-from raycf.image_store import StoreRef
+from raycf.runtime.console import verbose
+from raycf.data.image_store import StoreRef
 from raycf.method.detection import StudyData, detection_quality
 from raycf.method.selection import SCORE_KEY
-from raycf.searcher import trial_study
+from raycf.search.searcher import trial_study
 from raycf.training.debug import DebugJob, debug_train_loop
 from raycf.training.session import TuneSession
 from raycf.training.trainer import fit

@@ -40,16 +40,16 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from raycf import storage
-from raycf.arrow import table_arrays, vector_column
-from raycf.artefacts import BANK_FILE
-from raycf.cluster import ensure_ray
-from raycf.console import log
-from raycf.data import SPLITS
+from raycf.results import storage
+from raycf.results.arrow import table_arrays, vector_column
+from raycf.results.artefacts import BANK_FILE
+from raycf.runtime.cluster import ensure_ray
+from raycf.runtime.console import log
+from raycf.data.datasets import SPLITS
 from raycf.method.bank import parse_bank
 from raycf.method.masks import compute_masks
-from raycf.models import device_for
-from raycf.ray_data import actor_pool, data_context, write_folders
+from raycf.models.classifiers import device_for
+from raycf.runtime.ray_data import actor_pool, data_context, write_folders
 
 if TYPE_CHECKING:
     from raycf.stages.stage import StageRun

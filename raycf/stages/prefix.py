@@ -1,10 +1,10 @@
 """Stage ``prefix``: the frozen-prefix cache, computed once per base model on a Ray Data actor pool.
 
-Each actor holds the base model's :class:`~raycf.models.FrozenPrefix` for
+Each actor holds the base model's :class:`~raycf.models.classifiers.FrozenPrefix` for
 ``debug.trainable`` and turns (split, image, view) records into the
 activations that enter the first retrained layer: every view of every
 training image (``debug.views``), the plain validation images.  The driver
-writes them into the cache's arrays (:mod:`raycf.prefix_cache`).  With
+writes them into the cache's arrays (:mod:`raycf.data.prefix_cache`).  With
 ``trainable: all`` (or ``prefix.enabled: false``) there is nothing to cache:
 the stage says so and writes only ``meta.json``.
 """
@@ -19,18 +19,18 @@ from typing import TYPE_CHECKING, Any, Iterable
 import numpy as np
 import torch
 
-from raycf import storage
-from raycf.artefacts import store_ref
-from raycf.checkpoint import CHECKPOINT_FILE, load_classifier_checkpoint
-from raycf.cluster import ensure_ray
+from raycf.results import storage
+from raycf.results.artefacts import store_ref
+from raycf.models.checkpoint import CHECKPOINT_FILE, load_classifier_checkpoint
+from raycf.runtime.cluster import ensure_ray
 from raycf.config import StudyConfig
-from raycf.console import log
-from raycf.image_store import StoreRef, open_store
-from raycf.models import FrozenPrefix
-from raycf.predict import inference_model
-from raycf.prefix_cache import DTYPES, META_FILE, cache_bytes, cache_identity, cached_shapes, human_size, uses_cache
-from raycf.ray_data import actor_pool, data_context
-from raycf.views import model_inputs, view_seeds
+from raycf.runtime.console import log
+from raycf.data.image_store import StoreRef, open_store
+from raycf.models.classifiers import FrozenPrefix
+from raycf.outputs.predict import inference_model
+from raycf.data.prefix_cache import DTYPES, META_FILE, cache_bytes, cache_identity, cached_shapes, human_size, uses_cache
+from raycf.runtime.ray_data import actor_pool, data_context
+from raycf.data.views import model_inputs, view_seeds
 
 if TYPE_CHECKING:
     from raycf.stages.stage import StageRun

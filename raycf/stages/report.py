@@ -1,11 +1,11 @@
-"""Stage ``report`` (and ``raycf report RESULTS``): the study's tables and figures in one HTML page (see :mod:`raycf.report`)."""
+"""Stage ``report`` (and ``raycf report RESULTS``): the study's tables and figures in one HTML page (see :mod:`raycf.outputs.report`)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from raycf import storage
-from raycf.report import INDEX_FILE, REPORT_FOLDER, build_report
+from raycf.results import storage
+from raycf.outputs.report import INDEX_FILE, REPORT_FOLDER, build_report
 
 if TYPE_CHECKING:
     from raycf.stages.stage import StageRun

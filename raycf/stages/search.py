@@ -11,10 +11,10 @@ base model with L_d (:mod:`raycf.training.debug`), reporting every epoch:
 * a multi-worker trial drives a ``TorchTrainer`` (DDP) from a light driver
   that may be pinned to the head (``search.driver_resources``).
 
-The searcher (:mod:`raycf.searcher`) proposes the control first, then
+The searcher (:mod:`raycf.search.searcher`) proposes the control first, then
 Optuna's TPE points; ``leaderboard.parquet`` is rewritten atomically as
 trials finish, and Tune's driver state is bundled after every step
-(:mod:`raycf.tune_state`) so a killed driver resumes.
+(:mod:`raycf.search.tune_state`) so a killed driver resumes.
 """
 
 from __future__ import annotations
@@ -23,16 +23,18 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from raycf import kill_points, storage
-from raycf.artefacts import base_model_bytes
-from raycf.cluster import ensure_ray
+from raycf.runtime import kill_points
+
+from raycf.results import storage
+from raycf.results.artefacts import base_model_bytes
+from raycf.runtime.cluster import ensure_ray
 from raycf.config import StudyConfig
-from raycf.console import log
+from raycf.runtime.console import log
 from raycf.errors import UserError
-from raycf.leaderboard import LeaderboardWriter, read_leaderboard, sort_by_objective
-from raycf.manifest import versions
-from raycf.search_console import TrialConsole, error_summary
-from raycf.searcher import control_first_searcher, parameter_names, trial_study
+from raycf.search.leaderboard import LeaderboardWriter, read_leaderboard, sort_by_objective
+from raycf.results.manifest import versions
+from raycf.search.console import TrialConsole, error_summary
+from raycf.search.searcher import control_first_searcher, parameter_names, trial_study
 from raycf.stages.jobs import trainable_of, trial_context, tune_run
 
 if TYPE_CHECKING:
@@ -196,7 +198,7 @@ def run(run: "StageRun") -> dict:
     import ray.tune as tune
 
     from raycf.pipeline import clear_ray_runs
-    from raycf.tune_state import DriverStateSnapshot, finished_trials, read_snapshot, restore_driver_state
+    from raycf.search.tune_state import DriverStateSnapshot, finished_trials, read_snapshot, restore_driver_state
 
     study, results = run.study, run.results
     if study.search.space is None:

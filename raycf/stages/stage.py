@@ -6,7 +6,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from raycf import storage
+from raycf.results import storage
 from raycf.config import StudyConfig
 
 

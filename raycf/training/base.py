@@ -18,16 +18,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from raycf.checkpoint import CHECKPOINT_FILE, checkpoint_of, load_classifier_checkpoint
+from raycf.models.checkpoint import CHECKPOINT_FILE, checkpoint_of, load_classifier_checkpoint
 from raycf.config import StudyConfig
-from raycf.console import log, shown_epochs
-from raycf.image_store import StoredImages, StoreRef, open_store
+from raycf.runtime.console import log, shown_epochs
+from raycf.data.image_store import StoredImages, StoreRef, open_store
 from raycf.method.selection import SCORE_KEY, checkpoint_scores
-from raycf.models import FilterClassifier, build_model
-from raycf.precision import Precision, prepare_device, prepare_model
+from raycf.models.classifiers import FilterClassifier, build_model
+from raycf.models.precision import Precision, prepare_device, prepare_model
 from raycf.training.loops import FlopCount, cross_entropy_loss, device_batches, epoch_seed, eval_loader, evaluate, seed_everything, train_loader, train_one_epoch
 from raycf.training.session import TRAIN_STATE_FILE, Session, TrainState
-from raycf.views import epoch_seeds, model_inputs
+from raycf.data.views import epoch_seeds, model_inputs
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def report_epoch(
 ) -> None:
     """Report an epoch with its selection score under ``objective`` (metric, mode); rank 0 attaches ``model.pt`` and ``train_state.pt``.
 
-    With ``base_hash``, ``model.pt`` is partial: the trainable layers only (:func:`raycf.checkpoint.checkpoint_of`).
+    With ``base_hash``, ``model.pt`` is partial: the trainable layers only (:func:`raycf.models.checkpoint.checkpoint_of`).
     ``extra_files``: more files of rank 0's checkpoint folder (the validation predictions).
     ``only_improving``: attach them only to an epoch that is the best so far
     (the only checkpoint a run keeps; a restarted run resumes from it and

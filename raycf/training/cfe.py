@@ -32,10 +32,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from raycf import storage
-from raycf.artefacts import BANK_FILE, load_features
+from raycf.results import storage
+from raycf.results.artefacts import BANK_FILE, load_features
 from raycf.config import StudyConfig
-from raycf.console import log, spaced_epochs
+from raycf.runtime.console import log, spaced_epochs
 from raycf.method.bank import (
     CfeBank,
     CfeModel,
@@ -47,7 +47,7 @@ from raycf.method.bank import (
     summarise_statistics,
 )
 from raycf.method.selection import SCORE_KEY
-from raycf.throughput import ThroughputMeter
+from raycf.training.throughput import ThroughputMeter
 from raycf.training.session import TRAIN_STATE_FILE, Session, TrainState
 
 

@@ -3,14 +3,14 @@
 The debugged model and the control are the same loop (:func:`debug_train_loop`)
 with different λ: starting from the base model, the ``debug.trainable`` layers
 are retrained with SGD for ``debug.epochs`` epochs.  Every epoch each training
-image is seen in one of its ``debug.views`` views (:mod:`raycf.views`); the
+image is seen in one of its ``debug.views`` views (:mod:`raycf.data.views`); the
 data order, the views and the dropout draws depend only on (seed, epoch), so
 the control and the debugged run see the same batches.  ``DebugJob.order_seed``
 replaces the study's seed in those draws (the final stage's retraining
 seeds); the views' augmentations stay those of the study's seed.
 
 Two paths compute the same thing: on the frozen-prefix cache
-(:mod:`raycf.prefix_cache`: only the trainable layers run) when the scope
+(:mod:`raycf.data.prefix_cache`: only the trainable layers run) when the scope
 leaves layers frozen, or through the whole network from the image store
 (``trainable: all``, or ``prefix.enabled: false``).  The best epoch is chosen
 on the validation split by :mod:`raycf.method.selection`; the test split is
@@ -29,19 +29,19 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from raycf.checkpoint import CHECKPOINT_FILE, complete, model_hash, parse_classifier_checkpoint
+from raycf.models.checkpoint import CHECKPOINT_FILE, complete, model_hash, parse_classifier_checkpoint
 from raycf.config import StudyConfig
-from raycf.image_store import StoredImages, StoreRef, open_store
+from raycf.data.image_store import StoredImages, StoreRef, open_store
 from raycf.method.debug_loss import DebugLoss, FilterStats, global_filters_tensor
 from raycf.method.selection import best_epoch
-from raycf.models import FilterClassifier, TrainableTail, classifier_from_checkpoint
-from raycf.precision import Precision, prepare_device, prepare_model
-from raycf.prefix_cache import CachedSplit, PrefixRef, check_cache_matches, open_cache
+from raycf.models.classifiers import FilterClassifier, TrainableTail, classifier_from_checkpoint
+from raycf.models.precision import Precision, prepare_device, prepare_model
+from raycf.data.prefix_cache import CachedSplit, PrefixRef, check_cache_matches, open_cache
 from raycf.training.base import print_epoch, report_epoch, restore_classifier
 from raycf.training.loops import FlopCount, device_batches, epoch_seed, eval_loader, evaluate, logits_and_features, seed_everything, train_loader, train_one_epoch
 from raycf.training.session import Session, TrainState
 from raycf.training.trainer import fit, run_local
-from raycf.views import epoch_views, model_inputs, view_seeds
+from raycf.data.views import epoch_views, model_inputs, view_seeds
 
 PHASE = "debug"
 VAL_PREDICTIONS_FILE = "val_pred.npy"  # beside model.pt: the epoch's predicted class of each validation image, in split order

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-from raycf.precision import DTYPES, Precision
-from raycf.throughput import ThroughputMeter, mfu, peak_flops, step_flops, step_precision
+from raycf.models.precision import DTYPES, Precision
+from raycf.training.throughput import ThroughputMeter, mfu, peak_flops, step_flops, step_precision
 
 # loss_fn(logits, pooled vectors, labels) -> (loss, {part name: detached scalar tensor (batch mean)})
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]

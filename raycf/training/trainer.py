@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from raycf.cluster import configure_ray_train
+from raycf.runtime.cluster import configure_ray_train
 from raycf.method.selection import SCORE_KEY
 from raycf.training.session import LocalSession, RayTrainSession, Session, TrainState
 

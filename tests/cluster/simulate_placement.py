@@ -10,7 +10,7 @@ Then, the way a study places work:
   trial and reserve ``debug.gpus_per_trial`` of a GPU: with 0.25, eight trials
   run at once, four to a GPU node; each reads the frozen-prefix cache from the
   results folder on S3 (moto's server on 127.0.0.1) through
-  ``raycf.node_cache``, which must fetch it once per node;
+  ``raycf.results.node_cache``, which must fetch it once per node;
 * multi-worker trials: a driver asking for ``search.driver_resources`` runs a
   Ray Train worker group with ``use_gpu=True``;
 * a Ray Data actor pool asks for one GPU per actor (the features stage).
@@ -83,7 +83,7 @@ def packed_trial(config: dict) -> None:
     import ray
     import ray.tune
 
-    from raycf import node_cache
+    from raycf.results import node_cache
 
     downloads = Path(config["log"])
     real_download = node_cache.download
@@ -142,7 +142,7 @@ def main() -> None:
     from moto.server import ThreadedMotoServer
     from ray.cluster_utils import Cluster
 
-    from raycf.cluster import check_storage_for_cluster
+    from raycf.runtime.cluster import check_storage_for_cluster
     from raycf.config import load_study
     from raycf.errors import UserError
 

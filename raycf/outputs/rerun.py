@@ -8,14 +8,14 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from raycf import storage
-from raycf.artefacts import base_model_bytes, load_results_study
+from raycf.results import storage
+from raycf.results.artefacts import base_model_bytes, load_results_study
 from raycf.config import with_values
-from raycf.image_store import open_store
+from raycf.data.image_store import open_store
 from raycf.errors import UserError
-from raycf.leaderboard import read_leaderboard, sort_by_objective
+from raycf.search.leaderboard import read_leaderboard, sort_by_objective
 from raycf.method.selection import best_epoch
-from raycf.searcher import trial_values
+from raycf.search.searcher import trial_values
 from raycf.stages.jobs import debug_job
 from raycf.training.debug import run_debug_training
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from raycf import kill_points
+from raycf.runtime import kill_points
 from raycf.config import PARAMETER_ALIASES, Distribution, StudyConfig, with_values
 from raycf.method.selection import TIE_BREAK, selection_key
 

@@ -13,7 +13,7 @@
 
 The sidecar ``<out>.json`` holds the arch, the class names in the exported
 head's order, the preprocessing, the trial's parameters and its validation
-and test metrics.  Results are read through :mod:`raycf.artefacts` (local
+and test metrics.  Results are read through :mod:`raycf.results.artefacts` (local
 folders and bucket URIs alike); the file itself is written atomically.
 """
 
@@ -29,13 +29,13 @@ from typing import Any
 import pandas as pd
 import torch
 
-from raycf import storage
-from raycf.architectures import VGG_TINY, family_of
-from raycf.artefacts import base_model_bytes, load_results_study, read_final_frame, trial_model_bytes
-from raycf.checkpoint import parse_classifier_checkpoint
+from raycf.results import storage
+from raycf.models.architectures import VGG_TINY, family_of
+from raycf.results.artefacts import base_model_bytes, load_results_study, read_final_frame, trial_model_bytes
+from raycf.models.checkpoint import parse_classifier_checkpoint
 from raycf.config import StudyConfig
 from raycf.errors import UserError
-from raycf.models import classifier_from_checkpoint, native_from_checkpoint
+from raycf.models.classifiers import classifier_from_checkpoint, native_from_checkpoint
 
 FORMATS = ("pt", "safetensors", "torchscript")
 STATE_DICT_FORMATS = ("pt", "safetensors")
@@ -82,7 +82,7 @@ def _model_bytes(results: str, which: str) -> tuple[pd.Series | None, bytes, lis
         if base is None:
             raise UserError(f"{results}: no base/model.pt (expected a study whose base stage ran)")
         return None, base, []
-    from raycf.leaderboard import read_leaderboard
+    from raycf.search.leaderboard import read_leaderboard
 
     board = read_leaderboard(results)
     if which == "debugged":

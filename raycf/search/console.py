@@ -27,8 +27,8 @@ from typing import Any, Iterable, Mapping
 
 from ray.tune import Callback
 
-from raycf import console
-from raycf.leaderboard import is_control
+from raycf.runtime import console
+from raycf.search.leaderboard import is_control
 from raycf.method.selection import TIE_BREAK, as_number, best_epoch, selection_key
 
 STATE_VERSION = 1

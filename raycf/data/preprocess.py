@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from raycf.architectures import TIMM_PREFIX, VGG_TINY, family_of
+from raycf.models.architectures import TIMM_PREFIX, VGG_TINY, family_of
 from raycf.config import DataConfig
 from raycf.errors import UserError
 
@@ -44,7 +44,7 @@ def weights_preprocessing(arch: str, image_size: int) -> dict[str, Any]:
     if family == VGG_TINY:
         raise UserError("data.preprocess.mode: weights: vgg_tiny is raycf's own network and has no pretrained weights (expected squash or resize_crop)")
     if family == "timm":
-        from raycf.models import timm_module
+        from raycf.models.classifiers import timm_module
 
         timm = timm_module()
         name = arch[len(TIMM_PREFIX) :]

@@ -14,19 +14,19 @@ import pandas as pd
 import pyarrow as pa
 import yaml
 
-from raycf import storage
-from raycf.arrow import table_arrays
-from raycf.checkpoint import CHECKPOINT_FILE, complete, parse_classifier_checkpoint
+from raycf.results import storage
+from raycf.results.arrow import table_arrays
+from raycf.models.checkpoint import CHECKPOINT_FILE, complete, parse_classifier_checkpoint
 from raycf.config import StudyConfig
-from raycf.data import SPLITS
+from raycf.data.datasets import SPLITS
 from raycf.errors import UserError
-from raycf.image_store import StoreRef
+from raycf.data.image_store import StoreRef
 from raycf.method.bank import CfeBank, parse_bank
 from raycf.method.detection import EVALUATED_SPLITS, SPLIT_COLUMNS, StudyData
 from raycf.method.global_mc import TRAIN_COLUMNS
 from raycf.method.learned_detector import runner_up_mi_sizes
-from raycf.prefix_cache import PrefixRef, uses_cache
-from raycf.ray_data import EMPTY_MARKER
+from raycf.data.prefix_cache import PrefixRef, uses_cache
+from raycf.runtime.ray_data import EMPTY_MARKER
 
 MARKER_FILE = "_stage.json"  # a finished stage's marker, written last into its folder
 
@@ -260,7 +260,7 @@ def debugged_model_bytes(results: str, base_bytes: bytes | None = None) -> tuple
 
     ``base_bytes``: the base model when the caller has read it already.
     """
-    from raycf.leaderboard import read_leaderboard
+    from raycf.search.leaderboard import read_leaderboard
 
     final = read_final_frame(results, "final.parquet")
     debugged = final[final["model"] == "debugged"] if final is not None else None

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from raycf import storage
+from raycf.results import storage
 from raycf.config import StudyConfig
 from raycf.errors import UserError
 
@@ -33,14 +33,14 @@ def ensure_ray() -> None:
     runs on this machine (``ray.init()`` alone would join it, or wait on a
     dead one); ``RAY_ADDRESS=auto`` joins a cluster started with ``ray start``.
 
-    Unless verbose (:func:`raycf.console.verbose`), and when the command line
-    named the study's results folder (:func:`raycf.console.configure`), Ray's
+    Unless verbose (:func:`raycf.runtime.console.verbose`), and when the command line
+    named the study's results folder (:func:`raycf.runtime.console.configure`), Ray's
     own console output goes to ``<results>/logs/ray.log`` instead
     (:func:`quiet_ray`), announced in one ``[raycf]`` line.
     """
     import ray
 
-    from raycf import console
+    from raycf.runtime import console
 
     if ray.is_initialized():
         return
@@ -80,11 +80,11 @@ def quiet_ray(results: str) -> Path:
     """Quiet mode's settings made before ``ray.init``; returns Ray's log file of the study.
 
     Ray's Python logging goes to ``<results>/logs/ray.log``
-    (:func:`raycf.console.quiet_ray_logging`), and Tune's console is its
+    (:func:`raycf.runtime.console.quiet_ray_logging`), and Tune's console is its
     legacy one, which ``verbose=0`` silences.  A user's own setting of
     ``RAY_AIR_NEW_OUTPUT`` wins.
     """
-    from raycf import console
+    from raycf.runtime import console
 
     os.environ.setdefault(TUNE_NEW_OUTPUT, "0")
     return console.quiet_ray_logging(console.ray_log_path(results))

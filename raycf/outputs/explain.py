@@ -35,15 +35,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from raycf import storage
-from raycf.artefacts import debugged_model_bytes, load_bank, load_results_study, load_study_data, store_ref
-from raycf.checkpoint import load_classifier_checkpoint, parse_classifier_checkpoint
+from raycf.results import storage
+from raycf.results.artefacts import debugged_model_bytes, load_bank, load_results_study, load_study_data, store_ref
+from raycf.models.checkpoint import load_classifier_checkpoint, parse_classifier_checkpoint
 from raycf.config import DataConfig, StudyConfig
-from raycf.data import SPLITS, open_image, stored_side
-from raycf.preprocess import preprocess_image
+from raycf.data.datasets import SPLITS, open_image, stored_side
+from raycf.data.preprocess import preprocess_image
 from raycf.errors import UserError
-from raycf.image_store import ImageStore, open_store
-from raycf.manifest import versions
+from raycf.data.image_store import ImageStore, open_store
+from raycf.results.manifest import versions
 from raycf.method.detection import (
     LOWER_AGREES,
     agreement_scores,
@@ -55,8 +55,8 @@ from raycf.method.detection import (
     setting_label,
 )
 from raycf.method.masks import compute_masks
-from raycf.models import classifier_from_checkpoint
-from raycf.views import model_inputs
+from raycf.models.classifiers import classifier_from_checkpoint
+from raycf.data.views import model_inputs
 
 HEATMAP_FILTERS = 4  # top MC filters (by contribution to the predicted logit) drawn over the image
 BUNDLE_FILES = ("explanation.json", "explanation.md", "explanation.png", "manifest.json")
@@ -109,8 +109,8 @@ class DatasetIndex:
 
 def most_suspicious(results: str, count: int) -> list[str]:
     """The image ids of the ``count`` first rows of ``analysis/flagged.parquet`` (the most suspicious test images)."""
-    from raycf import storage
-    from raycf.artefacts import read_frame
+    from raycf.results import storage
+    from raycf.results.artefacts import read_frame
 
     flagged = read_frame(storage.normalise_root(results), "analysis", "flagged.parquet")
     if flagged is None:
@@ -297,7 +297,7 @@ class Explainer:
             "runner_up": self._runner_up(activations, probabilities),
             "debugged": self._debugged_prediction(item),
         }
-        from raycf.gradcam import display_image, filter_heatmaps, grad_cam
+        from raycf.outputs.gradcam import display_image, filter_heatmaps, grad_cam
 
         top = [int(k) for k in order[:HEATMAP_FILTERS]]
         arrays = {
@@ -362,7 +362,7 @@ def _debugged_model(results: str, study: StudyConfig) -> tuple[str, Any] | None:
 
 def explanation_figure(explanation: dict, arrays: dict[str, np.ndarray]) -> bytes:
     """The image, Grad-CAM of the prediction, and the top MC filters' feature maps over the image."""
-    from raycf.report import new_figure, png_bytes
+    from raycf.outputs.report import new_figure, png_bytes
 
     filters = [int(k) for k in arrays["filters"]]
     by_filter = {entry["filter"]: entry for entry in explanation["mc_filters"]}

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from raycf import storage
+from raycf.results import storage
 from raycf.config import StudyConfig, field_value_at
 
 # The study fields that name files, and the fingerprint of each.

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raycf.data import IMAGENET_MEAN, IMAGENET_STD
-from raycf.models import FilterClassifier
+from raycf.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+from raycf.models.classifiers import FilterClassifier
 
 
 def _scaled_to_unit(maps: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from raycf import storage
+from raycf.results import storage
 
 EMPTY_MARKER = "_empty"  # written instead of Parquet files into a folder with no rows
 

@@ -48,10 +48,10 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import pandas as pd
 
-from raycf import storage
-from raycf.artefacts import PREDICTIONS_FILE, read_final_frame, read_frame
+from raycf.results import storage
+from raycf.results.artefacts import PREDICTIONS_FILE, read_final_frame, read_frame
 from raycf.config import StudyConfig
-from raycf.console import log, progress
+from raycf.runtime.console import log, progress
 from raycf.errors import UserError
 
 if TYPE_CHECKING:
@@ -594,7 +594,7 @@ def add_seed_comparison(section: Section, context: ReportContext) -> None:
 
 def search_section(context: ReportContext) -> Section:
     """The leaderboard's top trials, its Pareto front, and Optuna's views of the search."""
-    from raycf.leaderboard import pareto_front, read_leaderboard, sort_by_objective
+    from raycf.search.leaderboard import pareto_front, read_leaderboard, sort_by_objective
 
     section = Section("search", "Search (Ray Tune + Optuna)")
     if not storage.exists(storage.join_uri(context.results, "leaderboard.parquet")):
@@ -660,7 +660,7 @@ def search_noise_section(context: ReportContext) -> Section:
     (validation data only: the leaderboard, the validation split's size and
     the Optuna storage).
     """
-    from raycf.leaderboard import read_leaderboard
+    from raycf.search.leaderboard import read_leaderboard
     from raycf.method.search_noise import search_noise, seed_spread
 
     section = Section("search-noise", "Search: do trials differ by more than validation noise?")
@@ -693,8 +693,8 @@ def search_noise_section(context: ReportContext) -> Section:
 
 def trial_comparison(context: ReportContext, board: pd.DataFrame) -> tuple[pd.DataFrame | None, str]:
     """McNemar's test of every trial that kept its validation predictions against the best such searched trial, and that trial's id."""
-    from raycf.artefacts import trial_val_predictions
-    from raycf.leaderboard import sort_by_objective
+    from raycf.results.artefacts import trial_val_predictions
+    from raycf.search.leaderboard import sort_by_objective
     from raycf.method.search_noise import compare_with_best
 
     labels = context.frame("images", "val.parquet")
@@ -832,12 +832,12 @@ def gallery_images(context: ReportContext) -> dict[str, list[GalleryImage]]:
     """The gallery's images per group, with their Grad-CAM maps before and after."""
     import torch
 
-    from raycf.artefacts import base_model_bytes, class_names, debugged_model_bytes, load_masks, store_ref
-    from raycf.checkpoint import parse_classifier_checkpoint
-    from raycf.gradcam import display_image, grad_cam
-    from raycf.image_store import StoredImages, open_store
-    from raycf.models import classifier_from_checkpoint
-    from raycf.views import model_inputs
+    from raycf.results.artefacts import base_model_bytes, class_names, debugged_model_bytes, load_masks, store_ref
+    from raycf.models.checkpoint import parse_classifier_checkpoint
+    from raycf.outputs.gradcam import display_image, grad_cam
+    from raycf.data.image_store import StoredImages, open_store
+    from raycf.models.classifiers import classifier_from_checkpoint
+    from raycf.data.views import model_inputs
 
     study, results = context.study, context.results
     base_bytes = base_model_bytes(results)
@@ -991,7 +991,7 @@ def write_report(results: str) -> str:
     The folder is written elsewhere and moved into place (atomic), with the
     stage's marker, exactly as when ``raycf study`` runs the report stage.
     """
-    from raycf.artefacts import load_results_study
+    from raycf.results.artefacts import load_results_study
     from raycf.pipeline import run_stage
 
     results = storage.normalise_root(results)

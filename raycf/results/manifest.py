@@ -11,7 +11,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from raycf import storage
+from raycf.results import storage
 from raycf.config import StudyConfig, dump_yaml
 
 PACKAGES = ("raycf", "torch", "torchvision", "ray", "optuna", "pandas", "pyarrow", "numpy", "scikit-learn")

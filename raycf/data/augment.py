@@ -73,7 +73,7 @@ import torch
 import torch.nn.functional as F
 
 from raycf.config import AugmentConfig
-from raycf.data import IMAGENET_MEAN, IMAGENET_STD
+from raycf.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 
 Normalisation = tuple[tuple[float, float, float], tuple[float, float, float]]  # (mean, std) per RGB channel, images in [0, 1]
 IMAGENET: Normalisation = (IMAGENET_MEAN, IMAGENET_STD)

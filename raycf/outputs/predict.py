@@ -19,15 +19,15 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from raycf.checkpoint import ClassifierCheckpoint, parse_classifier_checkpoint
+from raycf.models.checkpoint import ClassifierCheckpoint, parse_classifier_checkpoint
 from raycf.config import StudyConfig
-from raycf.data import SPLITS
-from raycf.image_store import StoredImages, StoreRef, open_store
-from raycf.models import FilterClassifier, TrainableTail, classifier_from_checkpoint, device_for
-from raycf.precision import Precision, prepare_device, prepare_model
-from raycf.prefix_cache import PrefixCache, PrefixRef, open_cache
+from raycf.data.datasets import SPLITS
+from raycf.data.image_store import StoredImages, StoreRef, open_store
+from raycf.models.classifiers import FilterClassifier, TrainableTail, classifier_from_checkpoint, device_for
+from raycf.models.precision import Precision, prepare_device, prepare_model
+from raycf.data.prefix_cache import PrefixCache, PrefixRef, open_cache
 from raycf.training.loops import batched_collate, device_batches
-from raycf.views import model_inputs
+from raycf.data.views import model_inputs
 
 CACHED_SPLITS = ("train", "val")  # what the frozen-prefix cache holds (test never: it is never trained on)
 

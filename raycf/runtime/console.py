@@ -2,7 +2,7 @@
 
 Ray's own console output (its Python loggers, the lines its workers print,
 Tune's tables) is shown only in verbose mode (``--verbose``, or
-``RAYCF_VERBOSE=1`` in the environment, which :func:`raycf.cluster.ensure_ray`
+``RAYCF_VERBOSE=1`` in the environment, which :func:`raycf.runtime.cluster.ensure_ray`
 forwards to every Ray worker).  Otherwise it goes to a log file of the study,
 ``<results>/logs/ray.log`` (:func:`ray_log_path`), and the screen keeps the
 ``[raycf]`` lines only, those printed by Ray workers included:
@@ -154,7 +154,7 @@ def ray_log_path(results: str) -> Path:
     write to as lines come: the log then goes to
     ``<temp>/raycf-logs/<study>-<hash of the URI>/ray.log`` on this machine.
     """
-    from raycf.storage import is_uri, normalise_root  # pyarrow: not needed by the rest of this module
+    from raycf.results.storage import is_uri, normalise_root  # pyarrow: not needed by the rest of this module
 
     if is_uri(results):
         digest = hashlib.sha256(results.encode()).hexdigest()[:8]

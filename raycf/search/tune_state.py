@@ -24,7 +24,9 @@ from pathlib import Path
 import pyarrow.fs as pafs
 from ray.tune import Callback
 
-from raycf import kill_points, storage
+from raycf.runtime import kill_points
+
+from raycf.results import storage
 
 TUNER_FILE = "tuner.pkl"  # written once when the Tuner is created; not part of a step's state
 

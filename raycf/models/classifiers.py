@@ -8,7 +8,7 @@ Because the head is linear in ``a`` and every channel is pooled alone,
 (ConvNeXt's LayerNorm mixes the pooled channels: there a mask acts on ``a``,
 after the norm, which is what the CFE model and the debug loss see).
 
-Every torchvision family (:mod:`raycf.architectures` names them) is taken
+Every torchvision family (:mod:`raycf.models.architectures` names them) is taken
 apart by one rule, :class:`TorchvisionFamily`: its trunk, an optional norm
 after pooling, and the path of its linear head, so that any member
 (``resnet152``, ``regnet_y_32gf``) works without a table per model.  A timm
@@ -42,12 +42,12 @@ import torch
 from torch import nn
 from torchvision import models as tv_models
 
-from raycf.architectures import TIMM_PREFIX, VGG_TINY, family_of
+from raycf.models.architectures import TIMM_PREFIX, VGG_TINY, family_of
 from raycf.config import ModelConfig
 from raycf.errors import UserError
 
 if TYPE_CHECKING:
-    from raycf.checkpoint import ClassifierCheckpoint
+    from raycf.models.checkpoint import ClassifierCheckpoint
     from raycf.config import StudyConfig
 
 VGG_TINY_FILTERS = 64
@@ -636,7 +636,7 @@ def _resolve_weights(config: ModelConfig, num_classes: int, load_weights: bool) 
     """What ``model.weights`` names, read (a raycf checkpoint checked against the arch and class count)."""
     if not load_weights or config.weights in ("none", "imagenet"):
         return config.weights if load_weights else "none"
-    from raycf.checkpoint import ClassifierCheckpoint, check_checkpoint, read_weights_file
+    from raycf.models.checkpoint import ClassifierCheckpoint, check_checkpoint, read_weights_file
 
     loaded = read_weights_file(config.weights)
     if isinstance(loaded, ClassifierCheckpoint):
@@ -804,7 +804,7 @@ def _load_trunk(native: Native, state: dict[str, torch.Tensor]) -> None:
 def classifier_from_checkpoint(config: ModelConfig, checkpoint: "ClassifierCheckpoint") -> FilterClassifier:
     """A classifier holding a checkpoint's weights, in eval mode on the CPU (no Ray needed)."""
     if checkpoint.partial:
-        raise ValueError("a partial checkpoint (the retrained layers only): complete it with its base model first (raycf.checkpoint.complete)")
+        raise ValueError("a partial checkpoint (the retrained layers only): complete it with its base model first (raycf.models.checkpoint.complete)")
     model = build_model(config, checkpoint.num_classes, load_weights=False)
     model.load_state_dict(checkpoint.state_dict)
     return model.eval()
@@ -877,7 +877,7 @@ def adopted_model_bytes(study: "StudyConfig", class_names: list[str]) -> bytes:
     built into the study's classifier and saved as a raycf checkpoint
     recording the arch and the dataset's class names.
     """
-    from raycf.checkpoint import ClassifierCheckpoint, checkpoint_of
+    from raycf.models.checkpoint import ClassifierCheckpoint, checkpoint_of
 
     weights = _resolve_weights(study.model, len(class_names), load_weights=True)
     if isinstance(weights, ClassifierCheckpoint):

@@ -6,8 +6,8 @@ each image to an RGB uint8 square at the study's stored side.  The validation
 split is always carved from the training data by seed; the test split is only
 read by final evaluations.  Nothing here transforms images for a model: the
 ``images`` stage decodes every split once into a uint8 store
-(:mod:`raycf.image_store`), and training and inference resize, augment and
-normalise batches on their own device (:mod:`raycf.augment`).
+(:mod:`raycf.data.image_store`), and training and inference resize, augment and
+normalise batches on their own device (:mod:`raycf.data.augment`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from raycf.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig  # noqa: F401 - IMAGENET_* are read from here too
 from raycf.errors import UserError
-from raycf.preprocess import preprocess_image
+from raycf.data.preprocess import preprocess_image
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 CUB_REQUIRED_FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")
 SPLITS = ("train", "val", "test")

@@ -4,9 +4,9 @@ Debug retraining trains only ``debug.trainable`` (the reference: the last
 conv layer and the head); the layers below it are frozen, so what they
 compute for an image never changes.  The ``prefix`` stage runs them once for
 every view of every training image (``debug.views``: view 0 plain, views 1…
-augmented with their seeds, :mod:`raycf.views`) and for the plain validation
+augmented with their seeds, :mod:`raycf.data.views`) and for the plain validation
 images, and every trial then trains on these activations
-(:class:`~raycf.models.FrozenPrefix` / :class:`~raycf.models.TrainableTail`).
+(:class:`~raycf.models.classifiers.FrozenPrefix` / :class:`~raycf.models.classifiers.TrainableTail`).
 
 Files, under ``<results>/prefix/``:
 
@@ -15,7 +15,7 @@ Files, under ``<results>/prefix/``:
   the last block's input and its last conv's input);
 * ``meta.json``: scope, views, dtype, the shapes, the image counts.
 
-They are read memory-mapped, one copy per node (:mod:`raycf.node_cache`).
+They are read memory-mapped, one copy per node (:mod:`raycf.results.node_cache`).
 The dtype is ``prefix.dtype``: float16 halves the size at a relative error
 of 2⁻¹¹ ≈ 5e-4 per value.  The stated tolerance, checked by
 tests/test_prefix.py on digits: after an epoch, losses within 1e-3 of
@@ -37,8 +37,8 @@ from torch.utils.data import Dataset
 
 from raycf.config import StudyConfig
 from raycf.errors import UserError
-from raycf.models import CACHEABLE_SCOPES, FrozenPrefix, build_model
-from raycf.node_cache import local_folder
+from raycf.models.classifiers import CACHEABLE_SCOPES, FrozenPrefix, build_model
+from raycf.results.node_cache import local_folder
 
 META_FILE = "meta.json"
 DTYPES = {"float16": np.float16, "float32": np.float32}

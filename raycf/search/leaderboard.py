@@ -55,7 +55,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from raycf import storage
+from raycf.results import storage
 from raycf.errors import UserError
 from raycf.method.selection import as_number, best_epoch, rank_trials
 

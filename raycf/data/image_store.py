@@ -8,8 +8,8 @@ writes, under ``<results>/images/``:
 * ``<split>.parquet``: ``image_index``, ``image_id``, ``label``.
 
 Training, inference and the report read these memory-mapped (one copy per
-node, :mod:`raycf.node_cache`) and crop, augment and normalise whole batches
-on their own device (:mod:`raycf.augment`, :mod:`raycf.views`).  Size: N × S²
+node, :mod:`raycf.results.node_cache`) and crop, augment and normalise whole batches
+on their own device (:mod:`raycf.data.augment`, :mod:`raycf.data.views`).  Size: N × S²
 × 3 bytes, e.g. CUB's 11,788 images at 256² are 2.3 GB; digits' 1,797 at 32²
 are 5.5 MB.
 """
@@ -28,11 +28,11 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
-from raycf import storage
+from raycf.results import storage
 from raycf.config import DataConfig
-from raycf.data import SPLITS, DataSplits, load_splits, log_read
-from raycf.node_cache import local_folder
-from raycf.ray_data import actor_pool
+from raycf.data.datasets import SPLITS, DataSplits, load_splits, log_read
+from raycf.results.node_cache import local_folder
+from raycf.runtime.ray_data import actor_pool
 
 DECODE_BATCH = 64  # images per decoding task
 

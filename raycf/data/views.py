@@ -13,7 +13,7 @@ device, so a study computes the same inputs wherever it runs:
 * base training augments each image afresh every epoch (:func:`epoch_seeds`).
 
 Batches arrive as uint8 images (the image store); :func:`model_inputs` turns
-them into normalised model inputs on their device (:mod:`raycf.augment`).
+them into normalised model inputs on their device (:mod:`raycf.data.augment`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Iterable
 
 import torch
 
-from raycf.augment import IMAGENET, augment_batch, evaluate_batch
+from raycf.data.augment import IMAGENET, augment_batch, evaluate_batch
 from raycf.config import AugmentConfig, PreprocessConfig
 
 
@@ -78,5 +78,5 @@ def model_inputs(
         if len(rows):
             on_device = rows.to(images.device, non_blocking=True)
             inputs.index_copy_(0, on_device, augment_batch(images.index_select(0, on_device), seeds[rows], augment, image_size, norm))
-    # channels_last on a GPU, as the model is (raycf.precision.prepare_model): cuDNN's fastest layout
+    # channels_last on a GPU, as the model is (raycf.models.precision.prepare_model): cuDNN's fastest layout
     return inputs.contiguous(memory_format=torch.channels_last) if inputs.is_cuda else inputs

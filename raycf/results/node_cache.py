@@ -6,7 +6,7 @@ the results folder is an ``s3://`` URI, the first process of a node that needs
 an artefact downloads it into ``<temp>/raycf-cache/<key>/`` under a file lock;
 every later process (the other trials the node runs) finds it there.  ``key``
 names one write of the artefact (the stage hash of the stage that wrote it
-and when that stage finished, :func:`raycf.artefacts.written_key`), so a
+and when that stage finished, :func:`raycf.results.artefacts.written_key`), so a
 rerun stage's new bytes never meet an old copy.  A local results folder is used in place.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from raycf import storage
+from raycf.results import storage
 
 COMPLETE = ".complete"
 

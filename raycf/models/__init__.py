@@ -1,0 +1,1 @@
+"""Classifiers: the contract, architecture families, checkpoints and the arithmetic they compute in."""
