@@ -47,7 +47,7 @@ from raycf.data.datasets import load_splits
 from raycf.data.image_store import StoredImages, StoreRef, open_store, write_store_here
 from raycf.training.loops import batched_collate
 from raycf.method.bank import LossWeights, mc_soft_masks
-from raycf.models.classifiers import build_model
+from raycf.models.build import build_model
 from raycf.stages.features import FeatureExtractor, feature_records
 from raycf.training.cfe import CfeJob, cfe_train_loop
 from raycf.training.session import LocalSession

@@ -49,7 +49,7 @@ def _setup(study, folder: Path):
     from raycf.models.checkpoint import ClassifierCheckpoint
     from raycf.data.datasets import load_splits
     from raycf.data.image_store import StoreRef, write_store_here
-    from raycf.models.classifiers import build_model
+    from raycf.models.build import build_model
     from raycf.data.prefix_cache import PrefixRef, uses_cache
     from raycf.stages.prefix import write_cache_here
 
@@ -84,7 +84,7 @@ def _model_and_inputs(job):
     """A fresh base model with the debug scope trainable, and the loop's own inputs (cache or images) for it."""
     from raycf.models.checkpoint import parse_classifier_checkpoint
     from raycf.data.image_store import open_store
-    from raycf.models.classifiers import classifier_from_checkpoint
+    from raycf.models.build import classifier_from_checkpoint
     from raycf.training.debug import cached_inputs, image_inputs
 
     model = classifier_from_checkpoint(job.study.model, parse_classifier_checkpoint(job.base_model, "base model"))

@@ -39,7 +39,7 @@ from raycf.data.datasets import SPLITS, load_splits
 from raycf.data.image_store import StoreRef, write_store_here
 from raycf.method.bank import CfeModel, bank_from_model
 from raycf.method.masks import compute_masks
-from raycf.models.classifiers import build_model
+from raycf.models.build import build_model
 from raycf.stages.features import FeatureExtractor
 from raycf.stages.masks import INPUT_COLUMNS, MaskComputer, masks_table
 from raycf.results.storage import read_table

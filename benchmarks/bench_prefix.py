@@ -33,7 +33,7 @@ def _setup(folder: Path, overrides: list[str]):
     from raycf.config import load_study
     from raycf.data.datasets import load_splits
     from raycf.data.image_store import StoreRef, write_store_here
-    from raycf.models.classifiers import build_model
+    from raycf.models.build import build_model
 
     root = Path(__file__).resolve().parent.parent
     study = load_study(root / "studies" / "digits.yaml", [f"storage_path={folder}", f"debug.epochs={EPOCHS}", *overrides])

@@ -129,7 +129,7 @@ def bare_inference_rate(model) -> float:
 
 def measure() -> list[Ratio]:
     from raycf.models.checkpoint import checkpoint_of
-    from raycf.models.classifiers import build_model
+    from raycf.models.build import build_model
     from raycf.models.precision import prepare_device, prepare_model
     from raycf.training.throughput import mfu, peak_flops
     from raycf.training.base import BaseJob, base_train_loop
@@ -164,7 +164,8 @@ def measure() -> list[Ratio]:
 
 def debug_ratio(study, images, folder: Path, model_location: Path) -> Ratio:
     """A debug epoch on the prefix cache ÷ the bare step of block5_conv3 and the head on cached activations."""
-    from raycf.models.classifiers import TrainableTail, build_model
+    from raycf.models.prefix import TrainableTail
+    from raycf.models.build import build_model
     from raycf.models.precision import Precision, prepare_model
     from raycf.data.prefix_cache import PrefixRef
     from raycf.stages.prefix import write_cache_here

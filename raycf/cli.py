@@ -168,7 +168,7 @@ def _load_checked_study(args: argparse.Namespace):
 def check_study_inputs(study, class_names: list[str]) -> None:
     """The pre-checks of a validated study against its dataset's classes (UserError, one line): the model and its weights, the class group."""
     from raycf.method.replication import check_class_group
-    from raycf.models.classifiers import check_model_weights
+    from raycf.models.build import check_model_weights
 
     check_model_weights(study.model, len(class_names), class_names)
     check_class_group(study.final.class_group, class_names)

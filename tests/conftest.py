@@ -226,7 +226,7 @@ def bucket_study_results(ray_session, s3_bucket, tmp_path_factory) -> str:
 
 RUN_STAGE = (
     "import sys\n"
-    "from raycf import console\n"
+    "from raycf.runtime import console\n"
     "from raycf.config import load_study\n"
     "from raycf.pipeline import run_stages\n"
     "study = load_study(sys.argv[2], sys.argv[3:], smoke=True)\n"

@@ -10,7 +10,7 @@ import torch
 from raycf.models.checkpoint import ClassifierCheckpoint, load_classifier_checkpoint, save_classifier_checkpoint, unwrap_state_dict
 from raycf.config import ModelConfig
 from raycf.errors import UserError
-from raycf.models.classifiers import build_model
+from raycf.models.build import build_model
 
 
 def _saved(tmp_path, arch="vgg_tiny", classes=4):
@@ -86,7 +86,7 @@ def test_a_partial_checkpoint_holds_the_retrained_layers_and_completes_with_its_
     with pytest.raises(UserError, match="a partial checkpoint of base model"):
         complete(partial, checkpoint_of(retrained, [str(d) for d in range(10)], 32, "other").to_bytes())
     with pytest.raises(ValueError, match="complete it with its base model first"):
-        from raycf.models.classifiers import classifier_from_checkpoint
+        from raycf.models.build import classifier_from_checkpoint
 
         classifier_from_checkpoint(ModelConfig(arch="vgg_tiny"), partial)
 
@@ -94,7 +94,7 @@ def test_a_partial_checkpoint_holds_the_retrained_layers_and_completes_with_its_
 @pytest.mark.parametrize("arch", ["densenet121", "timm:resnet18"])
 def test_the_arch_string_round_trips_and_a_mismatch_is_refused(tmp_path, arch):
     from raycf.models.checkpoint import checkpoint_of
-    from raycf.models.classifiers import classifier_from_checkpoint
+    from raycf.models.build import classifier_from_checkpoint
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch=arch), 3).eval()

@@ -13,7 +13,7 @@ from conftest import write_study
 from raycf.models.checkpoint import ClassifierCheckpoint, save_classifier_checkpoint, unwrap_state_dict
 from raycf.cli import build_parser, main
 from raycf.config import ModelConfig
-from raycf.models.classifiers import build_model
+from raycf.models.build import build_model
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -322,7 +322,7 @@ def test_verbose_is_an_option_of_the_study_and_stage_commands():
 def test_the_cli_hands_verbose_and_the_results_folder_to_the_console(monkeypatch, tmp_path):
     import raycf.config
     import raycf.data.datasets
-    import raycf.models.classifiers
+    import raycf.models.build
     from raycf.cli import _load_checked_study
 
     class Study:
@@ -336,7 +336,7 @@ def test_the_cli_hands_verbose_and_the_results_folder_to_the_console(monkeypatch
 
     monkeypatch.setattr(raycf.config, "load_study", lambda *args, **kwargs: Study())
     monkeypatch.setattr(raycf.data.datasets, "load_splits", lambda *args, **kwargs: Splits())
-    monkeypatch.setattr(raycf.models.classifiers, "check_model_weights", lambda *args: None)
+    monkeypatch.setattr(raycf.models.build, "check_model_weights", lambda *args: None)
     _load_checked_study(build_parser().parse_args(["study", "s.yaml"]))
     assert console.configured_results() == Study.results_uri and not console.verbose()
     _load_checked_study(build_parser().parse_args(["study", "s.yaml", "--verbose"]))

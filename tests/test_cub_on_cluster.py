@@ -28,7 +28,7 @@ def _under(path: PurePosixPath, folder: PurePosixPath) -> bool:
 
 
 def test_the_studys_data_and_weights_lie_under_the_clusters_mounts():
-    from raycf.models.classifiers import imagenet_weights_file
+    from raycf.models.build import imagenet_weights_file
 
     mounts, study = _mounts(), _study()
     root = PurePosixPath(study["data"]["root"])

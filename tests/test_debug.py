@@ -18,7 +18,7 @@ from raycf.models.checkpoint import ClassifierCheckpoint, parse_classifier_check
 from raycf.config import study_from_mapping, with_values
 from raycf.data.image_store import StoredImages, open_store
 from raycf.method.debug_loss import DebugLoss
-from raycf.models.classifiers import build_model
+from raycf.models.build import build_model
 from raycf.training import debug
 from raycf.training.loops import train_one_epoch
 from raycf.data.views import model_inputs

@@ -11,7 +11,7 @@ from raycf.results.artefacts import debugged_model_bytes, load_results_study
 from raycf.models.checkpoint import parse_classifier_checkpoint
 from raycf.cli import main
 from raycf.data.image_store import ImageStore
-from raycf.models.classifiers import classifier_from_checkpoint
+from raycf.models.build import classifier_from_checkpoint
 from raycf.data.views import model_inputs
 
 

@@ -17,7 +17,7 @@ from raycf.config import study_from_mapping
 from raycf.data.datasets import load_splits
 from raycf.method.bank import CfeBank
 from raycf.method.masks import compute_masks
-from raycf.models.classifiers import build_model
+from raycf.models.build import build_model
 from raycf.stages.features import FeatureExtractor, feature_records
 from raycf.data.views import view_seed
 from raycf.stages.masks import masks_table

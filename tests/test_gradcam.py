@@ -9,7 +9,7 @@ from torch import nn
 
 from raycf.data.views import model_inputs
 from raycf.outputs.gradcam import display_image, filter_heatmaps, grad_cam
-from raycf.models.classifiers import FilterClassifier
+from raycf.models.contract import FilterClassifier
 
 
 def _tiny_classifier(weights: list[list[float]], vgg_pool: bool) -> FilterClassifier:

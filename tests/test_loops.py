@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from raycf.config import ModelConfig
-from raycf.models.classifiers import build_model
+from raycf.models.build import build_model
 from raycf.models.precision import Precision
 from raycf.training.loops import FlopCount, cross_entropy_loss, logits_and_features, step_flops_per_image, train_one_epoch, utilisation
 

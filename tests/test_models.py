@@ -14,7 +14,7 @@ from torch.utils.data import TensorDataset
 from raycf.config import ModelConfig
 from raycf.errors import UserError
 from raycf.method.debug_loss import paper_indicator
-from raycf.models.classifiers import build_model
+from raycf.models.build import build_model
 from raycf.training.loops import cross_entropy_loss, device_batches, train_loader, train_one_epoch
 
 # One small member of every family, built at random initialisation on the CPU.
@@ -166,7 +166,7 @@ def test_imagenet_weights_of_any_torchvision_arch_come_from_its_registry(tmp_pat
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     from torchvision.models import get_model, get_model_weights
 
-    from raycf.models.classifiers import imagenet_weights_file
+    from raycf.models.build import imagenet_weights_file
 
     cache = tmp_path / "hub" / "checkpoints"
     assert imagenet_weights_file("mobilenet_v2") == cache / Path(get_model_weights("mobilenet_v2").DEFAULT.url).name
@@ -244,7 +244,7 @@ def test_the_exported_state_dict_loads_in_its_library_with_raycfs_logits(arch, b
     import io
 
     from raycf.models.checkpoint import checkpoint_of
-    from raycf.models.classifiers import native_from_checkpoint
+    from raycf.models.build import native_from_checkpoint
 
     model = built(arch)
     classes = [f"c{i}" for i in range(7)]

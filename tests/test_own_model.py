@@ -27,7 +27,7 @@ from raycf.cli import check_study_inputs, main
 from raycf.config import DataConfig, ModelConfig, StudyConfig
 from raycf.data.datasets import load_splits
 from raycf.errors import UserError
-from raycf.models.classifiers import adopted_model_bytes, build_model, check_model_weights, classifier_from_checkpoint
+from raycf.models.build import adopted_model_bytes, build_model, check_model_weights, classifier_from_checkpoint
 
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 

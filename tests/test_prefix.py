@@ -12,7 +12,8 @@ from raycf.models.checkpoint import ClassifierCheckpoint, complete, parse_classi
 from raycf.config import study_from_mapping, with_values
 from raycf.errors import UserError
 from raycf.data.image_store import open_store
-from raycf.models.classifiers import FrozenPrefix, build_model
+from raycf.models.prefix import FrozenPrefix
+from raycf.models.build import build_model
 from raycf.data.prefix_cache import PrefixCache, PrefixRef, cache_bytes, cached_shapes, check_budget, uses_cache
 from raycf.stages.prefix import write_cache_here
 from raycf.training import debug
@@ -198,7 +199,7 @@ PREFIX_MEMBERS = [
 def test_prefix_then_tail_is_the_whole_network_for_every_family(arch):
     """FrozenPrefix → TrainableTail equals the full forward: in evaluation, and in retraining's mode (frozen norms in eval)."""
     from raycf.config import ModelConfig
-    from raycf.models.classifiers import TrainableTail
+    from raycf.models.prefix import TrainableTail
     from raycf.training.loops import set_train_mode
 
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ from conftest import write_image_store
 from raycf.config import ModelConfig, study_from_mapping
 from raycf.errors import UserError
 from raycf.data.image_store import ImageStore
-from raycf.models.classifiers import build_model
+from raycf.models.build import build_model
 from raycf.data.views import model_inputs
 
 

@@ -29,7 +29,7 @@ from conftest import REPO, ray_address, run_cli
 from raycf.results import storage
 from raycf.results.artefacts import MARKER_FILE, debugged_model_bytes, load_results_study, read_marker
 from raycf.models.checkpoint import parse_classifier_checkpoint
-from raycf.models.classifiers import classifier_from_checkpoint
+from raycf.models.build import classifier_from_checkpoint
 from raycf.search.leaderboard import read_leaderboard
 from raycf.search.tune_state import finished_trials, read_snapshot
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from raycf.training import throughput
 from raycf.config import ModelConfig
-from raycf.models.classifiers import build_model
+from raycf.models.build import build_model
 from raycf.models.precision import Precision
 from raycf.training.throughput import PEAK_FLOPS, ThroughputMeter, mfu, peak_flops, step_flops, step_precision
 from raycf.training.loops import cross_entropy_loss, logits_and_features, step_flops_per_image

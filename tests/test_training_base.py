@@ -79,7 +79,7 @@ def test_two_worker_ddp_run_then_cache(ray_session, digits_study, capsys):
 
 
 def test_same_seed_same_initial_weights(digits_study):
-    from raycf.models.classifiers import build_model
+    from raycf.models.build import build_model
 
     study = load_study(digits_study)
     seed_everything(5)

@@ -16,7 +16,7 @@ from raycf.models.checkpoint import ClassifierCheckpoint
 from raycf.config import DebugConfig, study_from_mapping
 from raycf.data.image_store import open_store
 from raycf.method import treatment
-from raycf.models.classifiers import build_model
+from raycf.models.build import build_model
 from raycf.outputs.predict import predict_splits
 from raycf.stages.debug import describe
 from raycf.data.views import model_inputs

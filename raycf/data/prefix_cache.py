@@ -6,7 +6,7 @@ compute for an image never changes.  The ``prefix`` stage runs them once for
 every view of every training image (``debug.views``: view 0 plain, views 1…
 augmented with their seeds, :mod:`raycf.data.views`) and for the plain validation
 images, and every trial then trains on these activations
-(:class:`~raycf.models.classifiers.FrozenPrefix` / :class:`~raycf.models.classifiers.TrainableTail`).
+(:class:`~raycf.models.prefix.FrozenPrefix` / :class:`~raycf.models.prefix.TrainableTail`).
 
 Files, under ``<results>/prefix/``:
 
@@ -37,7 +37,8 @@ from torch.utils.data import Dataset
 
 from raycf.config import StudyConfig
 from raycf.errors import UserError
-from raycf.models.classifiers import CACHEABLE_SCOPES, FrozenPrefix, build_model
+from raycf.models.prefix import CACHEABLE_SCOPES, FrozenPrefix
+from raycf.models.build import build_model
 from raycf.results.node_cache import local_folder
 
 META_FILE = "meta.json"

@@ -44,7 +44,7 @@ def weights_preprocessing(arch: str, image_size: int) -> dict[str, Any]:
     if family == VGG_TINY:
         raise UserError("data.preprocess.mode: weights: vgg_tiny is raycf's own network and has no pretrained weights (expected squash or resize_crop)")
     if family == "timm":
-        from raycf.models.classifiers import timm_module
+        from raycf.models.timm_family import timm_module
 
         timm = timm_module()
         name = arch[len(TIMM_PREFIX) :]

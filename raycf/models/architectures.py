@@ -4,7 +4,7 @@ The contract: a conv trunk, global average pooling into ``a`` (K), and one
 linear layer (possibly after dropout), so the logits are ``W a + b``.  Names
 are torchvision's; ``timm:<name>`` builds a timm model.  This module only
 knows names (no torch import): the study file is validated with it, and
-:mod:`raycf.models.classifiers` builds each family by its rule.
+:mod:`raycf.models.torchvision_families` and :mod:`raycf.models.timm_family` build each family by its rule.
 """
 
 from __future__ import annotations

@@ -121,7 +121,7 @@ def checkpoint_of(
     metrics: dict[str, float] | None = None,
     base_hash: str = "",
 ) -> ClassifierCheckpoint:
-    """The checkpoint of a :class:`~raycf.models.classifiers.FilterClassifier` (possibly DDP-wrapped) as it is now.
+    """The checkpoint of a :class:`~raycf.models.contract.FilterClassifier` (possibly DDP-wrapped) as it is now.
 
     With ``base_hash`` it is partial: only the trainable layers (see :func:`trainable_state`).
     """
@@ -179,7 +179,7 @@ def read_weights_file(location: str) -> ClassifierCheckpoint | dict[str, torch.T
 
     Accepted: a plain ``state_dict`` (``torch.save(model.state_dict(), PATH)``),
     a Lightning-style checkpoint (its ``"state_dict"``; a key prefix such as
-    ``model.`` is stripped later, see :func:`raycf.models.classifiers.strip_prefix`) and a
+    ``model.`` is stripped later, see :func:`raycf.models.build.strip_prefix`) and a
     safetensors file.  Read with ``weights_only=True``, so loading can never
     run code; a pickled module or a TorchScript file is refused with the
     recipe that saves its ``state_dict``.  A ``state_dict`` saved from a

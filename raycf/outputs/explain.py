@@ -55,7 +55,7 @@ from raycf.method.detection import (
     setting_label,
 )
 from raycf.method.masks import compute_masks
-from raycf.models.classifiers import classifier_from_checkpoint
+from raycf.models.build import classifier_from_checkpoint
 from raycf.data.views import model_inputs
 
 HEATMAP_FILTERS = 4  # top MC filters (by contribution to the predicted logit) drawn over the image

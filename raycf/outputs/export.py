@@ -35,7 +35,7 @@ from raycf.results.artefacts import base_model_bytes, load_results_study, read_f
 from raycf.models.checkpoint import parse_classifier_checkpoint
 from raycf.config import StudyConfig
 from raycf.errors import UserError
-from raycf.models.classifiers import classifier_from_checkpoint, native_from_checkpoint
+from raycf.models.build import classifier_from_checkpoint, native_from_checkpoint
 
 FORMATS = ("pt", "safetensors", "torchscript")
 STATE_DICT_FORMATS = ("pt", "safetensors")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from raycf.data.datasets import IMAGENET_MEAN, IMAGENET_STD
-from raycf.models.classifiers import FilterClassifier
+from raycf.models.contract import FilterClassifier
 
 
 def _scaled_to_unit(maps: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,10 @@ from raycf.models.checkpoint import ClassifierCheckpoint, parse_classifier_check
 from raycf.config import StudyConfig
 from raycf.data.datasets import SPLITS
 from raycf.data.image_store import StoredImages, StoreRef, open_store
-from raycf.models.classifiers import FilterClassifier, TrainableTail, classifier_from_checkpoint, device_for
+from raycf.models.contract import FilterClassifier
+from raycf.models.prefix import TrainableTail
+from raycf.models.build import classifier_from_checkpoint
+from raycf.models.device import device_for
 from raycf.models.precision import Precision, prepare_device, prepare_model
 from raycf.data.prefix_cache import PrefixCache, PrefixRef, open_cache
 from raycf.training.loops import batched_collate, device_batches

@@ -836,7 +836,7 @@ def gallery_images(context: ReportContext) -> dict[str, list[GalleryImage]]:
     from raycf.models.checkpoint import parse_classifier_checkpoint
     from raycf.outputs.gradcam import display_image, grad_cam
     from raycf.data.image_store import StoredImages, open_store
-    from raycf.models.classifiers import classifier_from_checkpoint
+    from raycf.models.build import classifier_from_checkpoint
     from raycf.data.views import model_inputs
 
     study, results = context.study, context.results

@@ -20,7 +20,7 @@ from raycf.runtime.cluster import ensure_ray
 from raycf.runtime.console import log
 from raycf.data.datasets import load_splits
 from raycf.method.selection import best_epoch
-from raycf.models.classifiers import adopted_model_bytes
+from raycf.models.build import adopted_model_bytes
 from raycf.outputs.predict import predict_splits
 from raycf.training.base import BaseJob, base_train_loop
 from raycf.training.trainer import fit

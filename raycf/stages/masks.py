@@ -48,7 +48,7 @@ from raycf.runtime.console import log
 from raycf.data.datasets import SPLITS
 from raycf.method.bank import parse_bank
 from raycf.method.masks import compute_masks
-from raycf.models.classifiers import device_for
+from raycf.models.device import device_for
 from raycf.runtime.ray_data import actor_pool, data_context, write_folders
 
 if TYPE_CHECKING:

@@ -1,6 +1,6 @@
 """Stage ``prefix``: the frozen-prefix cache, computed once per base model on a Ray Data actor pool.
 
-Each actor holds the base model's :class:`~raycf.models.classifiers.FrozenPrefix` for
+Each actor holds the base model's :class:`~raycf.models.prefix.FrozenPrefix` for
 ``debug.trainable`` and turns (split, image, view) records into the
 activations that enter the first retrained layer: every view of every
 training image (``debug.views``), the plain validation images.  The driver
@@ -26,7 +26,7 @@ from raycf.runtime.cluster import ensure_ray
 from raycf.config import StudyConfig
 from raycf.runtime.console import log
 from raycf.data.image_store import StoreRef, open_store
-from raycf.models.classifiers import FrozenPrefix
+from raycf.models.prefix import FrozenPrefix
 from raycf.outputs.predict import inference_model
 from raycf.data.prefix_cache import DTYPES, META_FILE, cache_bytes, cache_identity, cached_shapes, human_size, uses_cache
 from raycf.runtime.ray_data import actor_pool, data_context

@@ -23,7 +23,8 @@ from raycf.config import StudyConfig
 from raycf.runtime.console import log, shown_epochs
 from raycf.data.image_store import StoredImages, StoreRef, open_store
 from raycf.method.selection import SCORE_KEY, checkpoint_scores
-from raycf.models.classifiers import FilterClassifier, build_model
+from raycf.models.contract import FilterClassifier
+from raycf.models.build import build_model
 from raycf.models.precision import Precision, prepare_device, prepare_model
 from raycf.training.loops import FlopCount, cross_entropy_loss, device_batches, epoch_seed, eval_loader, evaluate, seed_everything, train_loader, train_one_epoch
 from raycf.training.session import TRAIN_STATE_FILE, Session, TrainState

@@ -34,7 +34,9 @@ from raycf.config import StudyConfig
 from raycf.data.image_store import StoredImages, StoreRef, open_store
 from raycf.method.debug_loss import DebugLoss, FilterStats, global_filters_tensor
 from raycf.method.selection import best_epoch
-from raycf.models.classifiers import FilterClassifier, TrainableTail, classifier_from_checkpoint
+from raycf.models.contract import FilterClassifier
+from raycf.models.prefix import TrainableTail
+from raycf.models.build import classifier_from_checkpoint
 from raycf.models.precision import Precision, prepare_device, prepare_model
 from raycf.data.prefix_cache import CachedSplit, PrefixRef, check_cache_matches, open_cache
 from raycf.training.base import print_epoch, report_epoch, restore_classifier

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from raycf.method.selection import SCORE_KEY
-from raycf.models.classifiers import device_for
+from raycf.models.device import device_for
 
 TRAIN_STATE_FILE = "train_state.pt"
 
