@@ -15,9 +15,9 @@ import os
 import sys
 from pathlib import Path
 
-from raycf.results import storage
 from raycf.config import StudyConfig
 from raycf.errors import UserError
+from raycf.results import storage
 
 # Written on the head by `ray up` (the cluster launcher): the node types it may add.
 LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"
@@ -62,6 +62,38 @@ def ensure_ray() -> None:
         console.quiet_ray_logging(log_file)  # again: ray.init reset the formatters of the ray logger
         console.filter_worker_output()
         console.log(f"Ray's own messages go to {log_file} (--verbose shows them here)")
+
+
+def orphaned_actors() -> list[str]:
+    """Ids of the actors still alive (or restarting) whose driver has died (detached actors outlive drivers by design).
+
+    A SIGKILLed driver's actors outlive it until the cluster notices; its Tune
+    trials keep training and writing checkpoints meanwhile.
+    """
+    from ray._private.state import (
+        state,  # the GCS tables; the public state API needs the dashboard
+    )
+
+    dead_jobs = {job["JobID"] for job in state.job_table() if job["IsDead"]}
+    return [actor_id for actor_id, actor in state.actor_table(None).items() if actor["JobID"] in dead_jobs and actor["State"] != "DEAD" and not actor["IsDetached"]]
+
+
+def wait_for_orphaned_actors(timeout_s: float = 120.0, poll_s: float = 0.5) -> int:
+    """Wait until no actor of a dead driver is alive; returns how many there were at first.
+
+    A search resumed at once after its driver was killed would otherwise run
+    beside the dead driver's trials: both rewrite the same checkpoint folders,
+    and a trial can read a ``train_state.pt`` that the other has just truncated.
+    """
+    import time
+
+    orphans = orphaned_actors()
+    deadline = time.monotonic() + timeout_s
+    while orphaned_actors():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{len(orphaned_actors())} actors of a dead driver are still alive after {timeout_s:.0f} s (ray list actors shows them)")
+        time.sleep(poll_s)
+    return len(orphans)
 
 
 # Ray's C++ backend writes its ERROR lines on the stderr of every process

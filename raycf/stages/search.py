@@ -27,7 +27,7 @@ from raycf.runtime import kill_points
 
 from raycf.results import storage
 from raycf.results.artefacts import base_model_bytes
-from raycf.runtime.cluster import ensure_ray
+from raycf.runtime.cluster import ensure_ray, wait_for_orphaned_actors
 from raycf.config import StudyConfig
 from raycf.runtime.console import log
 from raycf.errors import UserError
@@ -217,6 +217,7 @@ def run(run: "StageRun") -> dict:
     url, upload = optuna_storage_url(study, results, run.stage_hash, resume=bool(saved_state))
     uploads = [optuna_upload(upload, storage.join_uri(results, OPTUNA_FILE))] if upload else []
     if saved_state:
+        wait_for_orphaned_actors()  # the interrupted driver's trials must not write beside the resumed ones
         restore_driver_state(saved_state, experiment_path)
         log(f"search: resuming the interrupted search at {experiment_path} (finished trials kept: {len(finished_trials(saved_state))})")
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=run.resume, restart_errored=False)
