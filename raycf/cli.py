@@ -246,7 +246,7 @@ def _run_rerun_command(args: argparse.Namespace) -> int:
 
 
 def _run_report_command(args: argparse.Namespace) -> int:
-    from raycf.outputs.report import write_report
+    from raycf.outputs.report.page import write_report
 
     print(write_report(args.results), flush=True)
     return 0

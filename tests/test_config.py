@@ -125,12 +125,15 @@ def test_bad_set_override_names_the_flag():
         study_from_mapping({"name": "x"}, overrides=["base.epochs"])
 
 
-def test_readme_study_reference_is_current():
-    from raycf.config import with_study_reference
+def test_the_study_reference_lists_every_field_with_its_default_and_meaning():
+    from raycf.config import StudyConfig, study_reference_markdown
 
-    readme = (REPO / "README.md").read_text()
-    assert "| `debug.lambda1` |" in readme
-    assert with_study_reference(readme) == readme, "run: python -m raycf.config README.md"
+    rows = {line.split(" | ")[0].removeprefix("| `").rstrip("`"): line for line in study_reference_markdown().splitlines()[2:]}
+    assert rows["name"] == "| `name` | required | study name; results go to <storage_path>/<name>/ |"
+    assert rows["debug.lambda1"].split(" | ")[1] == f"`{StudyConfig.model_fields['debug'].default_factory().lambda1}`"
+    assert rows["analysis.settings"].split(" | ")[1] == "3 rows (the paper's)"
+    assert "analysis.settings[].metric" in rows  # rows of a list of models are walked too
+    assert set(StudyConfig.model_fields) - {"smoke"} <= set(rows)
 
 
 def test_two_frequency_thresholds_one_per_job():

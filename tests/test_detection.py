@@ -6,22 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from raycf.method.detection import (
-    Reference,
-    StudyData,
-    agreement_scores,
-    auroc,
-    average_precision,
-    class_means,
-    detection_row,
-    error_score_frame,
-    error_score_rows,
-    flag_images,
-    format_tables,
-    rerank,
-    setting_label,
-    table1_counts,
-)
+from raycf.method.detection import Reference, StudyData, agreement_scores, auroc, average_precision, class_means, detection_row, error_score_frame, error_score_rows, flag_images, rerank, setting_label, table1_counts
+from raycf.method.detection_tables import format_tables
 from raycf.config import DetectionSetting
 from raycf.method.global_mc import accepted_images, accumulate_global_mc, global_sets
 

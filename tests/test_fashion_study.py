@@ -42,7 +42,8 @@ def test_fashion_report_opens_in_headless_chromium_with_garments_in_the_gallery(
     from raycf.results.artefacts import load_results_study
     from raycf.config import FASHION_MNIST_ROOT
     from raycf.data.datasets import FASHION_MNIST_FILES, read_idx
-    from raycf.outputs.report import ReportContext, gallery_images
+    from raycf.outputs.report.blocks import ReportContext
+    from raycf.outputs.report.gallery import gallery_images
 
     index = (fashion_smoke_results / "report" / "index.html").resolve()
     figures = len(list(index.parent.glob("*.png")))

@@ -255,7 +255,8 @@ def test_an_interrupted_seed_grid_resumes_with_its_finished_runs_kept(seeded_res
 
 
 def test_the_report_and_the_describe_text_show_the_seed_comparison(seeded_results):
-    from raycf.outputs.report import ReportContext, final_section
+    from raycf.outputs.report.blocks import ReportContext
+    from raycf.outputs.report.final_sections import final_section
     from raycf.stages.final import describe
 
     assert "Retraining over 2 seeds" in describe(str(seeded_results))

@@ -17,17 +17,9 @@ from PIL import Image
 
 from conftest import require_system, run_cli_without_ray
 from raycf.config import dump_yaml, study_from_mapping
-from raycf.outputs.report import (
-    Figure,
-    Section,
-    auroc_figure,
-    build_report,
-    global_mc_figure,
-    pareto_figure,
-    pick_gallery,
-    recall_change_figure,
-    render_page,
-)
+from raycf.outputs.report.blocks import Figure, Section
+from raycf.outputs.report.figures import auroc_figure, global_mc_figure, pareto_figure, pick_gallery, recall_change_figure
+from raycf.outputs.report.page import build_report, render_page
 
 REPO = Path(__file__).resolve().parent.parent
 EMBEDDED_PNG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -274,7 +266,8 @@ def test_parameter_importances_come_from_the_study_optuna_storage_seeded(tmp_pat
     import optuna
 
     from raycf.pipeline import stage_hash
-    from raycf.outputs.report import ReportContext, param_importances
+    from raycf.outputs.report.blocks import ReportContext
+    from raycf.outputs.report.search_sections import param_importances
 
     study = study_from_mapping({"name": "tiny", "storage_path": str(tmp_path), "seed": 3})
     results = tmp_path / "tiny"

@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, run_cli
 from raycf.models.checkpoint import load_classifier_checkpoint
 from raycf.search.leaderboard import METRIC_COLUMNS, sort_by_objective
-from raycf.outputs.report import GALLERY_GROUPS, GALLERY_PER_GROUP
+from raycf.outputs.report.blocks import GALLERY_GROUPS, GALLERY_PER_GROUP
 
 EXPECTED_FILES = [
     "config.yaml",

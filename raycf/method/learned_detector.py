@@ -39,7 +39,8 @@ from sklearn.preprocessing import StandardScaler
 
 from raycf.method.bank import CfeBank
 from raycf.method.bootstrap import interval_frame
-from raycf.method.detection import METRICS, Reference, StudyData, agreement_scores, auroc, average_precision, reference_for, with_interval
+from raycf.method.detection import METRICS, Reference, StudyData, agreement_scores, auroc, average_precision, reference_for
+from raycf.method.detection_tables import with_interval
 
 CONFIDENCE_FEATURES = ("max_softmax", "margin", "entropy")
 CFE_FEATURES = (*METRICS, "mc_size", "masked_confidence", "mi_size")

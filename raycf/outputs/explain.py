@@ -362,7 +362,7 @@ def _debugged_model(results: str, study: StudyConfig) -> tuple[str, Any] | None:
 
 def explanation_figure(explanation: dict, arrays: dict[str, np.ndarray]) -> bytes:
     """The image, Grad-CAM of the prediction, and the top MC filters' feature maps over the image."""
-    from raycf.outputs.report import new_figure, png_bytes
+    from raycf.outputs.report.blocks import new_figure, png_bytes
 
     filters = [int(k) for k in arrays["filters"]]
     by_filter = {entry["filter"]: entry for entry in explanation["mc_filters"]}

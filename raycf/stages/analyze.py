@@ -19,7 +19,8 @@ import pandas as pd
 from raycf.results import storage
 from raycf.results.artefacts import load_masks, load_study_data, read_frame
 from raycf.runtime.console import log
-from raycf.method.detection import EVALUATED_SPLITS, analyse, format_tables
+from raycf.method.detection import EVALUATED_SPLITS, analyse
+from raycf.method.detection_tables import format_tables
 from raycf.method.flagged import flagged_frame
 from raycf.method.learned_detector import coefficient_frame, detector_summary, learned_detector_frame
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from raycf.results import storage
-from raycf.outputs.report import INDEX_FILE, REPORT_FOLDER, build_report
+from raycf.outputs.report.blocks import INDEX_FILE, REPORT_FOLDER
+from raycf.outputs.report.page import build_report
 
 if TYPE_CHECKING:
     from raycf.stages.stage import StageRun
