@@ -125,14 +125,6 @@ def test_bad_set_override_names_the_flag():
         study_from_mapping({"name": "x"}, overrides=["base.epochs"])
 
 
-def test_readme_study_reference_is_current():
-    from raycf.config import with_study_reference
-
-    readme = (REPO / "README.md").read_text()
-    assert "| `debug.lambda1` |" in readme
-    assert with_study_reference(readme) == readme, "run: python -m raycf.config README.md"
-
-
 def test_two_frequency_thresholds_one_per_job():
     study = study_from_mapping({"name": "x"})
     assert study.debug.freq_threshold == 0.0  # retraining: the reference's f = 0
