@@ -12,6 +12,7 @@ import importlib.util
 import os
 import pkgutil
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -186,6 +187,45 @@ def test_the_readme_quotes_measured_numbers_only_from_the_pages_it_links():
         for number in numbers:
             assert number in linked, f"{number} (README's headline) is not on {sorted(p.name for p in pages)}"
 
+
+
+def readme_command_lines() -> list[str]:
+    """The lines of the README's bash blocks, comments and continuations dropped."""
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+        for line in block.splitlines():
+            line = re.sub(r"\s+#.*$", "", line).rstrip(" \\").strip()
+            if line:
+                lines.append(line)
+    return lines
+
+
+def test_the_readme_commands_parse_as_written():
+    from raycf.cli import build_parser
+
+    makefile = (REPO / "Makefile").read_text()
+    raycf_lines = 0
+    for line in readme_command_lines():
+        words = shlex.split(line)
+        if words[0] == "make":
+            assert re.search(rf"^{re.escape(words[1])}:", makefile, re.M), line
+        if words[0] in (".venv/bin/raycf", "raycf") and words[1:] != ["--help"]:
+            build_parser().parse_args(words[1:])  # argparse exits (failing the test) on a wrong command or option
+            raycf_lines += 1
+        for word in words:
+            if word.startswith("studies/"):
+                assert (REPO / word).is_file(), line
+    assert raycf_lines >= 10
+
+
+def test_the_readme_study_file_validates():
+    import yaml
+
+    from raycf.config import study_from_mapping
+
+    (text,) = re.findall(r"```yaml\n(.*?)```", README.read_text(), re.S)
+    study = study_from_mapping(yaml.safe_load(text))
+    assert (study.name, study.model.arch, study.data.preprocess.mode, study.base.train) == ("pets", "resnet50", "weights", False)
 
 # ------------------------------------------------------------------ measured blocks
 
