@@ -1,13 +1,14 @@
-# raycf: `make demo` runs the embedded study, `make test` the suite, `make bench` the CPU benchmarks, `make bench-gpu` the GPU ones,
-# `make bench-scaling` the stages' cost growth on Fashion-MNIST (about 15 minutes).
-# Both build .venv first (pinned torch/torchvision/ray; about 6 GB, about 3 minutes).
+# raycf: `make demo` runs the embedded study, `make test` the suite (and builds the docs with mkdocs --strict),
+# `make bench` the CPU benchmarks, `make bench-gpu` the GPU ones, `make bench-scaling` the stages' cost growth on
+# Fashion-MNIST (measured times: docs/benchmarks.md), `make docs` serves the documentation site.
+# Each builds .venv first with python3.11 (pinned torch/torchvision/ray; about 6 GB, about 3 minutes).
 
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-gpu bench-scaling venv system-packages clean
+.PHONY: demo test bench bench-gpu bench-scaling docs venv system-packages clean
 
 venv: $(STAMP)
 
@@ -36,5 +37,8 @@ bench-gpu: $(STAMP)
 bench-scaling: $(STAMP) system-packages
 	$(BIN)/python -m benchmarks.scaling
 
+docs: $(STAMP)
+	$(BIN)/mkdocs serve
+
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) results .pytest_cache site

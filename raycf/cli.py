@@ -16,7 +16,7 @@ from typing import Callable
 
 from raycf.errors import UserError, find_user_error
 
-STUDY_HELP = "the study file (YAML); see the README's study file reference"
+STUDY_HELP = "the study file (YAML); see docs/study-file.md for every field"
 
 
 def _add_study_options(parser: argparse.ArgumentParser) -> None:

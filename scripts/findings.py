@@ -1,4 +1,4 @@
-"""A study's findings as Markdown, read from its own files: the README's "Measured on Fashion-MNIST" section.
+"""A study's findings as Markdown, read from its own files: the generated block of docs/measured.md ("Measured on Fashion-MNIST").
 
     python scripts/findings.py results/fashion > findings.md
 

@@ -1,6 +1,6 @@
 """cluster.yaml, offline: Ray's own config preparation and schema, plus raycf's invariants.
 
-The invariants are the README's promises: the dashboard and Jobs API on the
+The invariants are docs/cluster.md's promises: the dashboard and Jobs API on the
 head's loopback only, token authentication on every node with a token that
 never lives in the repository, GPU workers scaling from zero, Tune drivers
 pinned to the head, and the same Ray, Python and torch versions the tests run.

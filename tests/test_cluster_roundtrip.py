@@ -1,6 +1,6 @@
 """`ray up` / `ray job submit` / `ray down` against a head on 127.0.0.1.
 
-The README's cluster command sequence, for real: the Ray cluster launcher
+The cluster guide's command sequence (docs/cluster.md), for real: the Ray cluster launcher
 SSHes into 127.0.0.1, ships the token, starts the head with cluster.yaml's
 commands (tests/cluster/local-cluster.yaml), the job is submitted through
 `ray dashboard`'s port forward, and `ray down` stops it. It all runs in its own

@@ -1,4 +1,4 @@
-"""scripts/findings.py: the README's findings section, read from a results folder's own files."""
+"""scripts/findings.py: the Fashion-MNIST block of docs/measured.md, read from a results folder's own files."""
 
 from __future__ import annotations
 

@@ -121,7 +121,7 @@ def _both_classes_missing(labels: np.ndarray, split: str) -> str:
 
 
 def compare_detectors(fit: pd.DataFrame, evaluate: pd.DataFrame, resamples: int, seed: int, detectors: dict[str, tuple[str, ...]] | None = None) -> pd.DataFrame:
-    """Fit each detector on ``fit``, score it on ``evaluate``: one row per detector (columns in the README).
+    """Fit each detector on ``fit``, score it on ``evaluate``: one row per detector (columns in docs/results-folder.md).
 
     ``fit`` and ``evaluate`` are :func:`detector_features` frames; a
     detector uses those of its features both frames hold.  The first

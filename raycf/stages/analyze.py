@@ -4,7 +4,7 @@ pandas and numpy over the ``masks/<split>/`` Parquet (no Ray): the method is
 :mod:`raycf.method.global_mc` and :mod:`raycf.method.detection`.  Outputs
 under ``<results>/analysis/``: ``global_mc.parquet``, ``detection.parquet``,
 ``error_scores.parquet`` (with bootstrap intervals), ``learned_detector.parquet``
-(:mod:`raycf.method.learned_detector`; columns in the README), ``flagged.parquet`` (one row
+(:mod:`raycf.method.learned_detector`; columns in docs/results-folder.md), ``flagged.parquet`` (one row
 per test image, most suspicious first: :mod:`raycf.method.flagged`) and ``summary.json``.
 """
 

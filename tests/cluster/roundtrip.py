@@ -1,4 +1,4 @@
-"""The README's cluster command sequence, against a head on 127.0.0.1.
+"""The cluster guide's command sequence (docs/cluster.md), against a head on 127.0.0.1.
 
 Runs inside ``tests/cluster/sandbox.sh`` (its own namespaces, an sshd on
 127.0.0.1): generate the cluster token, ``ray up`` the local-provider cluster
