@@ -13,7 +13,7 @@ from raycf.config.study import StudyConfig
 
 
 def study_reference_markdown() -> str:
-    """The README's study file reference: every field, its default and meaning, from the models above."""
+    """The study file reference (docs/study-file.md, filled in by the docs build): every field, its default and meaning, from the schema."""
     lines = ["| field | default | meaning |", "|---|---|---|"]
 
     def walk(model: type[BaseModel], prefix: str) -> None:
