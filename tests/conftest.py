@@ -207,23 +207,6 @@ def s3_bucket():
     server.stop()
 
 
-@pytest.fixture(scope="session")
-def bucket_study_results(ray_session, s3_bucket, tmp_path_factory) -> str:
-    """The digits study run once with ``--smoke`` and ``storage_path`` in the bucket (joining the session's cluster).
-
-    Returns the results URI (``s3://raycf-results/runs/digits``); beside the
-    node cache of its driver, ``stdout.txt`` and ``stderr.txt`` in a temporary
-    folder.  Tests must not modify it.
-    """
-    folder = tmp_path_factory.mktemp("bucket-study")
-    environment = {"RAY_ADDRESS": ray_address(), "RAYCF_NODE_CACHE": str(folder / "node-cache")}
-    completed = run_cli("study", "studies/digits.yaml", "--smoke", "--set", f"storage_path={s3_bucket}/runs", env_extra=environment)
-    (folder / "stdout.txt").write_text(completed.stdout)
-    (folder / "stderr.txt").write_text(completed.stderr)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return f"{s3_bucket}/runs/digits"
-
-
 RUN_STAGE = (
     "import sys\n"
     "from raycf.runtime import console\n"

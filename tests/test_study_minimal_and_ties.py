@@ -28,7 +28,7 @@ def test_a_study_file_with_only_data_and_model_runs_its_smoke_study(ray_session,
 
 def _copy_cached_stages(source: Path, target: Path) -> None:
     target.mkdir(parents=True)
-    for name in ("config.yaml", "manifest.json", "base", "features", "cfe", "masks", "analysis"):
+    for name in ("config.yaml", "manifest.json", "images", "base", "features", "cfe", "masks", "analysis"):
         path = source / name
         (shutil.copytree if path.is_dir() else shutil.copy2)(path, target / name)
 
