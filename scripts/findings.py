@@ -45,15 +45,32 @@ DETECTOR_SCORES = (
 NEGLIGIBLE = {"auroc": 0.01, "accuracy": 0.001, "recall": 0.01}
 
 
+MAX_EXTRA_DIGITS = 4  # how many more decimals a number may get so that it does not print as zero
+
+
+def enough_digits(values: tuple[float, ...], scale: float = 1.0, digits: int = 3) -> int:
+    """The fewest decimals, ``digits`` or more, at which no nonzero value prints as zero.
+
+    A bound of 0.0004 printed at three decimals reads "+0.000" and hides
+    that the interval excludes zero; it gets four.  A value that is zero
+    (a score against itself) stays "0.000"; past ``MAX_EXTRA_DIGITS`` more
+    decimals, a tinier one does too.
+    """
+    for more in range(MAX_EXTRA_DIGITS + 1):
+        if all(value == 0 or math.isnan(value) or round(scale * value, digits + more) != 0 for value in values):
+            return digits + more
+    return digits + MAX_EXTRA_DIGITS
+
+
 def bounds(low: float, high: float, scale: float = 1.0, digits: int = 3, signed: bool = False) -> str:
-    """``[low, high]``, scaled (100 for points), with a sign when asked."""
-    sign = "+" if signed else ""
+    """``[low, high]``, scaled (100 for points), with a sign when asked; more decimals where a nonzero bound would print as zero."""
+    sign, digits = "+" if signed else "", enough_digits((low, high), scale, digits)
     return f"[{scale * low:{sign}.{digits}f}, {scale * high:{sign}.{digits}f}]"
 
 
 def interval(value: float, low: float, high: float, scale: float = 1.0, digits: int = 3, signed: bool = False) -> str:
-    """``value [low, high]``, scaled, with a sign when asked."""
-    sign = "+" if signed else ""
+    """``value [low, high]``, scaled, with a sign when asked; the three at one precision, enough that no nonzero one prints as zero."""
+    sign, digits = "+" if signed else "", enough_digits((value, low, high), scale, digits)
     return f"{scale * value:{sign}.{digits}f} {bounds(low, high, scale, digits, signed)}"
 
 
@@ -67,6 +84,12 @@ def reading(value: float, low: float, high: float, margin: float, scale: float =
     if max(abs(low), abs(high)) < margin:
         return f"negligible ({shown}: the interval excludes zero but lies within ±{scale * margin:g}{unit})"
     return f"{'higher' if low > 0 else 'lower'} ({shown})"
+
+
+def mean_sd(mean: float, sd: float, scale: float = 100, digits: int = 2) -> str:
+    """``+0.02 ± 0.11`` in points: a mean difference and its sd, with decimals enough that a nonzero mean does not print as zero."""
+    digits = enough_digits((mean,), scale, digits)
+    return f"{scale * mean:+.{digits}f} ± {scale * sd:.{digits}f}"
 
 
 def shown(value: float | None, digits: int = 4) -> str:
@@ -255,7 +278,7 @@ def retraining(results: str) -> tuple[str, list[str]]:
             "comparison": summary["comparison"],
             "seeds": summary["seeds"],
             "test acc. (model / control)": [f"{100 * a:.2f} / {100 * b:.2f} %" for a, b in zip(summary["test_acc_mean"], summary["test_baseline_acc_mean"])],
-            "test Δ mean ± sd (points)": [f"{100 * m:+.2f} ± {100 * s:.2f}" for m, s in zip(summary["test_diff_mean"], summary["test_diff_sd"])],
+            "test Δ mean ± sd (points)": [mean_sd(m, s) for m, s in zip(summary["test_diff_mean"], summary["test_diff_sd"])],
             "test Δ paired 95 % CI": [bounds(lo, hi, 100, 2, True) for lo, hi in zip(summary["test_diff_ci_low"], summary["test_diff_ci_high"])],
             "seeds won (test)": summary["test_wins"],
         }
