@@ -163,3 +163,18 @@ def test_a_rerun_reuses_the_second_base_model_and_its_grid(base_seeded_results, 
         assert f"final: base seed 1: {stage} cached" in done.stderr
     assert "its seed grid is cached" in done.stderr
     pd.testing.assert_frame_equal(pd.read_parquet(results / "final" / "base_seeds.parquet"), pd.read_parquet(base_seeded_results / "final" / "base_seeds.parquet"), check_exact=True)
+
+
+def test_findings_print_the_comparison_over_base_models_with_its_reading(base_seeded_results):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "findings.py"), str(base_seeded_results)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    between = pd.read_parquet(base_seeded_results / "final" / "base_seed_summary.parquet").iloc[-1]
+    low, high = 100 * between["test_diff_ci_low"], 100 * between["test_diff_ci_high"]
+    reading = "no difference detected" if low <= 0 <= high else "negligible" if max(abs(low), abs(high)) < 0.1 else "higher" if low > 0 else "lower"
+    assert f"best - control over 2 base models, test accuracy: {reading} (" in done.stdout
+    assert f"between-base-model sd {100 * between['test_diff_sd']:.2f} points." in done.stdout and "### Over base models" in done.stdout

@@ -32,6 +32,7 @@ def test_findings_of_the_smoke_study_quote_its_files(smoke_study_results):
     assert f"| base | {round(durations['base'], 1)} |" in text
     # The smoke study runs one seed: the seed comparison is named as missing, not invented.
     assert "_final/seed_summary.parquet is missing: the study has not written it._" in text
+    assert "_One base model (final.base_seeds: 1): every comparison above rests on the study's own base model._" in text
     # Table 1's controls, the class-aware scores and their readings, all from the files
     detection = pd.read_parquet(smoke_study_results / "analysis" / "detection.parquet")
     gate = detection[(detection["split"] == "test") & (detection["control"] == "skip gate")].iloc[0]
@@ -79,6 +80,7 @@ def test_no_nonzero_number_prints_as_zero_and_zero_stays_zero():
     assert script.interval(0.0, 0.0, 0.0, signed=True) == "+0.000 [+0.000, +0.000]"
     assert script.bounds(-0.00003, 0.0012, scale=100, digits=2, signed=True) == "[-0.003, +0.120]"
     assert script.mean_sd(0.00004, 0.0011) == "+0.004 ± 0.110"
+    assert script.mean_sd(0.0123, float("nan")) == "+1.23"  # one seed: no sd
     for low, high in ((0.0004, 0.006), (-0.006, -0.0004), (0.00002, 0.00003)):
         text = script.reading((low + high) / 2, low, high, margin=0.001)
         assert "0.000," not in text and "gain" not in text and not text.startswith("no difference")
