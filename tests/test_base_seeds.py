@@ -84,6 +84,49 @@ def test_a_base_seeds_study_moves_only_the_seed():
     assert base_seed_folder("s3://b/runs/t", 2) == "s3://b/runs/t/base_seeds/seed2"
 
 
+def _fake_images(results: str) -> None:
+    from raycf.results import storage
+
+    storage.write_bytes(storage.join_uri(results, "images", "test.npy"), b"pixels")
+    storage.write_bytes(storage.join_uri(results, "images", "test.parquet"), b"index")
+    storage.write_text(storage.join_uri(results, "images", "_stage.json"), '{"stage": "images", "hash": "h", "finished_at": "t1"}')
+
+
+def test_a_base_seed_shares_the_studys_image_store_locally_as_links(tmp_path):
+    import os
+
+    from raycf.stages.base_seeds import base_seed_folder, share_images
+
+    results = str(tmp_path / "study")
+    _fake_images(results)
+    folder = base_seed_folder(results, 1)
+    share_images(results, folder)
+    shared = tmp_path / "study" / "base_seeds" / "seed1" / "images"
+    assert sorted(path.name for path in shared.iterdir()) == ["_stage.json", "test.npy", "test.parquet"]
+    assert os.stat(shared / "test.npy").st_ino == os.stat(tmp_path / "study" / "images" / "test.npy").st_ino  # a link, not a copy
+    assert (shared / "_stage.json").read_text() == (tmp_path / "study" / "images" / "_stage.json").read_text()
+    # a new write of the study's store (another marker) replaces the shared one; the same marker leaves it alone
+    (tmp_path / "study" / "images" / "test.npy").unlink()
+    (tmp_path / "study" / "images" / "test.npy").write_bytes(b"new pixels")
+    share_images(results, folder)
+    assert (shared / "test.npy").read_bytes() == b"pixels"
+    (tmp_path / "study" / "images" / "_stage.json").write_text('{"stage": "images", "hash": "h", "finished_at": "t2"}')
+    share_images(results, folder)
+    assert (shared / "test.npy").read_bytes() == b"new pixels" and "t2" in (shared / "_stage.json").read_text()
+
+
+def test_a_base_seed_copies_the_image_store_in_a_bucket(s3_bucket):
+    from raycf.results import storage
+    from raycf.stages.base_seeds import base_seed_folder, share_images
+
+    results = f"{s3_bucket}/share-images/study"
+    _fake_images(results)
+    share_images(results, base_seed_folder(results, 2))
+    shared = storage.join_uri(results, "base_seeds", "seed2", "images")
+    assert storage.read_bytes(storage.join_uri(shared, "test.npy")) == b"pixels" and storage.read_bytes(storage.join_uri(shared, "test.parquet")) == b"index"
+    assert storage.read_text(storage.join_uri(shared, "_stage.json")) == storage.read_text(storage.join_uri(results, "images", "_stage.json"))
+
+
 # ------------------------------------------------------------------ end to end: final.base_seeds = 2 on the smoke study's results
 
 SETTINGS = ("final.base_seeds=2",)
