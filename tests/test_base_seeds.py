@@ -68,6 +68,9 @@ def test_the_base_seeds_field():
     assert study.final.base_seeds == 1
     with pytest.raises(UserError, match="final.base_seeds"):
         study_from_mapping({"name": "t", "final": {"base_seeds": 0}})
+    with pytest.raises(UserError) as adopted:
+        study_from_mapping({"name": "t", "model": {"weights": "/tmp/m.pt"}, "base": {"train": False}, "final": {"base_seeds": 2}})
+    assert "final.base_seeds: 2 needs base.train: true" in str(adopted.value)
     from raycf.pipeline import stage_hash
 
     two = study_from_mapping({"name": "t", "final": {"base_seeds": 2}})
