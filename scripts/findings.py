@@ -7,7 +7,7 @@ folder: the stage markers (``<folder>/_stage.json``, :data:`raycf.stages.STAGES`
 ``images/<split>.parquet``, ``analysis/detection.parquet``,
 ``analysis/error_scores.parquet``, ``analysis/learned_detector.parquet``,
 ``final/table2.parquet``, ``final/seed_summary.parquet``,
-``final/group_recall.parquet``, ``report/search_noise.json`` and the
+``final/group_recall.parquet``, ``final/base_seed_summary.parquet``, ``report/search_noise.json`` and the
 resolved ``config.yaml``.  Nothing is typed by hand; a missing file is named
 instead of its section.  Reads no images and needs no Ray.
 
@@ -45,15 +45,32 @@ DETECTOR_SCORES = (
 NEGLIGIBLE = {"auroc": 0.01, "accuracy": 0.001, "recall": 0.01}
 
 
+MAX_EXTRA_DIGITS = 4  # how many more decimals a number may get so that it does not print as zero
+
+
+def enough_digits(values: tuple[float, ...], scale: float = 1.0, digits: int = 3) -> int:
+    """The fewest decimals, ``digits`` or more, at which no nonzero value prints as zero.
+
+    A bound of 0.0004 printed at three decimals reads "+0.000" and hides
+    that the interval excludes zero; it gets four.  A value that is zero
+    (a score against itself) stays "0.000"; past ``MAX_EXTRA_DIGITS`` more
+    decimals, a tinier one does too.
+    """
+    for more in range(MAX_EXTRA_DIGITS + 1):
+        if all(value == 0 or math.isnan(value) or round(scale * value, digits + more) != 0 for value in values):
+            return digits + more
+    return digits + MAX_EXTRA_DIGITS
+
+
 def bounds(low: float, high: float, scale: float = 1.0, digits: int = 3, signed: bool = False) -> str:
-    """``[low, high]``, scaled (100 for points), with a sign when asked."""
-    sign = "+" if signed else ""
+    """``[low, high]``, scaled (100 for points), with a sign when asked; more decimals where a nonzero bound would print as zero."""
+    sign, digits = "+" if signed else "", enough_digits((low, high), scale, digits)
     return f"[{scale * low:{sign}.{digits}f}, {scale * high:{sign}.{digits}f}]"
 
 
 def interval(value: float, low: float, high: float, scale: float = 1.0, digits: int = 3, signed: bool = False) -> str:
-    """``value [low, high]``, scaled, with a sign when asked."""
-    sign = "+" if signed else ""
+    """``value [low, high]``, scaled, with a sign when asked; the three at one precision, enough that no nonzero one prints as zero."""
+    sign, digits = "+" if signed else "", enough_digits((value, low, high), scale, digits)
     return f"{scale * value:{sign}.{digits}f} {bounds(low, high, scale, digits, signed)}"
 
 
@@ -67,6 +84,12 @@ def reading(value: float, low: float, high: float, margin: float, scale: float =
     if max(abs(low), abs(high)) < margin:
         return f"negligible ({shown}: the interval excludes zero but lies within ±{scale * margin:g}{unit})"
     return f"{'higher' if low > 0 else 'lower'} ({shown})"
+
+
+def mean_sd(mean: float, sd: float, scale: float = 100, digits: int = 2) -> str:
+    """``+0.02 ± 0.11`` in points: a mean difference and its sd, with decimals enough that a nonzero mean does not print as zero."""
+    digits = enough_digits((mean,), scale, digits)
+    return f"{scale * mean:+.{digits}f}" + ("" if math.isnan(sd) else f" ± {scale * sd:.{digits}f}")  # no sd from one seed
 
 
 def shown(value: float | None, digits: int = 4) -> str:
@@ -255,7 +278,7 @@ def retraining(results: str) -> tuple[str, list[str]]:
             "comparison": summary["comparison"],
             "seeds": summary["seeds"],
             "test acc. (model / control)": [f"{100 * a:.2f} / {100 * b:.2f} %" for a, b in zip(summary["test_acc_mean"], summary["test_baseline_acc_mean"])],
-            "test Δ mean ± sd (points)": [f"{100 * m:+.2f} ± {100 * s:.2f}" for m, s in zip(summary["test_diff_mean"], summary["test_diff_sd"])],
+            "test Δ mean ± sd (points)": [mean_sd(m, s) for m, s in zip(summary["test_diff_mean"], summary["test_diff_sd"])],
             "test Δ paired 95 % CI": [bounds(lo, hi, 100, 2, True) for lo, hi in zip(summary["test_diff_ci_low"], summary["test_diff_ci_high"])],
             "seeds won (test)": summary["test_wins"],
         }
@@ -299,6 +322,38 @@ def retraining(results: str) -> tuple[str, list[str]]:
                 g = pooled.iloc[0]
                 sentence += f"; the group as a whole: {reading(g['change_mean'], g['change_ci_low'], g['change_ci_high'], NEGLIGIBLE['recall'], scale=100, digits=2, unit=' points')}"
             sentences.append(sentence + ".")
+    return text, sentences
+
+
+def base_models(results: str) -> tuple[str, list[str]]:
+    """Best − control over base models (final.base_seeds > 1): per base model, then the t interval between them, and its reading."""
+    summary = read_frame(results, "final", "base_seed_summary.parquet")
+    if summary is None:
+        if load_results_study(results).final.base_seeds == 1:
+            return "_One base model (final.base_seeds: 1): every comparison above rests on the study's own base model._", []
+        return missing("final", "base_seed_summary.parquet"), []
+    per_model, between = summary[summary["level"] == "base model"], summary[summary["level"] != "base model"].iloc[0]
+    rows = pd.DataFrame(
+        {
+            "base seed": per_model["base_seed"].astype(int),
+            "retraining seeds": per_model["seeds"],
+            "test acc. (best / control)": [f"{100 * a:.2f} / {100 * b:.2f} %" for a, b in zip(per_model["test_acc_mean"], per_model["test_baseline_acc_mean"])],
+            "test Δ mean ± sd over its seeds (points)": [mean_sd(m, s) for m, s in zip(per_model["test_diff_mean"], per_model["test_diff_sd"])],
+        }
+    )
+    n = int(between["base_seeds"])
+    text = (
+        f"Best − control, test accuracy, on {n} base models (each trained with its own seed on the same split, with its own CFE bank, "
+        "masks and global sets; the best trial's parameters are the study's search's). Each base model's retraining seeds are "
+        f"averaged first, so each base model counts once:\n\n{markdown_table(rows)}\n\n"
+        f"Between base models: mean {mean_sd(between['test_diff_mean'], between['test_diff_sd'])} points (sd between base models), "
+        f"{100 * between['confidence']:.0f} % t interval {bounds(between['test_diff_ci_low'], between['test_diff_ci_high'], 100, 2, True)} ({n - 1} df)."
+    )
+    sentences = [
+        f"best - control over {n} base models, test accuracy: "
+        f"{reading(between['test_diff_mean'], between['test_diff_ci_low'], between['test_diff_ci_high'], NEGLIGIBLE['accuracy'], scale=100, digits=2, unit=' points')}; "
+        f"best better on {int(between['test_wins'])} of {n} base models; between-base-model sd {100 * between['test_diff_sd']:.2f} points."
+    ]
     return text, sentences
 
 
@@ -351,11 +406,13 @@ def findings(results: str) -> str:
     scores_text, scores_sentences = error_scores(results)
     learned_text, learned_sentences = learned_detector(results)
     retraining_text, retraining_sentences = retraining(results)
+    base_text, base_sentences = base_models(results)
     search_text, search_sentences = search(results)
     readings = [
         ("Detection", table1_sentences + scores_sentences),
         ("Learned detector", learned_sentences),
         ("Debug retraining", retraining_sentences),
+        ("Over base models", base_sentences),
         ("Search", search_sentences),
     ]
     bullets = "\n".join(f"- **{title}.** {' '.join(sentences)}" for title, sentences in readings if sentences)
@@ -368,6 +425,7 @@ def findings(results: str) -> str:
             + f"confident images, as many as each CFE rule flags:\n\n{table1_text}\n\n{scores_text}",
             "### Do the CFE signals add anything to confidence?\n\n" + learned_text,
             "### Debug retraining against the control\n\n" + retraining_text,
+            "### Over base models\n\n" + base_text,
             "### The search\n\n" + search_text,
             "### What these numbers say (generated from the intervals)\n\n" + (bullets or "_No reading: the study's files are missing._"),
         ]

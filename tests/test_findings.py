@@ -32,6 +32,7 @@ def test_findings_of_the_smoke_study_quote_its_files(smoke_study_results):
     assert f"| base | {pd.Series([durations['base']]).round(1).iloc[0]} |" in text  # rounded as the script rounds (half to even on the scaled value)
     # The smoke study runs one seed: the seed comparison is named as missing, not invented.
     assert "_final/seed_summary.parquet is missing: the study has not written it._" in text
+    assert "_One base model (final.base_seeds: 1): every comparison above rests on the study's own base model._" in text
     # Table 1's controls, the class-aware scores and their readings, all from the files
     detection = pd.read_parquet(smoke_study_results / "analysis" / "detection.parquet")
     gate = detection[(detection["split"] == "test") & (detection["control"] == "skip gate")].iloc[0]
@@ -64,6 +65,22 @@ def _script():
 def test_the_reading_of_an_interval_follows_its_bounds():
     reading = _script().reading
     assert reading(0.002, -0.001, 0.005, margin=0.01).startswith("no difference detected (+0.002 [-0.001, +0.005]")
-    assert reading(0.003, 0.0004, 0.005, margin=0.01).startswith("negligible (+0.003 [+0.000, +0.005]: the interval excludes zero but lies within ±0.01")
+    # a bound that excludes zero never prints as zero: the three numbers get the decimals it needs
+    assert reading(0.003, 0.0004, 0.005, margin=0.01).startswith("negligible (+0.0030 [+0.0004, +0.0050]: the interval excludes zero but lies within ±0.01")
+    assert reading(0.02, 0.00004, 0.04, margin=0.01) == "higher (+0.02000 [+0.00004, +0.04000])"
+    assert reading(0.0036, 0.000001, 0.006, margin=0.001, scale=100, digits=2, unit=" points") == "higher (+0.3600 [+0.0001, +0.6000] points)"
     assert reading(-0.36, -0.60, -0.11, margin=0.01).startswith("lower (-0.360 [-0.600, -0.110]")
     assert reading(0.0036, 0.0011, 0.006, margin=0.001, scale=100, digits=2, unit=" points") == "higher (+0.36 [+0.11, +0.60] points)"
+
+
+def test_no_nonzero_number_prints_as_zero_and_zero_stays_zero():
+    script = _script()
+    assert script.enough_digits((0.0004, 0.005)) == 4 and script.enough_digits((0.0, 0.5)) == 3  # an exact zero (a score against itself) needs none
+    assert script.enough_digits((1e-12,)) == 3 + script.MAX_EXTRA_DIGITS  # no end of decimals for a rounding residue
+    assert script.interval(0.0, 0.0, 0.0, signed=True) == "+0.000 [+0.000, +0.000]"
+    assert script.bounds(-0.00003, 0.0012, scale=100, digits=2, signed=True) == "[-0.003, +0.120]"
+    assert script.mean_sd(0.00004, 0.0011) == "+0.004 ± 0.110"
+    assert script.mean_sd(0.0123, float("nan")) == "+1.23"  # one seed: no sd
+    for low, high in ((0.0004, 0.006), (-0.006, -0.0004), (0.00002, 0.00003)):
+        text = script.reading((low + high) / 2, low, high, margin=0.001)
+        assert "0.000," not in text and "gain" not in text and not text.startswith("no difference")

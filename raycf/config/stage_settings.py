@@ -258,6 +258,15 @@ class FinalConfig(StrictModel):
         "seeded by seed + 0 … n − 1, and reports paired 95 % intervals "
         "of their test and validation accuracy differences",
     )
+    base_seeds: int = Field(
+        1,
+        ge=1,
+        description="base models the control-vs-best comparison runs on: 1 is the study's own; n > 1 also trains base models 1 … n − 1 "
+        "(each with the study's seed + 1000·s, on the same split and image store) with their own features, CFE bank, masks and prefix "
+        "cache under <results>/base_seeds/seed<s>/, retrains the control and the best trial's parameters over final.seeds seeds on each, "
+        "and reports the best − control test accuracy difference per base model and its t interval over base models "
+        "(final/base_seeds.parquet, final/base_seed_summary.parquet)",
+    )
     class_group: tuple[str, ...] = Field(
         (),
         description="class names (as the dataset names them, e.g. [Shirt, T-shirt/top, Pullover, Coat]) whose per-class test recall "

@@ -100,6 +100,12 @@ class StudyConfig(StrictModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _base_seeds_train(self) -> "StudyConfig":
+        if self.final.base_seeds > 1 and not self.base.train:
+            raise ValueError(f"final.base_seeds: {self.final.base_seeds} needs base.train: true (an adopted base model is one model, whatever the seed)")
+        return self
+
     @property
     def results_uri(self) -> str:
         """``<storage_path>/<name>``: a local path (absolute) or a URI."""

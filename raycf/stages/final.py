@@ -31,6 +31,12 @@ keeps its best validation epoch and is run once over every split;
 ``final/seed_predictions.parquet``, ``final/seed_summary.parquet`` (paired
 t intervals, :mod:`raycf.method.replication`) and, with
 ``final.class_group``, ``final/group_recall.parquet`` hold the results.
+
+With ``final.base_seeds`` = n > 1 the control and the best trial's
+parameters are also retrained on n − 1 more base models, each trained with
+its own seed on the same split (:mod:`raycf.stages.base_seeds`):
+``final/base_seeds.parquet`` and ``final/base_seed_summary.parquet``
+(:mod:`raycf.method.base_models`) hold the comparison over base models.
 """
 
 from __future__ import annotations
@@ -156,6 +162,11 @@ def run(run: "StageRun") -> dict:
     }
     if seed_runs:
         summary.update(write_seed_comparison(run, seed_runs, seed_rows(retrained[of_seeds], seed_runs), points, tables.class_recall))
+    if study.final.base_seeds > 1:
+        from raycf.stages.base_seeds import run_base_seeds
+
+        seeds = storage.read_table(run.path(SEEDS_FILE)).to_pandas() if seed_runs else None
+        summary.update(run_base_seeds(run, points, tables.table2, seeds))
     return summary
 
 
@@ -198,11 +209,23 @@ def describe(results: str) -> str:
     final = read_final_frame(results, "final.parquet")
     text = summary_text(table2, table3, str(final["verdict"].iloc[0]) if "verdict" in final else "")
     if not storage.exists(storage.join_uri(folder, SEED_SUMMARY_FILE)):
-        return text
+        return with_base_seeds(text, folder)
     seeds = storage.read_table(storage.join_uri(folder, SEED_SUMMARY_FILE)).to_pandas()
     group_location = storage.join_uri(folder, GROUP_RECALL_FILE)
     group = storage.read_table(group_location).to_pandas() if storage.exists(group_location) else None
-    return f"{text}\n\n{format_seed_summary(seeds, group)}"
+    text = f"{text}\n\n{format_seed_summary(seeds, group)}"
+    return with_base_seeds(text, folder)
+
+
+def with_base_seeds(text: str, folder: str) -> str:
+    """``text`` and, where the stage compared several base models (final.base_seeds > 1), their summary."""
+    from raycf.method.base_models import format_base_seed_summary
+    from raycf.stages.base_seeds import BASE_SEED_SUMMARY_FILE
+
+    location = storage.join_uri(folder, BASE_SEED_SUMMARY_FILE)
+    if not storage.exists(location):
+        return text
+    return f"{text}\n\n{format_base_seed_summary(storage.read_table(location).to_pandas())}"
 
 
 # ------------------------------------------------------------------ retraining seeds (final.seeds > 1)
@@ -300,7 +323,8 @@ def train_seed_grid(run: "StageRun", points: dict[str, dict[str, Any]], base_byt
 
     study, seeds = run.study, run.study.final.seeds
     runs = {run_name(model, seed): (model, seed) for seed in range(seeds) for model in points if not (seed == 0 and model in reused)}
-    log(f"final: retraining {', '.join(points)} over {seeds} seeds ({len(runs)} runs, {study.search.max_concurrent} at once; seed 0 of {', '.join(reused)} is the search's)")
+    searched = f"; seed 0 of {', '.join(reused)} is the search's" if reused else ""
+    log(f"final: retraining {', '.join(points)} over {seeds} seeds ({len(runs)} runs, {study.search.max_concurrent} at once{searched})")
     experiment, tune_storage = f"final-{run.stage_hash}-seeds", run.ray_storage()
     grid = SeedGrid(trial_context(study, run.results, base_bytes, tune_storage, experiment), points, runs)
     trainable = trainable_of(study, grid, run_seed_trial)
