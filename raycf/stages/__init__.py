@@ -18,7 +18,7 @@ __all__ = ["STAGES", "Stage", "StageRun", "stage_named"]
 # What the images stage decodes by: every data field but the augmentation and the normalisation (applied later, on the device).
 IMAGE_FIELDS = (
     "data.kind", "data.root", "data.image_size", "data.stored_side", "data.val_fraction", "data.test_fraction", "data.max_per_split", "data.bbox_crop",
-    "data.preprocess.mode", "data.preprocess.resize", "data.preprocess.interpolation",
+    "data.preprocess.mode", "data.preprocess.resize", "data.preprocess.interpolation", "data.plant", "data.groups",
 )
 
 STAGES: tuple[Stage, ...] = (

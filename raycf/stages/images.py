@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 from raycf.runtime.cluster import ensure_ray
 from raycf.runtime.console import log
 from raycf.data.datasets import stored_side
-from raycf.data.image_store import write_store
+from raycf.data.image_store import ImageStore, read_planted, write_store
+from raycf.results import storage
 from raycf.runtime.ray_data import data_context
 
 if TYPE_CHECKING:
@@ -23,4 +24,10 @@ def run(run: "StageRun") -> dict:
     side = stored_side(study.data)
     size = sum(counts.values()) * side * side * 3
     log(f"images: {', '.join(f'{split} {count}' for split, count in counts.items())} images decoded at {side}×{side} ({size / 1e6:.1f} MB)")
-    return {**{f"{split}_images": count for split, count in counts.items()}, "side": side, "bytes": size}
+    summary = {**{f"{split}_images": count for split, count in counts.items()}, "side": side, "bytes": size}
+    if study.data.plant is not None:  # how many images of each split carry the planted feature
+        store = ImageStore(run.output) if not storage.is_uri(run.output) else None
+        if store is not None:
+            summary.update({f"{split}_planted": int(read_planted(store, split).sum()) for split in counts})
+            log(f"images: planted {study.data.plant.kind} on {study.data.plant.class_name}: " + ", ".join(f"{split} {summary[f'{split}_planted']}" for split in counts))
+    return summary

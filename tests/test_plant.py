@@ -1,0 +1,148 @@
+"""The planted bug (``data.plant``), groups and group accuracy: known answers, rates within binomial bounds, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import binom
+
+from conftest import run_cli_without_ray
+from raycf.config import PlantConfig, study_from_mapping
+from raycf.errors import UserError
+from raycf.method.groups import group_accuracy, group_metrics, group_summary, planted_group_names, user_group_names
+from raycf.method.plant import apply_feature, class_index_of, plant_images, planted_flags
+
+
+def _plant(**fields) -> PlantConfig:
+    return PlantConfig.model_validate({"class": "Coat", **fields})
+
+
+@pytest.mark.parametrize(
+    ("corner", "rows", "cols"),
+    [("top_left", slice(0, 3), slice(0, 3)), ("top_right", slice(0, 3), slice(7, 10)), ("bottom_left", slice(7, 10), slice(0, 3)), ("bottom_right", slice(7, 10), slice(7, 10))],
+)
+def test_patch_sets_exactly_its_square_and_nothing_else(corner, rows, cols):
+    images = np.random.default_rng(0).integers(0, 200, size=(2, 10, 10, 3), dtype=np.uint8)
+    out = apply_feature(images, _plant(kind="patch", size=3, corner=corner, value=1.0))
+    assert (out[:, rows, cols, :] == 255).all()
+    changed = np.zeros((10, 10), dtype=bool)
+    changed[rows, cols] = True
+    assert np.array_equal(out[:, ~changed], images[:, ~changed])  # every other pixel untouched
+    half = apply_feature(images, _plant(kind="patch", size=3, corner=corner, value=0.5))
+    assert (half[:, rows, cols, :] == 128).all()  # round(0.5 · 255)
+
+
+def test_tint_blends_every_pixel_towards_the_colour():
+    images = np.full((1, 4, 4, 3), 100, dtype=np.uint8)
+    out = apply_feature(images, _plant(kind="tint", value=0.25, colour=(1.0, 0.0, 0.5)))
+    # 0.75 · 100 + 0.25 · (255, 0, 127.5) = (138.75, 75, 106.875) → rounded
+    assert out[0, 2, 3].tolist() == [139, 75, 107]
+    assert (out == out[0, 0]).all()
+
+
+def test_rates_are_realised_within_binomial_bounds_and_the_draw_is_seeded():
+    labels = np.repeat(np.arange(10), 2000)  # class 4 is Coat
+    config = _plant(train_rate=0.95, other_rate=0.05, eval_rate=0.5)
+    train = planted_flags(labels, "train", config, 4, seed=3)
+    for flags, rate, count in ((train[labels == 4], 0.95, 2000), (train[labels != 4], 0.05, 18000)):
+        low, high = binom.ppf([1e-4, 1 - 1e-4], count, rate)
+        assert low <= flags.sum() <= high
+    test = planted_flags(labels, "test", config, 4, seed=3)
+    for label in range(10):  # every class at eval_rate in val and test
+        low, high = binom.ppf([1e-4, 1 - 1e-4], 2000, 0.5)
+        assert low <= test[labels == label].sum() <= high
+    assert np.array_equal(train, planted_flags(labels, "train", config, 4, seed=3))
+    assert not np.array_equal(train, planted_flags(labels, "train", config, 4, seed=4))
+    assert not np.array_equal(planted_flags(labels, "val", config, 4, seed=3), test)  # each split its own draw
+
+
+def test_plant_images_changes_only_the_planted_images_in_place():
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 200, size=(50, 8, 8, 3), dtype=np.uint8)
+    original = images.copy()
+    labels = rng.integers(0, 3, size=50)
+    config = _plant(size=2, train_rate=1.0, other_rate=0.0)
+    out, planted = plant_images(images, labels, "train", config, seed=0, class_index=1, chunk=7)
+    assert out is images
+    assert np.array_equal(planted, labels == 1)  # rates 1 and 0: exactly the class
+    assert (images[planted, :2, :2] == 255).all()
+    assert np.array_equal(images[~planted], original[~planted])
+
+
+def test_worst_and_mean_group_accuracy_on_a_two_by_two_case():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    planted = np.array([1, 1, 1, 0, 1, 0, 0, 0, 0, 0], dtype=bool)
+    preds = np.array([0, 0, 0, 1, 0, 1, 1, 1, 1, 0])
+    groups = planted_group_names(labels, planted, ["Coat", "Bag"])
+    table = group_accuracy(groups, labels, preds).set_index("group")
+    assert table.loc["Coat | planted", ["images", "correct"]].tolist() == [3, 3]
+    assert table.loc["Coat | clean", "acc"] == 0.0
+    assert table.loc["Bag | planted", "acc"] == 0.0
+    assert table.loc["Bag | clean", "acc"] == pytest.approx(4 / 5)
+    summary = group_summary(group_accuracy(groups, labels, preds))
+    assert summary["worst_group_acc"] == 0.0 and summary["worst_group"] == "Bag | planted"  # the first of the tied, by name
+    assert summary["mean_group_acc"] == pytest.approx((1 + 0 + 0 + 0.8) / 4)
+    assert group_metrics(groups, labels, preds, "val_") == {"val_worst_group_acc": 0.0, "val_mean_group_acc": pytest.approx(0.45)}
+
+
+def test_user_groups_fall_back_to_the_class_name():
+    assert user_group_names(["a", "b"], np.array([0, 1]), ["x", "y"], {"a": "g1"}).tolist() == ["g1", "y"]
+
+
+def test_plant_config_reads_class_by_alias_and_refuses_bad_values():
+    study = study_from_mapping({"name": "t", "data": {"kind": "digits", "plant": {"class": 3, "kind": "tint"}}})
+    assert study.data.plant.class_name == "3" and study.data.plant.kind == "tint"
+    assert class_index_of(study.data.plant, [str(d) for d in range(10)]) == 3
+    with pytest.raises(ValueError, match=r"data.plant.class: unknown class 'Coat'"):
+        class_index_of(_plant(), ["a", "b"])
+    for plant, field in (({"class": 1, "other_rate": -0.1}, "data.plant.other_rate"), ({"class": 1, "eval_rate": 2}, "data.plant.eval_rate"), ({"class": 1, "kind": "stripe"}, "data.plant.kind"), ({"class": 1, "size": 33}, "data.plant.size")):
+        with pytest.raises(UserError, match=field.replace(".", r"\.")):
+            study_from_mapping({"name": "t", "data": {"kind": "digits", "plant": plant}})
+    with pytest.raises(UserError, match="search.metric: val_worst_group_acc needs groups"):
+        study_from_mapping({"name": "t", "search": {"metric": "val_worst_group_acc"}})
+
+
+def _study(tmp_path: Path, data: str) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(f"name: t\nstorage_path: {tmp_path / 'results'}\ndata:\n  kind: digits\n{data}")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ("  plant: {class: Coat}\n", "raycf: error: data.plant.class: unknown class 'Coat' (the dataset's classes: 0, 1, 2"),
+        ("  plant: {class: 3, train_rate: 1.5}\n", "data.plant.train_rate: Input should be less than or equal to 1 (got 1.5)"),
+        ("  plant: {class: 3, size: 40}\n", "data.plant.size: the patch must fit the stored image (expected at most 32 pixels; got 40)"),
+        ("  groups: GROUPS\n", "raycf: error: data.groups: 1 image ids are not in the dataset (e.g. 'nobody'"),
+    ],
+)
+def test_bad_plant_or_groups_exit_2_with_one_line_before_anything_runs(tmp_path, data, message):
+    groups = tmp_path / "groups.csv"
+    pd.DataFrame({"image_id": ["digits-0000", "nobody"], "group": ["a", "b"]}).to_csv(groups, index=False)
+    completed = run_cli_without_ray("train", str(_study(tmp_path, data.replace("GROUPS", str(groups)))))
+    assert completed.returncode == 2
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], completed.stderr
+    assert not (tmp_path / "results").exists()  # nothing ran
+
+
+def test_store_records_planted_and_groups_and_the_images_carry_the_patch(tmp_path):
+    from conftest import write_image_store
+    from raycf.data.image_store import ImageStore, read_groups, read_planted
+
+    plain = study_from_mapping({"name": "t", "data": {"kind": "digits"}})
+    planted = study_from_mapping({"name": "t", "data": {"kind": "digits", "plant": {"class": 3, "size": 5, "corner": "bottom_right", "train_rate": 1.0, "other_rate": 0.0}}})
+    clean_store = ImageStore(write_image_store(plain, tmp_path / "clean").location)
+    store = ImageStore(write_image_store(planted, tmp_path / "planted").location)
+    assert read_groups(clean_store, "train") is None and not read_planted(clean_store, "train").any()
+    for split in ("train", "val", "test"):
+        flags, labels, groups = read_planted(store, split), store.labels(split), read_groups(store, split)
+        if split == "train":
+            assert np.array_equal(flags, labels == 3)
+        assert (store.images(split)[flags][:, -5:, -5:] == 255).all()
+        assert np.array_equal(store.images(split)[~flags], clean_store.images(split)[~flags])
+        assert set(groups[flags & (labels == 3)]) == {"3 | planted"} and set(groups[~flags & (labels == 0)]) <= {"0 | clean"}
