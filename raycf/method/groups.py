@@ -49,3 +49,45 @@ def group_metrics(groups: np.ndarray, labels: np.ndarray, preds: np.ndarray, pre
     """``<prefix>worst_group_acc`` and ``<prefix>mean_group_acc`` of one set of predictions (the per-epoch metrics)."""
     summary = group_summary(group_accuracy(groups, labels, preds))
     return {f"{prefix}worst_group_acc": float(summary["worst_group_acc"]), f"{prefix}mean_group_acc": float(summary["mean_group_acc"])}
+
+
+def predictions_group_table(predictions: pd.DataFrame, groups_of: dict[str, np.ndarray]) -> pd.DataFrame:
+    """Group accuracy of per-image predictions (columns ``split``, ``image_index``, ``label``, ``pred``; optionally ``model`` and ``seed``).
+
+    ``groups_of`` maps a split to its images' groups, in image order.  One row
+    per (model, seed, split, group): ``images``, ``correct``, ``acc``, and the
+    split's ``worst_group_acc`` and ``mean_group_acc`` repeated on its rows.
+    """
+    frames = []
+    keys = [key for key in ("model", "seed", "split") if key in predictions.columns]
+    for key, rows in predictions.groupby(keys, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        split = key[-1]
+        if split not in groups_of:
+            continue
+        groups = np.asarray(groups_of[split], dtype=object)[rows["image_index"].to_numpy(dtype=np.int64)]
+        table = group_accuracy(groups, rows["label"].to_numpy(), rows["pred"].to_numpy())
+        summary = group_summary(table)
+        for name, value in zip(keys, key):
+            table.insert(keys.index(name), name, value)
+        table["worst_group_acc"], table["mean_group_acc"] = summary["worst_group_acc"], summary["mean_group_acc"]
+        frames.append(table)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*keys, "group", "images", "correct", "acc", "worst_group_acc", "mean_group_acc"])
+
+
+def split_group_metrics(table: pd.DataFrame) -> dict[str, float]:
+    """``<split>_worst_group_acc`` and ``<split>_mean_group_acc`` of a one-model :func:`predictions_group_table`."""
+    metrics = {}
+    for split, rows in table.groupby("split", sort=False):
+        metrics[f"{split}_worst_group_acc"] = float(rows["worst_group_acc"].iloc[0])
+        metrics[f"{split}_mean_group_acc"] = float(rows["mean_group_acc"].iloc[0])
+    return metrics
+
+
+def wide_group_metrics(table: pd.DataFrame, splits: Sequence[str] = ("val", "test")) -> pd.DataFrame:
+    """One row per model (and seed) of a :func:`predictions_group_table`: ``<split>_worst_group_acc``, ``<split>_mean_group_acc``."""
+    keys = [key for key in ("model", "seed") if key in table.columns]
+    per_split = table[table["split"].isin(list(splits))].drop_duplicates([*keys, "split"])
+    wide = per_split.pivot_table(index=keys, columns="split", values=["worst_group_acc", "mean_group_acc"], aggfunc="first")
+    wide.columns = [f"{split}_{name}" for name, split in wide.columns]
+    return wide.reset_index()
