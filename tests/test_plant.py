@@ -146,3 +146,37 @@ def test_store_records_planted_and_groups_and_the_images_carry_the_patch(tmp_pat
         assert (store.images(split)[flags][:, -5:, -5:] == 255).all()
         assert np.array_equal(store.images(split)[~flags], clean_store.images(split)[~flags])
         assert set(groups[flags & (labels == 3)]) == {"3 | planted"} and set(groups[~flags & (labels == 0)]) <= {"0 | clean"}
+
+
+def test_plant_check_rankings_and_top_k_sensitivity_on_a_known_case():
+    from raycf.method.plant_check import filter_scores, sensitivity_table
+
+    counts = np.array([[0, 5, 9, 1], [0, 5, 0, 1]])  # class 0 planted; filter 2 is MC for it only, filter 1 for both
+    scores = filter_scores(counts, np.array([10, 5]), 0, np.array([[1.0, 1.0, 1.0, 4.0], [1.0, 1.0, 1.0, 4.0]]), np.array([[0.0, 1.0, 0.5, 1.0], [1.0, 0.0, 0.0, 0.0]]))
+    assert scores["cfe_frequency"].tolist() == [0, 5, 9, 1]
+    assert scores["cfe_specificity"] == pytest.approx([0.0, 0.5 - 1.0, 0.9, 0.1 - 0.2])
+    assert scores["attribution"].tolist() == [0.0, 1.0, 0.5, 4.0]
+    # Three images; the feature drives filter 2 by 3 and filter 3 by 1.
+    sensitivity = np.array([[0.0, 0.0, 2.0, 1.0], [0.0, 0.0, 3.0, 1.0], [0.0, 0.0, 4.0, 1.0]])
+    table = sensitivity_table(sensitivity, scores, ks=(1, 2), bootstrap=500, seed=0).set_index(["ranking", "k"])
+    assert table.loc[("cfe_frequency", 1), "sensitivity"] == 3.0 and table.loc[("cfe_frequency", 1), "filters"] == "2"
+    assert table.loc[("cfe_specificity", 2), ["sensitivity", "filters"]].tolist() == [1.5, "2,0"]  # specificity 0.9 and 0.0
+    assert table.loc[("attribution", 1), "sensitivity"] == 1.0  # a·W ranks filter 3 first
+    assert table.loc[("random", 1), "sensitivity"] == pytest.approx(1.0)  # (0 + 0 + 3 + 1) / 4: the expectation
+    assert table.loc[("oracle", 1), "sensitivity"] == 3.0
+    low, high = table.loc[("cfe_frequency", 1), ["lo", "hi"]]
+    assert 2.0 <= low < 3.0 < high <= 4.0  # resampled means of {2, 3, 4}
+    assert table.loc[("attribution", 1), "lo"] == table.loc[("attribution", 1), "hi"] == 1.0  # no spread over images
+    assert (table["images"] == 3).all()
+
+
+def test_effect_frame_counts_the_shortcut():
+    from raycf.stages.plant_analysis import effect_frame
+
+    labels = np.array([4, 4, 1, 1, 1, 1])
+    clean = np.array([1, 4, 1, 1, 1, 1])  # one Coat missed
+    planted = np.array([4, 4, 4, 4, 1, 1])  # the patch makes both Coats Coat and two others Coat
+    effect = effect_frame(labels, clean, planted, 4, "Coat").set_index("measure")
+    assert effect.loc["class_recall", ["clean", "planted"]].tolist() == [0.5, 1.0]
+    assert effect.loc["others_as_class", ["clean", "planted"]].tolist() == [0.0, 0.5]
+    assert effect.loc["accuracy", "change"] == pytest.approx(4 / 6 - 5 / 6)

@@ -43,7 +43,7 @@ STAGES: tuple[Stage, ...] = (
         command="masks", summary="per-image MC masks of the inferred and top-k classes (Ray Data)",
     ),
     Stage(
-        "analyze", reads=("analysis",), upstream=("masks",), run=entry("analyze", "run"), folder="analysis", describe=entry("analyze", "describe"),
+        "analyze", reads=("analysis", "data.plant"), upstream=("masks",), run=entry("analyze", "run"), folder="analysis", describe=entry("analyze", "describe"),
         command="analyze", summary="global MC filters, misclassification detection (paper Table 1) and AUROC vs max-softmax",
     ),
     Stage(
