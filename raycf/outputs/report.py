@@ -53,6 +53,7 @@ from raycf.results.artefacts import PREDICTIONS_FILE, read_final_frame, read_fra
 from raycf.config import StudyConfig
 from raycf.runtime.console import log, progress
 from raycf.errors import UserError
+from raycf.outputs.report_groups import groups_section, planted_section
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure as MplFigure
@@ -893,8 +894,10 @@ def gallery_images(context: ReportContext) -> dict[str, list[GalleryImage]]:
     return groups
 
 
-SECTIONS: tuple[Callable[[ReportContext], Section], ...] = (
+SECTIONS: tuple[Callable[[ReportContext], Section | None], ...] = (
+    planted_section,  # planted studies only (None otherwise), as groups_section
     study_section,
+    groups_section,
     detection_section,
     learned_detector_section,
     final_section,
@@ -968,7 +971,8 @@ def build_report(results: str, output: str, study: StudyConfig) -> dict:
     context = ReportContext(results=results, study=study)
     sections = []
     for build in progress(SECTIONS, "report: sections"):
-        sections.append(build(context))
+        if (section := build(context)) is not None:
+            sections.append(section)
     figures = [figure for section in sections for figure in section.figures]
     for figure in figures:
         storage.write_bytes(storage.join_uri(output, f"{figure.name}.png"), figure.png)
