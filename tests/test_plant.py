@@ -180,3 +180,36 @@ def test_effect_frame_counts_the_shortcut():
     assert effect.loc["class_recall", ["clean", "planted"]].tolist() == [0.5, 1.0]
     assert effect.loc["others_as_class", ["clean", "planted"]].tolist() == [0.0, 0.5]
     assert effect.loc["accuracy", "change"] == pytest.approx(4 / 6 - 5 / 6)
+
+
+def test_the_images_stage_hash_covers_the_plant_and_the_groups_file_by_content(tmp_path):
+    from raycf.pipeline import stage_hash
+
+    groups = tmp_path / "groups.csv"
+    groups.write_text("image_id,group\ndigits-0000,a\n")
+    plain = study_from_mapping({"name": "t", "data": {"kind": "digits"}})
+    planted = study_from_mapping({"name": "t", "data": {"kind": "digits", "plant": {"class": 3}}})
+    moved = study_from_mapping({"name": "t", "data": {"kind": "digits", "plant": {"class": 3, "corner": "bottom_left"}}})
+    grouped = study_from_mapping({"name": "t", "data": {"kind": "digits", "groups": str(groups)}})
+    hashes = {stage_hash(study, "images") for study in (plain, planted, moved, grouped)}
+    assert len(hashes) == 4
+    before = stage_hash(grouped, "images")
+    groups.write_text("image_id,group\ndigits-0000,b\n")  # same path, new content
+    assert stage_hash(grouped, "images") != before
+    assert stage_hash(planted, "analyze") != stage_hash(plain, "analyze")  # downstream follows
+
+
+def test_a_user_groups_table_reaches_the_store(tmp_path):
+    from conftest import write_image_store
+    from raycf.data.datasets import load_splits
+    from raycf.data.image_store import ImageStore, read_groups, read_planted
+
+    study = study_from_mapping({"name": "t", "data": {"kind": "digits"}})
+    chosen = load_splits(study.data, study.seed).test.ids[:3]
+    groups = tmp_path / "groups.parquet"
+    pd.DataFrame({"image_id": chosen, "group": ["odd", "odd", "even"]}).to_parquet(groups)
+    store = ImageStore(write_image_store(study_from_mapping({"name": "t", "data": {"kind": "digits", "groups": str(groups)}}), tmp_path / "store").location)
+    test = read_groups(store, "test")
+    assert test[:3].tolist() == ["odd", "odd", "even"]
+    assert test[3] == str(store.labels("test")[3])  # left out: its class name
+    assert not read_planted(store, "test").any()
