@@ -98,7 +98,8 @@ def _base_groups(context: "ReportContext") -> pd.DataFrame | None:
         return None
     both = pd.concat(frames, ignore_index=True)
     both["cell"] = [f"{_percent(row.acc)} ({row.correct}/{row.images})" for row in both.itertuples()]
-    return both.pivot(index="group", columns="split", values="cell").reset_index()
+    wide = both.pivot(index="group", columns="split", values="cell").rename_axis(columns=None)
+    return wide[[split for split in ("val", "test") if split in wide.columns]].reset_index()
 
 
 def groups_section(context: "ReportContext") -> "Section | None":
@@ -117,7 +118,7 @@ def groups_section(context: "ReportContext") -> "Section | None":
         summary = summary.assign(worst_group=[_worst(table, row.model, row.split) for row in summary.itertuples()])
         section.table(_percent_columns(summary, ["worst_group_acc", "mean_group_acc"]), "Worst-group and mean-group accuracy of each model (the mean is unweighted over groups)")
         test = table[table["split"] == "test"]
-        per_group = test.pivot(index="group", columns="model", values="acc")
+        per_group = test.pivot(index="group", columns="model", values="acc").rename_axis(columns=None)
         section.table(_percent_columns(per_group.reset_index(), list(per_group.columns)), "Test accuracy per group and model")
     seeds = context.final_frame("seeds.parquet")
     if seeds is not None and "test_worst_group_acc" in seeds.columns:
