@@ -213,3 +213,21 @@ def test_a_user_groups_table_reaches_the_store(tmp_path):
     assert test[:3].tolist() == ["odd", "odd", "even"]
     assert test[3] == str(store.labels("test")[3])  # left out: its class name
     assert not read_planted(store, "test").any()
+
+
+def test_group_tables_of_several_models_and_seeds_and_their_wide_form():
+    from raycf.method.groups import predictions_group_table, split_group_metrics, wide_group_metrics
+
+    groups_of = {"val": np.array(["a", "a", "b", "b"], dtype=object), "test": np.array(["a", "b", "b"], dtype=object)}
+    rows = []
+    for model, seed, val_preds, test_preds in (("control", 0, [0, 0, 1, 1], [0, 1, 1]), ("control", 1, [0, 1, 1, 0], [1, 1, 1]), ("best", 0, [1, 1, 1, 1], [0, 0, 0])):
+        rows += [{"model": model, "seed": seed, "split": "val", "image_index": i, "label": [0, 0, 1, 1][i], "pred": p} for i, p in enumerate(val_preds)]
+        rows += [{"model": model, "seed": seed, "split": "test", "image_index": i, "label": [0, 1, 1][i], "pred": p} for i, p in enumerate(test_preds)]
+    table = predictions_group_table(pd.DataFrame(rows), groups_of)
+    assert len(table) == 3 * 2 * 2 and (table.groupby(["model", "seed", "split"])["images"].sum().unstack()[["val", "test"]] == [4, 3]).all().all()
+    wide = wide_group_metrics(table).set_index(["model", "seed"])
+    assert wide.loc[("control", 0), ["val_worst_group_acc", "test_worst_group_acc"]].tolist() == [1.0, 1.0]
+    assert wide.loc[("control", 1), ["val_worst_group_acc", "val_mean_group_acc", "test_worst_group_acc"]].tolist() == [0.5, 0.5, 0.0]
+    assert wide.loc[("best", 0), ["val_worst_group_acc", "val_mean_group_acc", "test_mean_group_acc"]].tolist() == [0.0, 0.5, 0.5]
+    one = predictions_group_table(pd.DataFrame(rows).query("model == 'best'").drop(columns=["model", "seed"]), groups_of)
+    assert split_group_metrics(one) == {"val_worst_group_acc": 0.0, "val_mean_group_acc": 0.5, "test_worst_group_acc": 0.0, "test_mean_group_acc": 0.5}
