@@ -133,8 +133,8 @@ class Decoder:
         return {"split": batch["split"], "image_index": batch["image_index"], "pixels": np.stack(pixels)}
 
 
-def write_store(data: DataConfig, seed: int, output: str, actors: int) -> dict[str, int]:
-    """Decode every split on a pool of CPU actors (Ray Data) and write the store into ``output``; images per split."""
+def write_store(data: DataConfig, seed: int, output: str, actors: int) -> tuple[dict[str, int], dict[str, int]]:
+    """Decode every split on a pool of CPU actors (Ray Data) and write the store into ``output``; images and planted images per split."""
     import ray.data
 
     splits = load_splits(data, seed)
@@ -145,8 +145,8 @@ def write_store(data: DataConfig, seed: int, output: str, actors: int) -> dict[s
         for batch in decoded.iter_batches(batch_format="numpy", batch_size=None):
             for split, index, pixels in zip(batch["split"], batch["image_index"], batch["pixels"]):
                 arrays[str(split)][int(index)] = pixels
-        _finish(splits, arrays, Path(folder), output, data, seed)
-    return {name: len(splits.split(name)) for name in SPLITS}
+        planted = _finish(splits, arrays, Path(folder), output, data, seed)
+    return {name: len(splits.split(name)) for name in SPLITS}, planted
 
 
 def write_store_here(splits: DataSplits, output: str, data: DataConfig | None = None, seed: int = 0) -> None:
@@ -167,8 +167,8 @@ def _open_arrays(splits: DataSplits, folder: Path) -> dict[str, np.memmap]:
     }
 
 
-def _finish(splits: DataSplits, arrays: dict[str, np.memmap], folder: Path, output: str, data: DataConfig | None = None, seed: int = 0) -> None:
-    """Plant the study's feature, flush and close the written arrays, write each split's index beside them, and publish the folder."""
+def _finish(splits: DataSplits, arrays: dict[str, np.memmap], folder: Path, output: str, data: DataConfig | None = None, seed: int = 0) -> dict[str, int]:
+    """Plant the study's feature, flush and close the written arrays, write each split's index beside them, and publish the folder; planted images per split."""
     planted = {name: _plant(splits, name, arrays[name], data, seed) for name in SPLITS}
     for array in arrays.values():
         array.flush()
@@ -177,6 +177,7 @@ def _finish(splits: DataSplits, arrays: dict[str, np.memmap], folder: Path, outp
     for name in SPLITS:
         _write_index(splits, name, folder, planted[name], table, data)
     _publish(folder, output)
+    return {name: int(flags.sum()) for name, flags in planted.items()}
 
 
 def _plant(splits: DataSplits, name: str, array: np.ndarray, data: DataConfig | None, seed: int) -> np.ndarray:
