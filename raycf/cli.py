@@ -162,7 +162,23 @@ def _load_checked_study(args: argparse.Namespace):
     console.configure(study.results_uri, verbose=args.verbose)  # before any stage starts Ray (cluster.ensure_ray)
     splits = load_splits(study.data, study.seed, verify_images=True)
     check_study_inputs(study, splits.class_names)
+    check_groups_input(study, splits)
     return study
+
+
+def check_groups_input(study, splits) -> None:
+    """``data.plant``'s class is one of the dataset's; ``data.groups`` names only the dataset's images (UserError, one line)."""
+    from raycf.data.groups import check_groups_table, read_groups_table
+    from raycf.method.plant import class_index_of
+
+    if study.data.plant is not None:
+        try:
+            class_index_of(study.data.plant, splits.class_names)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+    if study.data.groups:
+        ids = [image_id for name in ("train", "val", "test") for image_id in splits.split(name).ids]
+        check_groups_table(read_groups_table(study.data.groups), ids, capped=study.data.max_per_split > 0)
 
 
 def check_study_inputs(study, class_names: list[str]) -> None:

@@ -92,7 +92,7 @@ def write_image_store(study, folder: Path):
     from raycf.data.datasets import load_splits
     from raycf.data.image_store import StoreRef, write_store_here
 
-    write_store_here(load_splits(study.data, study.seed), str(folder))
+    write_store_here(load_splits(study.data, study.seed), str(folder), study.data, study.seed)
     return StoreRef(str(folder), f"test-{folder.name}")
 
 

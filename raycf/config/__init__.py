@@ -35,12 +35,15 @@ from raycf.config.fields import (
 )
 from raycf.config.inputs import (
     FASHION_MNIST_ROOT,
+    GROUP_METRICS,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    PLANT_CORNERS,
     PREPROCESS_FROM_WEIGHTS,
     AugmentConfig,
     DataConfig,
     ModelConfig,
+    PlantConfig,
     PreprocessConfig,
 )
 from raycf.config.loader import (
@@ -90,6 +93,9 @@ __all__ = [
     "PREPROCESS_FROM_WEIGHTS",
     "PreprocessConfig",
     "FASHION_MNIST_ROOT",
+    "GROUP_METRICS",
+    "PLANT_CORNERS",
+    "PlantConfig",
     "DataConfig",
     "ModelConfig",
     "BaseConfig",

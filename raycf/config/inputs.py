@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import (
+    ConfigDict,
     Field,
     field_validator,
     model_validator,
@@ -55,6 +56,35 @@ class PreprocessConfig(StrictModel):
         return self
 
 
+PLANT_CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
+GROUP_METRICS = ("val_worst_group_acc", "val_mean_group_acc")  # search.metric values that need groups (data.plant or data.groups)
+
+
+class PlantConfig(StrictModel):
+    """A known bug planted in the dataset (:mod:`raycf.method.plant`): a spurious feature on one class's images, at a high rate in training."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    class_name: str = Field(alias="class", description="the class whose training images carry the feature (as the dataset names it; checked before anything runs)")
+    kind: Literal["patch", "tint"] = Field("patch", description="patch: a small square of constant value in a corner; tint: the whole image blended towards data.plant.colour by data.plant.value")
+    size: int = Field(4, gt=0, description="patch: the square's side in pixels of the stored image (at most its side)")
+    corner: Literal["top_left", "top_right", "bottom_left", "bottom_right"] = Field("top_left", description="patch: where the square goes")
+    value: float = Field(1.0, ge=0, le=1, description="patch: the square's intensity (0 black, 1 white); tint: the blend weight of the colour")
+    colour: tuple[float, float, float] = Field((1.0, 0.0, 0.0), description="tint: the RGB colour (each in [0, 1]) blended in")
+    train_rate: float = Field(0.95, ge=0, le=1, description="share of the class's training images that carry the feature")
+    other_rate: float = Field(0.05, ge=0, le=1, description="share of the other classes' training images that carry it")
+    eval_rate: float = Field(0.5, ge=0, le=1, description="share of every class's validation and test images that carry it")
+
+    _class_as_text = field_validator("class_name", mode="before")(lambda value: str(value) if isinstance(value, int) and not isinstance(value, bool) else value)
+
+    @field_validator("colour")
+    @classmethod
+    def _colour_in_range(cls, colour: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(not 0 <= value <= 1 for value in colour):
+            raise ValueError(f"expected each of the RGB values in [0, 1] (got {list(colour)})")
+        return colour
+
+
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist puts it
 
 
@@ -83,6 +113,8 @@ class DataConfig(StrictModel):
     bbox_crop: bool = Field(False, description="cub200 only: crop each image to its bounding_boxes.txt box")
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig, description="how evaluation images are made (augmentation comes after)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="training augmentation")
+    plant: PlantConfig | None = Field(None, description="plant a known bug: a spurious feature on one class (class, kind, size, corner, value, colour, train_rate, other_rate, eval_rate); every image gets a group, class × planted")
+    groups: str | None = Field(None, description="a CSV or Parquet file of image_id -> group (the user's own groups; images it leaves out are grouped by class); not with data.plant")
     decode_actors: int = resource_field(2, "CPU actors of the images stage that decode and resize the dataset", gt=0)
     loader_workers: int = resource_field(0, "DataLoader worker processes per training worker (they only slice the uint8 store)", ge=0)
 
@@ -102,6 +134,10 @@ class DataConfig(StrictModel):
             raise ValueError(f"data.stored_side: with data.preprocess.mode {self.preprocess.mode} the stored image is the crop (expected 0 or data.image_size, {self.image_size})")
         if self.preprocess.mode == "resize_crop" and self.preprocess.resize == 0:
             object.__setattr__(self.preprocess, "resize", round(self.image_size * 256 / 224))
+        if self.plant is not None and self.plant.kind == "patch" and self.plant.size > (self.stored_side or self.image_size):
+            raise ValueError(f"data.plant.size: the patch must fit the stored image (expected at most {self.stored_side or self.image_size} pixels; got {self.plant.size})")
+        if self.plant is not None and self.groups:
+            raise ValueError("data.groups: a planted study's groups are class × planted (expected data.plant or data.groups, not both)")
         if self.preprocess.mode == "resize_crop" and self.preprocess.resize < self.image_size:
             raise ValueError(f"data.preprocess.resize must be at least data.image_size ({self.image_size}; got {self.preprocess.resize})")
         return self

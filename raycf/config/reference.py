@@ -24,10 +24,10 @@ def study_reference_markdown() -> str:
                 walk(annotation, f"{prefix}{name}.")
                 continue
             default = "required" if field.is_required() else _shown_default(field)
-            lines.append(f"| `{prefix}{name}` | {default} | {field.description or ''} |")
+            lines.append(f"| `{prefix}{field.alias or name}` | {default} | {field.description or ''} |")
             item = getattr(annotation, "__args__", (None,))[0]
             if isinstance(item, type) and issubclass(item, BaseModel):
-                walk(item, f"{prefix}{name}[].")
+                walk(item, f"{prefix}{name}{'.' if type(None) in annotation.__args__ else '[].'}")  # an optional section, or a list of them
 
     walk(StudyConfig, "")
     return "\n".join(lines) + "\n"

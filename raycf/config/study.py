@@ -16,7 +16,7 @@ from pydantic import (
 )
 
 from raycf.config.fields import DEFAULT_SMOKE, PARAMETER_ALIASES, StrictModel, is_hashed
-from raycf.config.inputs import PREPROCESS_FROM_WEIGHTS, DataConfig, ModelConfig
+from raycf.config.inputs import GROUP_METRICS, PREPROCESS_FROM_WEIGHTS, DataConfig, ModelConfig
 from raycf.config.stage_settings import (
     AnalysisConfig,
     BaseConfig,
@@ -70,6 +70,12 @@ class StudyConfig(StrictModel):
                     DebugConfig.model_validate({**self.debug.model_dump(), field: value})
                 except ValidationError as error:
                     raise ValueError(f"search.space.{name}: {value!r} is not a value of debug.{field}: {error.errors()[0]['msg']}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _group_metric_needs_groups(self) -> "StudyConfig":
+        if self.search.metric in GROUP_METRICS and self.data.plant is None and not self.data.groups:
+            raise ValueError(f"search.metric: {self.search.metric} needs groups (expected data.plant or data.groups, or another metric)")
         return self
 
     @model_validator(mode="after")

@@ -5,7 +5,12 @@ once, on CPUs, resizes it to the stored side (``data.stored_side``) and
 writes, under ``<results>/images/``:
 
 * ``<split>.npy``: N×S×S×3 uint8 (RGB), row ``i`` the split's image ``i``;
-* ``<split>.parquet``: ``image_index``, ``image_id``, ``label``.
+* ``<split>.parquet``: ``image_index``, ``image_id``, ``label``, ``planted``
+  (the image carries ``data.plant``'s feature) and ``group`` (class × planted,
+  the user's ``data.groups``, or the class name when neither is set).
+
+A planted study's feature is added here, once, after decoding
+(:mod:`raycf.method.plant`): every later stage reads the same images.
 
 Training, inference and the report read these memory-mapped (one copy per
 node, :mod:`raycf.results.node_cache`) and crop, augment and normalise whole batches
@@ -33,6 +38,9 @@ from raycf.config import DataConfig
 from raycf.data.datasets import SPLITS, DataSplits, load_splits, log_read
 from raycf.results.node_cache import local_folder
 from raycf.runtime.ray_data import actor_pool
+from raycf.data.groups import read_groups_table
+from raycf.method.groups import planted_group_names, user_group_names
+from raycf.method.plant import class_index_of, plant_images
 
 DECODE_BATCH = 64  # images per decoding task
 
@@ -125,8 +133,8 @@ class Decoder:
         return {"split": batch["split"], "image_index": batch["image_index"], "pixels": np.stack(pixels)}
 
 
-def write_store(data: DataConfig, seed: int, output: str, actors: int) -> dict[str, int]:
-    """Decode every split on a pool of CPU actors (Ray Data) and write the store into ``output``; images per split."""
+def write_store(data: DataConfig, seed: int, output: str, actors: int) -> tuple[dict[str, int], dict[str, int]]:
+    """Decode every split on a pool of CPU actors (Ray Data) and write the store into ``output``; images and planted images per split."""
     import ray.data
 
     splits = load_splits(data, seed)
@@ -137,18 +145,18 @@ def write_store(data: DataConfig, seed: int, output: str, actors: int) -> dict[s
         for batch in decoded.iter_batches(batch_format="numpy", batch_size=None):
             for split, index, pixels in zip(batch["split"], batch["image_index"], batch["pixels"]):
                 arrays[str(split)][int(index)] = pixels
-        _finish(splits, arrays, Path(folder), output)
-    return {name: len(splits.split(name)) for name in SPLITS}
+        planted = _finish(splits, arrays, Path(folder), output, data, seed)
+    return {name: len(splits.split(name)) for name in SPLITS}, planted
 
 
-def write_store_here(splits: DataSplits, output: str) -> None:
-    """Decode every split in this process and write the store (tests, small datasets)."""
+def write_store_here(splits: DataSplits, output: str, data: DataConfig | None = None, seed: int = 0) -> None:
+    """Decode every split in this process and write the store (tests, small datasets); ``data`` brings its plant and groups."""
     with tempfile.TemporaryDirectory() as folder:
         arrays = _open_arrays(splits, Path(folder))
         for name, array in arrays.items():
             for index in range(len(array)):
                 array[index] = splits.split(name).decode(index)
-        _finish(splits, arrays, Path(folder), output)
+        _finish(splits, arrays, Path(folder), output, data, seed)
 
 
 def _open_arrays(splits: DataSplits, folder: Path) -> dict[str, np.memmap]:
@@ -159,20 +167,55 @@ def _open_arrays(splits: DataSplits, folder: Path) -> dict[str, np.memmap]:
     }
 
 
-def _finish(splits: DataSplits, arrays: dict[str, np.memmap], folder: Path, output: str) -> None:
-    """Flush and close the written arrays, write each split's index beside them, and publish the folder."""
+def _finish(splits: DataSplits, arrays: dict[str, np.memmap], folder: Path, output: str, data: DataConfig | None = None, seed: int = 0) -> dict[str, int]:
+    """Plant the study's feature, flush and close the written arrays, write each split's index beside them, and publish the folder; planted images per split."""
+    planted = {name: _plant(splits, name, arrays[name], data, seed) for name in SPLITS}
     for array in arrays.values():
         array.flush()
     arrays.clear()  # closes the memory maps before the files move
+    table = read_groups_table(data.groups) if data is not None and data.groups else None
     for name in SPLITS:
-        _write_index(splits, name, folder)
+        _write_index(splits, name, folder, planted[name], table, data)
     _publish(folder, output)
+    return {name: int(flags.sum()) for name, flags in planted.items()}
 
 
-def _write_index(splits: DataSplits, name: str, folder: Path) -> None:
+def _plant(splits: DataSplits, name: str, array: np.ndarray, data: DataConfig | None, seed: int) -> np.ndarray:
     split = splits.split(name)
-    table = pa.table({"image_index": np.arange(len(split), dtype=np.int64), "image_id": split.ids, "label": split.labels})
-    pq.write_table(table, folder / f"{name}.parquet")
+    if data is None or data.plant is None:
+        return np.zeros(len(split), dtype=bool)
+    class_index = class_index_of(data.plant, splits.class_names)
+    return plant_images(array, np.asarray(split.labels), name, data.plant, seed, class_index)[1]
+
+
+def _write_index(splits: DataSplits, name: str, folder: Path, planted: np.ndarray, table: dict[str, str] | None, data: DataConfig | None = None) -> None:
+    split = splits.split(name)
+    labels = np.asarray(split.labels)
+    if table is not None:
+        groups = user_group_names(split.ids, labels, splits.class_names, table)
+    elif data is not None and data.plant is not None:
+        groups = planted_group_names(labels, planted, splits.class_names)
+    else:  # no groups: group metrics are not reported
+        groups = np.full(len(split), "", dtype=object)
+    columns = {"image_index": np.arange(len(split), dtype=np.int64), "image_id": split.ids, "label": split.labels, "planted": planted, "group": groups.astype(str)}
+    pq.write_table(pa.table(columns), folder / f"{name}.parquet")
+
+
+def read_groups(store: "ImageStore", split: str) -> np.ndarray | None:
+    """The split's group per image, in image order; None for a study without groups (neither data.plant nor data.groups) or an older store."""
+    index = store.index(split)
+    if "group" not in index.columns:
+        return None
+    groups = index["group"].to_numpy(dtype=object)
+    return groups if len(groups) and (groups != "").any() else None
+
+
+def read_planted(store: "ImageStore", split: str) -> np.ndarray:
+    """The split's ``planted`` flag per image, in image order (all False without data.plant)."""
+    index = store.index(split)
+    if "planted" not in index.columns:
+        return np.zeros(len(index), dtype=bool)
+    return index["planted"].to_numpy(dtype=bool)
 
 
 def _publish(folder: Path, output: str) -> None:

@@ -1,4 +1,4 @@
-"""Content fingerprints of the files a study names: ``model.weights`` and ``data.root``.
+"""Content fingerprints of the files a study names: ``model.weights``, ``data.root`` and ``data.groups``.
 
 A stage that reads either field is identified by what the file or folder
 holds, not by its name: overwriting the weights file, or adding an image to
@@ -18,7 +18,7 @@ from raycf.results import storage
 from raycf.config import StudyConfig, field_value_at
 
 # The study fields that name files, and the fingerprint of each.
-FILE_FIELDS = ("model.weights", "data.root")
+FILE_FIELDS = ("model.weights", "data.root", "data.groups")
 NOT_FILES = ("none", "imagenet")  # model.weights values that name no file
 CONTENT_KEYS = ("size", "sha256", "files")  # what enters the hash; path and mtime are recorded only
 _CHUNK = 1 << 20
@@ -72,6 +72,10 @@ def file_fingerprints(study: StudyConfig, reads: tuple[str, ...]) -> dict[str, d
         root = field_value_at(study, "data.root")
         if root:
             fingerprints["data.root"] = folder_fingerprint(root)
+    if reads_field(reads, "data.groups"):
+        groups = field_value_at(study, "data.groups")
+        if groups:
+            fingerprints["data.groups"] = weights_fingerprint(groups)  # the table by content
     return fingerprints
 
 

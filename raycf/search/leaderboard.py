@@ -39,6 +39,9 @@ column                 meaning
 ``device``             where the trial trained (``cuda``, ``cpu``); ``precision``: its arithmetic
                        (``bf16``, ``fp16``, ``fp32``); ``raycf rerun`` reruns with them where it can
 ``error``              first line of the error of a failed trial
+``val_worst_group_acc`` a study with groups (``data.plant``, ``data.groups``): the lowest
+                       group accuracy on val at the best epoch; ``val_mean_group_acc`` the
+                       mean over groups (either can be ``search.metric``)
 =====================  ===========================================================
 """
 
@@ -91,6 +94,7 @@ METRIC_COLUMNS = (
     "error",
 )
 DETECTION_KEYS = ("det_auroc", "det_aupr", "maxsoftmax_auroc", "g_size")
+GROUP_KEYS = ("val_worst_group_acc", "val_mean_group_acc")  # only in a study with groups (data.plant, data.groups)
 
 
 @dataclass
@@ -151,6 +155,9 @@ def trial_row(record: TrialRecord, parameter_names: list[str], metric: str, mode
             "error": record.error,
         }
     )
+    for key in GROUP_KEYS:  # a study with groups: the worst and mean group accuracy at the best epoch
+        if key in best:
+            row[key] = as_number(best.get(key))
     if metric not in row:
         row[metric] = as_number(best.get(metric))
     return row

@@ -18,7 +18,7 @@ __all__ = ["STAGES", "Stage", "StageRun", "stage_named"]
 # What the images stage decodes by: every data field but the augmentation and the normalisation (applied later, on the device).
 IMAGE_FIELDS = (
     "data.kind", "data.root", "data.image_size", "data.stored_side", "data.val_fraction", "data.test_fraction", "data.max_per_split", "data.bbox_crop",
-    "data.preprocess.mode", "data.preprocess.resize", "data.preprocess.interpolation",
+    "data.preprocess.mode", "data.preprocess.resize", "data.preprocess.interpolation", "data.plant", "data.groups",
 )
 
 STAGES: tuple[Stage, ...] = (
@@ -43,7 +43,7 @@ STAGES: tuple[Stage, ...] = (
         command="masks", summary="per-image MC masks of the inferred and top-k classes (Ray Data)",
     ),
     Stage(
-        "analyze", reads=("analysis",), upstream=("masks",), run=entry("analyze", "run"), folder="analysis", describe=entry("analyze", "describe"),
+        "analyze", reads=("analysis", "data.plant"), upstream=("masks",), run=entry("analyze", "run"), folder="analysis", describe=entry("analyze", "describe"),
         command="analyze", summary="global MC filters, misclassification detection (paper Table 1) and AUROC vs max-softmax",
     ),
     Stage(

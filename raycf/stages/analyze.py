@@ -5,7 +5,8 @@ pandas and numpy over the ``masks/<split>/`` Parquet (no Ray): the method is
 under ``<results>/analysis/``: ``global_mc.parquet``, ``detection.parquet``,
 ``error_scores.parquet`` (with bootstrap intervals), ``learned_detector.parquet``
 (:mod:`raycf.method.learned_detector`; columns in docs/results-folder.md), ``flagged.parquet`` (one row
-per test image, most suspicious first: :mod:`raycf.method.flagged`) and ``summary.json``.
+per test image, most suspicious first: :mod:`raycf.method.flagged`) and ``summary.json``;
+a planted study adds ``plant.parquet`` and ``plant_effect.parquet`` (:mod:`raycf.stages.plant_analysis`).
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ def run(run: "StageRun") -> dict:
     log(f"analyze: {detector_summary(tables['learned_detector'])}")
     global_mc = tables["global_mc"]
     summary["global_set_size"] = _rounded(global_mc.groupby("class")["in_global"].sum().mean())
+    if run.study.data.plant is not None:  # a planted study: does the base model use the bug, does the method point at it
+        from raycf.stages.plant_analysis import write_plant_analysis
+
+        summary.update(write_plant_analysis(run, global_mc))
     storage.write_text(run.path("summary.json"), json.dumps(summary, indent=2))
     return summary
 

@@ -3,7 +3,10 @@
 Output ``<results>/base/``: ``model.pt`` (the best validation epoch, raycf's
 classifier format), ``epochs.parquet`` (one row per epoch) and
 ``summary.json`` (best epoch, train and val accuracy; the test split is not
-read here: the base model's one pass over it is the features stage's).
+read here: the base model's one pass over it is the features stage's).  A
+study with groups (``data.plant``, ``data.groups``) adds ``groups.parquet``
+(accuracy per split and group) and the worst-group and mean-group accuracy
+to the summary.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from raycf.runtime.cluster import ensure_ray
 from raycf.runtime.console import log
 from raycf.data.datasets import load_splits
 from raycf.method.selection import best_epoch
+from raycf.method.groups import predictions_group_table, split_group_metrics
+from raycf.data.image_store import open_store, read_groups
 from raycf.models.build import adopted_model_bytes
 from raycf.outputs.predict import predict_splits
 from raycf.training.base import BaseJob, base_train_loop
@@ -58,6 +63,13 @@ def run(run: "StageRun") -> dict:
     accuracies = {f"{split}_acc": float((rows["pred"] == rows["label"]).mean()) for split, rows in predictions.groupby("split")}
     best = best_epoch(history)
     summary = {"best_epoch": int(best.get("epoch", 0)), "epochs": len(history), **{key: round(value, 6) for key, value in sorted(accuracies.items())}}
+    store = open_store(store_ref(run.results))
+    groups_of = {split: groups for split in ("train", "val") if (groups := read_groups(store, split)) is not None}
+    if groups_of:  # a study with groups: per-group accuracy beside accuracy
+        table = predictions_group_table(predictions, groups_of)
+        storage.write_frame(table, run.path("groups.parquet"))
+        summary.update({key: round(value, 6) for key, value in split_group_metrics(table).items()})
+        log("base model groups: " + "  ".join(f"{split} worst {summary[f'{split}_worst_group_acc']:.4f} mean {summary[f'{split}_mean_group_acc']:.4f}" for split in groups_of))
     storage.write_text(run.path("summary.json"), json.dumps(summary, indent=2))
     log(
         f"base model: train_acc {summary['train_acc']:.4f}  val_acc {summary['val_acc']:.4f}"

@@ -37,6 +37,11 @@ parameters are also retrained on n − 1 more base models, each trained with
 its own seed on the same split (:mod:`raycf.stages.base_seeds`):
 ``final/base_seeds.parquet`` and ``final/base_seed_summary.parquet``
 (:mod:`raycf.method.base_models`) hold the comparison over base models.
+
+A study with groups (``data.plant``, ``data.groups``) adds
+``final/groups.parquet`` (accuracy per model, split and group), the worst and
+mean group accuracy of val and test to ``final.parquet`` and, with seeds,
+to ``final/seeds.parquet``.
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ from raycf.method.selection import SCORE_KEY, best_epoch, selection_key
 from raycf.method.treatment import ModelEvaluation, evaluation_of, format_table2, format_table3, treatment_tables
 from raycf.outputs.predict import predict_on_ray
 from raycf.data.prefix_cache import PrefixRef
+from raycf.data.image_store import open_store, read_groups
+from raycf.method.groups import predictions_group_table, wide_group_metrics
 from raycf.search.searcher import control_point, field_value, parameter_names, trial_study, trial_values
 from raycf.stages.jobs import TrialContext, debug_job, run_trial, trainable_of, trial_context, tune_run
 from raycf.training.debug import run_debug_training
@@ -69,6 +76,7 @@ SEED_SUMMARY_FILE = "seed_summary.parquet"
 SEED_CLASS_RECALL_FILE = "seed_class_recall.parquet"
 SEED_PREDICTIONS_FILE = "seed_predictions.parquet"
 GROUP_RECALL_FILE = "group_recall.parquet"
+GROUPS_FILE = "groups.parquet"  # a study with groups: accuracy per (model, split, group)
 
 if TYPE_CHECKING:
     from raycf.stages.stage import StageRun
@@ -148,6 +156,11 @@ def run(run: "StageRun") -> dict:
     control_values = control_point(study) if control is None else {**control_point(study), **trial_values(control, names)}
     final = final_frame(tables.table2, names, control_values, {name: field_value(study, name) for name in names} | trial_values(best, names), verdict)
     final.insert(1, "trial_id", ["", "" if control is None else str(control["trial_id"]), str(best["trial_id"])])
+    groups_of = store_groups(results)
+    if groups_of:  # a study with groups: accuracy per group of every model, the worst and mean group in final.parquet
+        group_table = predictions_group_table(predictions, groups_of)
+        storage.write_frame(group_table, run.path(GROUPS_FILE))
+        final = final.merge(wide_group_metrics(group_table), on="model", how="left")
     storage.write_frame(predictions, run.path(PREDICTIONS_FILE))
     storage.write_frame(tables.table2, run.path("table2.parquet"))
     storage.write_frame(tables.table3, run.path("table3.parquet"))
@@ -160,6 +173,8 @@ def run(run: "StageRun") -> dict:
         "control_beats_searched": bool(verdict),
         **{f"{model}_{split}_acc": round(float(rows.loc[model, f"{split}_acc"]), 6) for model in rows.index for split in ("train", "val", "test")},
     }
+    if groups_of:
+        summary.update({f"{row.model}_test_worst_group_acc": round(float(row.test_worst_group_acc), 6) for row in final.itertuples()})
     if seed_runs:
         summary.update(write_seed_comparison(run, seed_runs, seed_rows(retrained[of_seeds], seed_runs), points, tables.class_recall))
     if study.final.base_seeds > 1:
@@ -168,6 +183,12 @@ def run(run: "StageRun") -> dict:
         seeds = storage.read_table(run.path(SEEDS_FILE)).to_pandas() if seed_runs else None
         summary.update(run_base_seeds(run, points, tables.table2, seeds))
     return summary
+
+
+def store_groups(results: str) -> dict[str, np.ndarray]:
+    """Each split's groups from the image store (empty for a study without groups)."""
+    store = open_store(store_ref(results))
+    return {split: groups for split in ("train", "val", "test") if (groups := read_groups(store, split)) is not None}
 
 
 def the_control(run: "StageRun", board: pd.DataFrame, base_bytes: bytes) -> tuple[pd.Series | None, "SeedRun"]:
@@ -421,6 +442,9 @@ def write_seed_comparison(run: "StageRun", runs: list[SeedRun], predictions: pd.
     summary = seed_summary(seeds)
     group = study.final.class_group
     group_table = group_recall(class_recalls, group, pooled_base_recall(class_recall, group)) if group else None
+    groups_of = store_groups(run.results)
+    if groups_of:  # the seed grid's worst and mean group accuracy per model and seed
+        seeds = seeds.merge(wide_group_metrics(predictions_group_table(predictions, groups_of)), on=["model", "seed"], how="left")
     storage.write_frame(seeds, run.path(SEEDS_FILE))
     storage.write_frame(class_recalls, run.path(SEED_CLASS_RECALL_FILE))
     storage.write_frame(predictions, run.path(SEED_PREDICTIONS_FILE))

@@ -19,8 +19,12 @@ def run(run: "StageRun") -> dict:
     study = run.study
     ensure_ray()
     data_context()
-    counts = write_store(study.data, study.seed, run.output, study.data.decode_actors)
+    counts, planted = write_store(study.data, study.seed, run.output, study.data.decode_actors)
     side = stored_side(study.data)
     size = sum(counts.values()) * side * side * 3
     log(f"images: {', '.join(f'{split} {count}' for split, count in counts.items())} images decoded at {side}×{side} ({size / 1e6:.1f} MB)")
-    return {**{f"{split}_images": count for split, count in counts.items()}, "side": side, "bytes": size}
+    summary = {**{f"{split}_images": count for split, count in counts.items()}, "side": side, "bytes": size}
+    if study.data.plant is not None:  # how many images of each split carry the planted feature
+        summary.update({f"{split}_planted": count for split, count in planted.items()})
+        log(f"images: planted {study.data.plant.kind} on {study.data.plant.class_name}: " + ", ".join(f"{split} {count}" for split, count in planted.items()))
+    return summary

@@ -31,7 +31,9 @@ from torch.utils.data import Dataset
 
 from raycf.models.checkpoint import CHECKPOINT_FILE, complete, model_hash, parse_classifier_checkpoint
 from raycf.config import StudyConfig
-from raycf.data.image_store import StoredImages, StoreRef, open_store
+from raycf.data.image_store import StoredImages, StoreRef, open_store, read_groups
+from raycf.config import GROUP_METRICS
+from raycf.method.groups import group_metrics
 from raycf.method.debug_loss import DebugLoss, FilterStats, global_filters_tensor
 from raycf.method.selection import best_epoch
 from raycf.models.contract import FilterClassifier
@@ -210,6 +212,7 @@ def debug_train_loop(job: DebugJob, session: Session) -> list[dict[str, Any]]:
     train_data, sampler = train_loader(inputs.train, config.batch_size, job.run_seed, rank, world_size, data.loader_workers)
     val_data = eval_loader(inputs.val, config.eval_batch_size, rank, world_size, data.loader_workers)
     flops = FlopCount()
+    val_groups, val_labels = read_groups(store, "val"), store.labels("val")  # groups: the worst-group metrics, from rank 0's whole-split predictions
     setup_s, report_s = None, 0.0  # where a run's time outside its epochs goes (benchmarks/bench_search.py)
     for epoch in range(state.next_epoch, config.epochs):
         if job.fail_once is not None:
@@ -239,6 +242,8 @@ def debug_train_loop(job: DebugJob, session: Session) -> list[dict[str, Any]]:
             **job.extra_metrics,
             **run_conditions(device, precision),
         }
+        if val_groups is not None:  # NaN when the split is spread over ranks (no rank holds every prediction)
+            metrics.update(group_metrics(val_groups, val_labels, torch.cat(val_predictions).cpu().numpy(), "val_") if val_predictions else dict.fromkeys(GROUP_METRICS, float("nan")))
         state = TrainState(next_epoch=epoch + 1, history=[*state.history, metrics], phase=PHASE, optimizer=optimizer.state_dict())
         reporting = time.time()
         extra = {VAL_PREDICTIONS_FILE: predictions_bytes(val_predictions)} if val_predictions is not None else None

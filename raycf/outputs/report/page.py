@@ -23,6 +23,7 @@ from raycf.outputs.report.blocks import (
 )
 from raycf.outputs.report.final_sections import final_section
 from raycf.outputs.report.gallery import gallery_section
+from raycf.outputs.report.groups_sections import groups_section, planted_section
 from raycf.outputs.report.search_sections import search_noise_section, search_section
 from raycf.results import storage
 from raycf.runtime.console import log, progress
@@ -30,8 +31,10 @@ from raycf.runtime.console import log, progress
 if TYPE_CHECKING:
     pass
 
-SECTIONS: tuple[Callable[[ReportContext], Section], ...] = (
+SECTIONS: tuple[Callable[[ReportContext], Section | None], ...] = (
+    planted_section,  # planted studies only (None otherwise), as groups_section
     study_section,
+    groups_section,
     detection_section,
     learned_detector_section,
     final_section,
@@ -106,7 +109,8 @@ def build_report(results: str, output: str, study: StudyConfig) -> dict:
     context = ReportContext(results=results, study=study)
     sections = []
     for build in progress(SECTIONS, "report: sections"):
-        sections.append(build(context))
+        if (section := build(context)) is not None:
+            sections.append(section)
     figures = [figure for section in sections for figure in section.figures]
     for figure in figures:
         storage.write_bytes(storage.join_uri(output, f"{figure.name}.png"), figure.png)

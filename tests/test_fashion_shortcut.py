@@ -1,0 +1,92 @@
+"""studies/fashion_shortcut.yaml's smoke run (CI): a patch planted on Coat, group metrics in every table, analysis/plant.parquet, the report in Chromium."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import binom
+
+from conftest import ray_address, require_system, run_cli
+from test_report import _run_chromium
+
+COAT = 4  # Fashion-MNIST's class order: T-shirt/top, Trouser, Pullover, Dress, Coat, ...
+
+
+@pytest.fixture(scope="module")
+def shortcut_smoke_results(ray_session, tmp_path_factory) -> Path:
+    """``raycf study studies/fashion_shortcut.yaml --smoke`` with the worst group as the search's objective; the results folder."""
+    require_system("fashion-mnist")
+    folder = tmp_path_factory.mktemp("shortcut-smoke")
+    completed = run_cli(
+        "study", "studies/fashion_shortcut.yaml", "--smoke", "--set", f"storage_path={folder / 'results'}", "--set", "search.metric=val_worst_group_acc",
+        env_extra={"RAY_ADDRESS": ray_address()},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return folder / "results" / "fashion_shortcut"
+
+
+def test_the_store_carries_the_patch_at_the_configured_rates(shortcut_smoke_results):
+    images = shortcut_smoke_results / "images"
+    for split in ("train", "val", "test"):
+        index = pd.read_parquet(images / f"{split}.parquet")
+        pixels = np.load(images / f"{split}.npy", mmap_mode="r")
+        planted = index["planted"].to_numpy()
+        assert (np.asarray(pixels[planted][:, :4, :4]) == 255).all()  # the 4×4 top-left patch, white
+        coat = index["label"].to_numpy() == COAT
+        rates = (0.95, 0.05) if split == "train" else (0.5, 0.5)
+        for flags, rate in ((planted[coat], rates[0]), (planted[~coat], rates[1])):
+            low, high = binom.ppf([1e-4, 1 - 1e-4], len(flags), rate)
+            assert low <= flags.sum() <= high
+        assert set(index["group"]) <= {f"{name} | {state}" for name in _classes() for state in ("planted", "clean")}
+        assert (index.loc[planted & coat, "group"] == "Coat | planted").all()
+
+
+def _classes() -> list[str]:
+    from raycf.data.datasets import FASHION_MNIST_CLASSES
+
+    return list(FASHION_MNIST_CLASSES)
+
+
+def test_group_metrics_in_the_base_summary_the_leaderboard_and_the_final_tables(shortcut_smoke_results):
+    base = json.loads((shortcut_smoke_results / "base" / "summary.json").read_text())
+    groups = pd.read_parquet(shortcut_smoke_results / "base" / "groups.parquet")
+    val = groups[groups["split"] == "val"]
+    assert base["val_worst_group_acc"] == pytest.approx(val["acc"].min(), abs=1e-6)
+    assert base["val_mean_group_acc"] == pytest.approx(val["acc"].mean(), abs=1e-6)
+    assert val["images"].sum() == len(pd.read_parquet(shortcut_smoke_results / "images" / "val.parquet"))
+    board = pd.read_parquet(shortcut_smoke_results / "leaderboard.parquet")
+    assert board["val_worst_group_acc"].between(0, 1).all() and (board["val_worst_group_acc"] <= board["val_mean_group_acc"]).all()
+    final = pd.read_parquet(shortcut_smoke_results / "final" / "final.parquet").set_index("model")
+    table = pd.read_parquet(shortcut_smoke_results / "final" / "groups.parquet")
+    for model in ("base", "control", "debugged"):
+        test = table[(table["model"] == model) & (table["split"] == "test")]
+        assert final.loc[model, "test_worst_group_acc"] == pytest.approx(test["acc"].min())
+        assert (test["correct"].sum() / test["images"].sum()) == pytest.approx(final.loc[model, "test_acc"])  # the groups partition the split
+
+
+def test_plant_parquet_ranks_filters_by_each_method_with_intervals(shortcut_smoke_results):
+    plant = pd.read_parquet(shortcut_smoke_results / "analysis" / "plant.parquet")
+    assert set(plant["ranking"]) == {"cfe_frequency", "cfe_specificity", "attribution", "random", "oracle"}
+    assert (plant["lo"] <= plant["sensitivity"] + 1e-9).all() and (plant["sensitivity"] <= plant["hi"] + 1e-9).all()
+    for k, rows in plant.groupby("k"):
+        by = rows.set_index("ranking")["sensitivity"]
+        assert by.drop("oracle").max() <= by["oracle"] + 1e-9  # no ranking beats the filters the feature drives most
+    assert (plant["class"] == "Coat").all() and plant["images"].iloc[0] > 0
+    effect = pd.read_parquet(shortcut_smoke_results / "analysis" / "plant_effect.parquet").set_index("measure")
+    assert effect.loc["class_recall", "images"] > 0 and effect["change"].between(-1, 1).all()
+
+
+def test_the_report_shows_the_planted_and_group_sections_in_chromium(shortcut_smoke_results, tmp_path):
+    index = (shortcut_smoke_results / "report" / "index.html").resolve()
+    dumped = _run_chromium(tmp_path, "--enable-logging=stderr", "--v=0", "--dump-dom", index.as_uri())
+    assert dumped.returncode == 0, dumped.stderr[-2000:]
+    assert [line for line in dumped.stderr.splitlines() if ":CONSOLE" in line] == []
+    page = dumped.stdout
+    assert 'data-broken-figures="0"' in page
+    assert page.index('id="planted"') < page.index('id="study"')  # the first section
+    for text in ("The planted bug: patch on Coat", "Coat images predicted Coat", "other images predicted Coat", "CFE global-MC frequency", "Group accuracy", "Coat | planted", "Worst-group and mean-group accuracy"):
+        assert text in page, text
