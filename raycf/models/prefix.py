@@ -16,7 +16,18 @@ from raycf.models.contract import NORMS, FilterClassifier
 CACHEABLE_SCOPES = ("last_conv_and_head", "head")
 
 
-class FrozenPrefix(nn.Module):
+class _ScopeSplit(nn.Module):
+    """The classifier cut where a retraining scope starts: the units on each side (shared by the prefix and the tail)."""
+
+    def __init__(self, model: "FilterClassifier", scope: str):
+        super().__init__()
+        if scope not in CACHEABLE_SCOPES:
+            raise ValueError(f"scope {scope!r} trains every layer: nothing to cache")
+        self.model, self.scope = model, scope
+        self._units = None if scope == "head" or model.family == "resnet" else prefix_split(model)
+
+
+class FrozenPrefix(_ScopeSplit):
     """What a retraining scope's frozen layers compute from an image: the inputs of its first trainable layer.
 
     * ``head``: the pooled vector ``a``;
@@ -31,13 +42,6 @@ class FrozenPrefix(nn.Module):
     Frozen BatchNorm layers run in eval mode, as they do in retraining.
     """
 
-    def __init__(self, model: "FilterClassifier", scope: str):
-        super().__init__()
-        if scope not in CACHEABLE_SCOPES:
-            raise ValueError(f"scope {scope!r} trains every layer: nothing to cache")
-        self.model, self.scope = model, scope
-        self._units = None if scope == "head" or model.family == "resnet" else prefix_split(model)
-
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         model = self.model
         if self.scope == "head":
@@ -51,7 +55,7 @@ class FrozenPrefix(nn.Module):
         return (run_units(self._units[0], images),)
 
 
-class TrainableTail(nn.Module):
+class TrainableTail(_ScopeSplit):
     """The layers a retraining scope trains, from the frozen prefix's outputs to ``(logits, a)``.
 
     It shares its parameters with the classifier, so training it trains the
@@ -59,13 +63,6 @@ class TrainableTail(nn.Module):
     inputs.  A unit that holds the last conv also runs its frozen parts
     (their BatchNorm layers in eval mode: :func:`raycf.training.loops.set_train_mode`).
     """
-
-    def __init__(self, model: "FilterClassifier", scope: str):
-        super().__init__()
-        if scope not in CACHEABLE_SCOPES:
-            raise ValueError(f"scope {scope!r} trains every layer: nothing to cache")
-        self.model, self.scope = model, scope
-        self._units = None if scope == "head" or model.family == "resnet" else prefix_split(model)
 
     def forward(self, *cached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
