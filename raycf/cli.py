@@ -170,8 +170,11 @@ def check_study_inputs(study, class_names: list[str]) -> None:
     from raycf.method.replication import check_class_group
     from raycf.models.build import check_model_weights
 
+    from raycf.stages.treatments import check_treatment_inputs
+
     check_model_weights(study.model, len(class_names), class_names)
     check_class_group(study.final.class_group, class_names)
+    check_treatment_inputs(study, class_names)
 
 
 def _run_stage_command(args: argparse.Namespace) -> int:

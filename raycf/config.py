@@ -57,6 +57,7 @@ SEARCHABLE_FIELDS = (
     "debug.lr",
     "debug.momentum",
     "debug.batch_size",
+    "debug.suppress_weight",
 )
 
 
@@ -328,6 +329,13 @@ class DebugConfig(StrictModel):
     epochs: int = Field(20, gt=0, description="epochs")
     views: int = Field(4, ge=1, description="views of each training image retraining draws from, one per image per epoch: view 0 plain, the rest augmented with fixed seeds (what the prefix cache holds)")
     lr: float = Field(1e-4, gt=0, description="SGD learning rate")
+    suppress: tuple[int, ...] | dict[str, tuple[int, ...]] = Field(
+        (),
+        description="filters (indices < K, e.g. from `raycf atlas`) whose activity retraining penalises: a list for every image, or class name -> "
+        "list for the images of that class; active when suppress_weight > 0 (never in the control or the paper's reference run)",
+    )
+    suppress_weight: float = Field(0.0, ge=0, description="w of the suppression penalty w · mean_i Σ_k S_{y_i,k} · max(a_ik, 0); searchable (debug.suppress_weight)")
+    suppress_auto: int = Field(0, ge=0, description="the final stage's suppress_auto treatment: suppress the k most error-specific filters of each class (the atlas's ranking on val)")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     batch_size: int = Field(16, gt=0, description="global batch size")
     workers: int = Field(
@@ -342,6 +350,23 @@ class DebugConfig(StrictModel):
         1.0, "with use_gpu, the share of a GPU a single-worker search trial reserves: 0.25 packs four small trials on one GPU", gt=0, le=1
     )
     max_failures: int = resource_field(2, "retries of a failed run or trial from its last checkpoint", ge=0)
+
+    @field_validator("suppress", mode="before")
+    @classmethod
+    def _suppress_keys_as_text(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(key): filters if isinstance(filters, (list, tuple)) else [filters] for key, filters in value.items()}
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected a list of filter indices, or class name -> list of filter indices (got {value!r})")
+        return value
+
+    @field_validator("suppress")
+    @classmethod
+    def _suppress_filters(cls, value: Any) -> Any:
+        for filters in value.values() if isinstance(value, dict) else [value]:
+            if any(index < 0 for index in filters) or len(set(filters)) != len(filters):
+                raise ValueError(f"expected distinct filter indices >= 0 (got {list(filters)})")
+        return value
 
 
 class PrefixConfig(StrictModel):
@@ -477,7 +502,21 @@ class FinalConfig(StrictModel):
         "classes before anything runs",
     )
 
+    treatments: tuple[Literal["suppress", "suppress_auto"], ...] = Field(
+        (),
+        description="retrained beside the control and the study's λ over the seeds (needs seeds > 1), each plain fine-tuning plus the suppression "
+        "penalty at debug.suppress_weight: suppress (the filters of debug.suppress), suppress_auto (debug.suppress_auto error-specific filters per class)",
+    )
+
     _names_as_text = field_validator("class_group", mode="before")(names_as_text)
+
+    @model_validator(mode="after")
+    def _treatments_need_seeds(self) -> "FinalConfig":
+        if len(set(self.treatments)) != len(self.treatments):
+            raise ValueError(f"treatments names a treatment twice (got {list(self.treatments)})")
+        if self.treatments and self.seeds == 1:
+            raise ValueError("treatments need seeds > 1 (each is compared with the control over retraining seeds)")
+        return self
 
     @model_validator(mode="after")
     def _group_needs_seeds(self) -> "FinalConfig":
@@ -516,6 +555,17 @@ class StudyConfig(StrictModel):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             raise ValueError(f"name must be letters, digits, '_', '.', '-' (got {name!r})")
         return name
+
+    @model_validator(mode="after")
+    def _treatments_have_filters(self) -> "StudyConfig":
+        treatments, debug = self.final.treatments, self.debug
+        if "suppress" in treatments and not debug.suppress:
+            raise ValueError("final.treatments: suppress needs the filters of debug.suppress (expected e.g. debug.suppress=[3, 17])")
+        if "suppress_auto" in treatments and debug.suppress_auto == 0:
+            raise ValueError("final.treatments: suppress_auto needs debug.suppress_auto > 0 (error-specific filters per class)")
+        if treatments and debug.suppress_weight == 0 and "debug.suppress_weight" not in (self.search.space or {}):
+            raise ValueError("final.treatments: the suppression penalty needs debug.suppress_weight > 0 (or debug.suppress_weight in search.space)")
+        return self
 
     @model_validator(mode="after")
     def _searched_values_fit(self) -> "StudyConfig":

@@ -27,6 +27,13 @@ from raycf.errors import UserError
 CONTROL, REFERENCE, BEST = "control", "reference", "best"
 SEED_MODELS = (CONTROL, REFERENCE, BEST)
 COMPARED = (REFERENCE, BEST)  # each against the control
+WORST_GROUP = "test_worst_group_acc"  # seeds.parquet's column when the study's images have groups (planted studies)
+
+
+def compared_models(frame: pd.DataFrame) -> list[str]:
+    """The models compared with the control: reference and best, then any treatment (``final.treatments``) in the frame's order."""
+    present = list(dict.fromkeys(frame["model"]))
+    return [model for model in COMPARED if model in present] + [model for model in present if model not in (CONTROL, *COMPARED)]
 CONFIDENCE = 0.95
 GROUP_ROW = "(group)"  # group_recall.parquet's row of the whole group: every image of its classes
 
@@ -82,10 +89,13 @@ def seed_summary(seeds: pd.DataFrame, splits: Sequence[str] = ("test", "val"), c
     ``confidence``, then per split ``{split}_acc_mean`` (the model),
     ``{split}_baseline_acc_mean``, ``{split}_diff_mean``, ``{split}_diff_sd``,
     ``{split}_diff_ci_low``, ``{split}_diff_ci_high`` (fractions, not points)
-    and ``{split}_wins`` (seeds where the model is strictly better).
+    and ``{split}_wins`` (seeds where the model is strictly better).  With a
+    ``test_worst_group_acc`` column (groups exist), the same for it:
+    ``worst_group_acc_mean``, ``worst_group_baseline_acc_mean``,
+    ``worst_group_diff_mean``, ``_sd``, ``_ci_low``, ``_ci_high``.
     """
     rows = []
-    for model in COMPARED:
+    for model in compared_models(seeds):
         paired_seeds = len(paired_differences(seeds, f"{splits[0]}_acc", model))
         row: dict = {"comparison": f"{model} - {CONTROL}", "model": model, "baseline": CONTROL, "seeds": paired_seeds, "confidence": confidence}
         for split in splits:
@@ -101,6 +111,20 @@ def seed_summary(seeds: pd.DataFrame, splits: Sequence[str] = ("test", "val"), c
                     f"{split}_diff_ci_low": interval.low,
                     f"{split}_diff_ci_high": interval.high,
                     f"{split}_wins": int((differences > 0).sum()),
+                }
+            )
+        if WORST_GROUP in seeds:
+            differences = paired_differences(seeds, WORST_GROUP, model)
+            interval = paired_interval(differences, confidence)
+            accuracy = seeds.set_index(["model", "seed"])[WORST_GROUP]
+            row.update(
+                {
+                    "worst_group_acc_mean": float(accuracy.loc[model].loc[differences.index].mean()),
+                    "worst_group_baseline_acc_mean": float(accuracy.loc[CONTROL].loc[differences.index].mean()),
+                    "worst_group_diff_mean": interval.mean,
+                    "worst_group_diff_sd": interval.sd,
+                    "worst_group_diff_ci_low": interval.low,
+                    "worst_group_diff_ci_high": interval.high,
                 }
             )
         rows.append(row)
@@ -136,7 +160,7 @@ def group_recall(class_recall: pd.DataFrame, group: Sequence[str], base_recall: 
     rows = with_group_rows(class_recall, group)
     order = [*group, GROUP_ROW]
     records = []
-    for model in COMPARED:
+    for model in compared_models(class_recall):
         for name in order:
             frame = rows[rows["class"] == name]
             differences = paired_differences(frame, "recall", model)
