@@ -53,6 +53,7 @@ from raycf.results.artefacts import PREDICTIONS_FILE, read_final_frame, read_fra
 from raycf.config import StudyConfig
 from raycf.runtime.console import log, progress
 from raycf.errors import UserError
+from raycf.outputs.atlas import atlas_section  # the filter atlas (issue 24 item 4): raycf/outputs/atlas.py
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure as MplFigure
@@ -901,6 +902,7 @@ SECTIONS: tuple[Callable[[ReportContext], Section], ...] = (
     search_section,
     search_noise_section,
     global_mc_section,
+    atlas_section,
     gallery_section,
 )
 
