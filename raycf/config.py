@@ -332,10 +332,11 @@ class DebugConfig(StrictModel):
     suppress: tuple[int, ...] | dict[str, tuple[int, ...]] = Field(
         (),
         description="filters (indices < K, e.g. from `raycf atlas`) whose activity retraining penalises: a list for every image, or class name -> "
-        "list for the images of that class; active when suppress_weight > 0 (never in the control or the paper's reference run)",
+        "list for the images of that class; penalised in every debug retraining when suppress_weight > 0 (never in the control or the final stage's reference run)",
     )
-    suppress_weight: float = Field(0.0, ge=0, description="w of the suppression penalty w · mean_i Σ_k S_{y_i,k} · max(a_ik, 0); searchable (debug.suppress_weight)")
-    suppress_auto: int = Field(0, ge=0, description="the final stage's suppress_auto treatment: suppress the k most error-specific filters of each class (the atlas's ranking on val)")
+    suppress_weight: float = Field(
+        0.1, ge=0, description="w of the suppression penalty w · mean_i Σ_k S_{y_i,k} · max(a_ik, 0) (debug.suppress and final.treatments); searchable (debug.suppress_weight)"
+    )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     batch_size: int = Field(16, gt=0, description="global batch size")
     workers: int = Field(
@@ -505,7 +506,11 @@ class FinalConfig(StrictModel):
     treatments: tuple[Literal["suppress", "suppress_auto"], ...] = Field(
         (),
         description="retrained beside the control and the study's λ over the seeds (needs seeds > 1), each plain fine-tuning plus the suppression "
-        "penalty at debug.suppress_weight: suppress (the filters of debug.suppress), suppress_auto (debug.suppress_auto error-specific filters per class)",
+        "penalty at debug.suppress_weight: suppress (the filters of debug.suppress), suppress_auto (final.suppress_auto error-specific filters per class)",
+    )
+
+    suppress_auto: int = Field(
+        3, gt=0, description="the suppress_auto treatment's filters per class: the k most error-specific (the atlas's ranking on the validation split's MC masks)"
     )
 
     _names_as_text = field_validator("class_group", mode="before")(names_as_text)
@@ -561,8 +566,6 @@ class StudyConfig(StrictModel):
         treatments, debug = self.final.treatments, self.debug
         if "suppress" in treatments and not debug.suppress:
             raise ValueError("final.treatments: suppress needs the filters of debug.suppress (expected e.g. debug.suppress=[3, 17])")
-        if "suppress_auto" in treatments and debug.suppress_auto == 0:
-            raise ValueError("final.treatments: suppress_auto needs debug.suppress_auto > 0 (error-specific filters per class)")
         if treatments and debug.suppress_weight == 0 and "debug.suppress_weight" not in (self.search.space or {}):
             raise ValueError("final.treatments: the suppression penalty needs debug.suppress_weight > 0 (or debug.suppress_weight in search.space)")
         return self

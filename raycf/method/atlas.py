@@ -92,7 +92,7 @@ def error_specific(masks: np.ndarray, labels: np.ndarray, preds: np.ndarray, cls
 
 
 def error_specific_filters(masks: np.ndarray, labels: np.ndarray, preds: np.ndarray, num_classes: int, count: int) -> dict[int, list[int]]:
-    """Up to ``count`` error-specific filters per class (classes without any left out): ``debug.suppress_auto``'s choice."""
+    """Up to ``count`` error-specific filters per class (classes without any left out): ``final.suppress_auto``'s choice."""
     chosen = {cls: [int(j) for j in error_specific(masks, labels, preds, cls).top(count)] for cls in range(num_classes)}
     return {cls: filters for cls, filters in chosen.items() if filters}
 

@@ -76,12 +76,13 @@ def debug_job(
 
 def suppression_of(study: StudyConfig, results: str, num_filters: int) -> np.ndarray | None:
     """S (C×K) of ``debug.suppress`` when the study suppresses (filters named, ``debug.suppress_weight`` > 0), else None."""
-    if not study.debug.suppress or study.debug.suppress_weight == 0:
+    suppress, weight = study.debug.suppress, study.debug.suppress_weight
+    if not suppress or weight == 0:
         return None
     from raycf.method.suppress import suppression_matrix
     from raycf.results.artefacts import class_names
 
-    return suppression_matrix(study.debug.suppress, class_names(results), num_filters)
+    return suppression_matrix(suppress, class_names(results), num_filters)
 
 
 @functools.lru_cache(maxsize=2)

@@ -7,7 +7,7 @@ at ``debug.suppress_weight`` (the best trial's value when the search
 searched it):
 
 * ``suppress``: the filters the user names in ``debug.suppress`` (from the atlas);
-* ``suppress_auto``: the ``debug.suppress_auto`` most error-specific filters
+* ``suppress_auto``: the ``final.suppress_auto`` most error-specific filters
   of each class (:func:`raycf.method.atlas.error_specific_filters` on the
   validation split's MC masks: filters in the MC sets of the errors
   predicted as the class, rarely in its correct predictions).
@@ -63,7 +63,7 @@ def auto_filters(results: str, study: StudyConfig) -> dict[str, list[int]]:
 
     names = class_names(results)
     val = load_masks(results, "val", ["label", "pred", "mc_mask"])
-    chosen = auto_suppress(error_specific_filters(val["mc_mask"], val["label"], val["pred"], len(names), study.debug.suppress_auto), names)
+    chosen = auto_suppress(error_specific_filters(val["mc_mask"], val["label"], val["pred"], len(names), study.final.suppress_auto), names)
     log(f"final: suppress_auto suppresses {', '.join(f'{name}: {filters}' for name, filters in chosen.items()) or 'nothing (no validation error)'}")
     return chosen
 
