@@ -145,3 +145,34 @@ def test_worst_group_accuracy_is_the_lowest_group_accuracy_and_nan_without_group
     assert group_accuracies(labels, preds, groups) == {0: 0.5, 1: 1.0, 2: 0.0}
     assert worst_group_accuracy(labels, preds, groups) == 0.0
     assert math.isnan(worst_group_accuracy(labels, preds, None))
+
+
+def test_seed_summary_compares_every_treatment_with_the_control_and_on_worst_group_accuracy_when_groups_exist():
+    import pandas as pd
+
+    from raycf.method.replication import seed_summary
+    from raycf.stages.treatments import with_worst_group
+
+    rows = []
+    for seed in range(3):
+        for model, shift in (("control", 0.0), ("reference", 0.01), ("best", 0.02), ("suppress", -0.01 * seed)):
+            rows.append({"model": model, "seed": seed, "test_acc": 0.9 + shift, "val_acc": 0.8 + shift})
+    seeds = pd.DataFrame(rows)
+    # test predictions: 4 images in groups 0, 0, 1, 1; the control misses image 3 (group 1), "suppress" misses image 0 on seed 0
+    predictions = []
+    for seed in range(3):
+        for model in ("control", "reference", "best", "suppress"):
+            preds = [1, 0, 1, 0] if model != "control" else [1, 0, 1, 1]
+            if model == "suppress" and seed == 0:
+                preds = [0, 0, 1, 0]
+            predictions += [{"split": "test", "model": model, "seed": seed, "image_index": i, "label": label, "pred": pred} for i, (label, pred) in enumerate(zip([1, 0, 1, 0], preds))]
+    with_groups = with_worst_group(seeds, pd.DataFrame(predictions), np.array([0, 0, 1, 1]))
+    assert with_worst_group(seeds, pd.DataFrame(predictions), None) is seeds
+    worst = with_groups.set_index(["model", "seed"])["test_worst_group_acc"]
+    assert worst.loc[("control", 0)] == 0.5 and worst.loc[("suppress", 0)] == 0.5 and worst.loc[("suppress", 1)] == 1.0
+    summary = seed_summary(with_groups).set_index("model")
+    assert list(summary.index) == ["reference", "best", "suppress"]
+    assert summary.loc["suppress", "test_diff_mean"] == pytest.approx(-0.01)  # (0 - 0.01 - 0.02) / 3
+    assert summary.loc["suppress", "worst_group_diff_mean"] == pytest.approx(1 / 3)  # (0 + 0.5 + 0.5) / 3
+    assert summary.loc["reference", "worst_group_diff_mean"] == pytest.approx(0.5)
+    assert "worst_group_diff_mean" not in seed_summary(seeds)
