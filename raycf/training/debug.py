@@ -97,7 +97,9 @@ class DebugJob:
 
     @property
     def label(self) -> str:
-        return "control" if self.lambda1 == self.lambda2 == 0 else "debug"
+        if self.lambda1 == self.lambda2 == 0:
+            return "control" if self.suppress is None else "suppress"  # plain fine-tuning, or it plus the suppression penalty alone
+        return "debug"
 
     @property
     def run_seed(self) -> int:
