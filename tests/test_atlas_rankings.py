@@ -176,3 +176,8 @@ def test_seed_summary_compares_every_treatment_with_the_control_and_on_worst_gro
     assert summary.loc["suppress", "worst_group_diff_mean"] == pytest.approx(1 / 3)  # (0 + 0.5 + 0.5) / 3
     assert summary.loc["reference", "worst_group_diff_mean"] == pytest.approx(0.5)
     assert "worst_group_diff_mean" not in seed_summary(seeds)
+
+
+def test_groups_may_be_named():
+    groups = np.array(["Coat/planted", "Coat/clean", "Coat/clean"])
+    assert group_accuracies(np.array([1, 1, 1]), np.array([1, 0, 1]), groups) == {"Coat/clean": 0.5, "Coat/planted": 1.0}

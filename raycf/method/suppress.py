@@ -48,10 +48,10 @@ def auto_suppress(error_filters: Mapping[int, Sequence[int]], class_names: Seque
     return {str(class_names[cls]): [int(index) for index in filters] for cls, filters in sorted(error_filters.items())}
 
 
-def group_accuracies(labels: np.ndarray, preds: np.ndarray, groups: np.ndarray) -> dict[int, float]:
-    """Accuracy within each group (group id -> accuracy) of one model's predictions."""
+def group_accuracies(labels: np.ndarray, preds: np.ndarray, groups: np.ndarray) -> dict:
+    """Accuracy within each group (group id or name -> accuracy) of one model's predictions."""
     labels, preds, groups = np.asarray(labels), np.asarray(preds), np.asarray(groups)
-    return {int(group): float((preds[groups == group] == labels[groups == group]).mean()) for group in np.unique(groups)}
+    return {group.item(): float((preds[groups == group] == labels[groups == group]).mean()) for group in np.unique(groups)}
 
 
 def worst_group_accuracy(labels: np.ndarray, preds: np.ndarray, groups: np.ndarray | None) -> float:
