@@ -127,3 +127,22 @@ def test_treatment_points_are_the_control_plus_the_suppression_weight_and_the_be
     assert (seed_points(plain, unsearched) | treatment_points(plain, "unused", unsearched))["best"]["debug.suppress_weight"] == 0.2
     searched = study(debug={"suppress": [4]}, final={"seeds": 2, "treatments": ["suppress"]}, search={"space": {"debug.suppress_weight": {"uniform": [0.1, 1]}}})
     assert treatment_points(searched, "unused", best)["suppress"]["debug.suppress_weight"] == 0.7
+
+
+def test_the_planted_hooks_give_each_card_its_planted_share_and_response(atlas_results, monkeypatch):
+    """What a planted study wires in: the planted flag per training image and each image with and without the feature."""
+    from raycf.outputs import atlas as atlas_module
+
+    source = atlas_module.AtlasSource.load(str(atlas_results))
+    planted = np.zeros(len(source.train["label"]), dtype=bool)
+    planted[::2] = True  # every other training image
+    pixels = source.store.images("train")
+    monkeypatch.setattr(atlas_module, "planted_mask", lambda results: planted)
+    monkeypatch.setattr(atlas_module, "planted_versions", lambda results, indices: (pixels[indices], np.zeros_like(pixels[indices])))
+    atlas = source.atlas(3, top_filters=1, top_images=4)
+    assert atlas.cards
+    for card in atlas.cards:
+        assert card.planted_share == pytest.approx(np.mean([row % 2 == 0 for row in card.image_rows]))
+        # the images as the model sees them give the card's own activations; a black image gives the filter's floor
+        black = source.activations(np.zeros_like(pixels[:1]), card.filter)[0]
+        assert card.planted_response == pytest.approx(np.mean(card.activations) - black, abs=1e-3)

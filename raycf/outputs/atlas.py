@@ -15,7 +15,7 @@ The class's folder ``<out>/<class>/`` holds ``atlas.png`` (the cards),
 ``atlas.json`` (every number) and ``atlas.md`` (the same in a few lines).
 Runs on the CPU, in this process, with no Ray cluster.
 
-Planted studies: :func:`planted_mask` and :func:`unplanted_images` are the
+Planted studies: :func:`planted_mask` and :func:`planted_versions` are the
 hooks that give each card the share of its images carrying the planted
 feature and the filter's response to it (None here until a study's image
 store records them).
@@ -53,8 +53,9 @@ def planted_mask(results: str) -> np.ndarray | None:
     return None
 
 
-def unplanted_images(results: str, image_indices: np.ndarray) -> np.ndarray | None:
-    """Hook for planted studies: the training images ``image_indices`` without the planted feature (N×H×W×3 uint8, stored side); None: not a planted study."""
+def planted_versions(results: str, image_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Hook for planted studies: training images ``image_indices`` with and without the planted feature (two N×H×W×3 uint8 arrays,
+    stored side, the same images); None: not a planted study.  A card's planted response is the filter's mean ``a_j`` on the first minus on the second."""
     return None
 
 
@@ -129,9 +130,9 @@ class AtlasSource:
             planted=planted_mask(self.results),
         )
         for card in atlas.cards:
-            unplanted = unplanted_images(self.results, self.train["image_index"][card.image_rows])
-            if unplanted is not None:
-                card.planted_response = planted_response(np.asarray(card.activations), self.activations(unplanted, card.filter))
+            versions = planted_versions(self.results, self.train["image_index"][card.image_rows])
+            if versions is not None:
+                card.planted_response = planted_response(*(self.activations(images, card.filter) for images in versions))
         return atlas
 
     def inputs(self, rows: list[int]) -> torch.Tensor:
