@@ -10,7 +10,11 @@ searched it):
 * ``suppress_auto``: the ``final.suppress_auto`` most error-specific filters
   of each class (:func:`raycf.method.atlas.error_specific_filters` on the
   validation split's MC masks: filters in the MC sets of the errors
-  predicted as the class, rarely in its correct predictions).
+  predicted as the class, rarely in its correct predictions), penalised on
+  the class's own training images: a shortcut the class's errors rely on is
+  learnt from, and fires on, the class's training images (a planted feature
+  mostly sits there), and the filter is shared, so quieting it there quiets it
+  on the other classes' images too.
 
 Each is compared with the control of the same seed like the other models
 (paired t intervals, :mod:`raycf.method.replication`); when the study's
