@@ -12,7 +12,7 @@ import pytest
 
 from raycf.method.atlas import error_specific_filters
 
-SETTINGS = ("final.seeds=2", "final.treatments=[suppress_auto]", "final.suppress_auto=2", "debug.suppress_weight=0.5")
+SETTINGS = ("final.seeds=2", "final.treatments=[suppress_auto]", "final.suppress_auto=2")  # debug.suppress_weight: its default, 0.1
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_suppress_auto_retrains_each_seed_on_the_error_specific_filters_and_is_c
     seeds = pd.read_parquet(treated_results / "final" / "seeds.parquet")
     assert list(zip(seeds["model"], seeds["seed"])) == [(m, s) for s in (0, 1) for m in ("control", "reference", "best", "suppress_auto")]
     treated = seeds[seeds["model"] == "suppress_auto"]
-    assert (treated["lambda1"] == 0).all() and (treated["lambda2"] == 0).all() and (treated["debug.suppress_weight"] == 0.5).all()
+    assert (treated["lambda1"] == 0).all() and (treated["lambda2"] == 0).all() and (treated["debug.suppress_weight"] == 0.1).all()
     # the filters are the atlas's error-specific ranking on the validation masks, by class name
     val = load_masks(str(treated_results), "val", ["label", "pred", "mc_mask"])
     names = class_names(str(treated_results))
