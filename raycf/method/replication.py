@@ -233,10 +233,11 @@ def format_seed_summary(summary: pd.DataFrame, group: pd.DataFrame | None = None
     seeds = int(summary["seeds"].max()) if len(summary) else 0
     level = int(round(100 * float(summary["confidence"].iloc[0]))) if len(summary) else int(100 * CONFIDENCE)
     lines = [f"Retraining over {seeds} seeds: accuracy difference from the control, mean [paired {level} % t interval], points"]
-    lines.append(f"  {'comparison':<19} {'test':>24} {'sd':>6} {'wins':>5} {'val':>24} {'sd':>6}")
+    name_width = max([19, *(len(str(name)) for name in summary["comparison"])])  # a treatment's name is longer than best's
+    lines.append(f"  {'comparison':<{name_width}} {'test':>24} {'sd':>6} {'wins':>5} {'val':>24} {'sd':>6}")
     for row in summary.to_dict("records"):
         lines.append(
-            f"  {row['comparison']:<19} {format_interval(row['test_diff_mean'], row['test_diff_ci_low'], row['test_diff_ci_high']):>24} "
+            f"  {row['comparison']:<{name_width}} {format_interval(row['test_diff_mean'], row['test_diff_ci_low'], row['test_diff_ci_high']):>24} "
             f"{100 * row['test_diff_sd']:>6.2f} {row['test_wins']:>2d}/{row['seeds']:<2d} "
             f"{format_interval(row['val_diff_mean'], row['val_diff_ci_low'], row['val_diff_ci_high']):>24} {100 * row['val_diff_sd']:>6.2f}"
         )
