@@ -125,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--out", metavar="DIR", default="explanations", help="where the bundles go (default: ./explanations)")
     explain.set_defaults(handler=_run_explain_command)
 
+    atlas = add_command(
+        "atlas",
+        help="a class's filter atlas: its top filters (by MC frequency, by contribution W·a, error-specific), each with its top-activating training images (CPU, no cluster)",
+        description="Write OUT/<class>/ with atlas.png (one row per filter: its top-activating training images and its feature map over them), "
+        "atlas.json (every number) and atlas.md. Runs on the CPU without a Ray cluster.",
+    )
+    atlas.add_argument("results", metavar="RESULTS", help="the study's results folder (its base model, CFE bank and masks)")
+    atlas.add_argument("--class", dest="class_name", metavar="NAME", required=True, help="the class, as the dataset names it (e.g. Coat)")
+    atlas.add_argument("--out", metavar="DIR", default="atlas", help="where the class's folder goes (default: ./atlas)")
+    atlas.set_defaults(handler=_run_atlas_command)
+
     export = add_command(
         "export",
         help="write a study's model as its library loads it (a torchvision/timm state_dict, or TorchScript) with a JSON sidecar",
@@ -186,8 +197,11 @@ def check_study_inputs(study, class_names: list[str]) -> None:
     from raycf.method.replication import check_class_group
     from raycf.models.build import check_model_weights
 
+    from raycf.stages.treatments import check_treatment_inputs
+
     check_model_weights(study.model, len(class_names), class_names)
     check_class_group(study.final.class_group, class_names)
+    check_treatment_inputs(study, class_names)
 
 
 def _run_stage_command(args: argparse.Namespace) -> int:
@@ -278,6 +292,14 @@ def _run_explain_command(args: argparse.Namespace) -> int:
         raise UserError("explain: expected IMAGE arguments or --flagged N")
     for folder in explain_images(args.results, images, args.out, command=_command_line()):
         print(summary_line(folder), flush=True)
+    return 0
+
+
+def _run_atlas_command(args: argparse.Namespace) -> int:
+    from raycf.outputs.atlas import write_class_atlas
+
+    folder = write_class_atlas(args.results, args.class_name, args.out)
+    print(f"{folder}: atlas.png, atlas.json, atlas.md", flush=True)
     return 0
 
 

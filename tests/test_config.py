@@ -153,7 +153,7 @@ def test_a_field_no_trial_consumes_cannot_be_searched(field):
         study_from_mapping({"name": "x", "search": {"space": {field: {"choice": [1, 2]}}}})
     message = str(error.value)
     assert "\n" not in message and f"{field!r} cannot be searched" in message
-    assert message.endswith("(searchable: lambda1, lambda2, tau, freq_threshold, debug.indicator, debug.epochs, debug.lr, debug.momentum, debug.batch_size)")
+    assert message.endswith("(searchable: lambda1, lambda2, tau, freq_threshold, debug.indicator, debug.epochs, debug.lr, debug.momentum, debug.batch_size, debug.suppress_weight)")
 
 
 def test_a_searched_value_the_field_refuses_is_refused_before_the_search():

@@ -123,11 +123,12 @@ def test_report_of_an_unfinished_study_says_what_is_missing(tmp_path):
     output = tmp_path / "out"
     summary = build_report(str(results), str(output), study)
     assert summary["figures"] == []
-    assert summary["sections"] == ["study", "detection", "learned-detector", "final", "search", "search-noise", "global-mc", "gallery"]
+    assert summary["sections"] == ["study", "detection", "learned-detector", "final", "search", "search-noise", "global-mc", "atlas", "gallery"]
     page = (output / "index.html").read_text()
     for missing in ("analysis/detection.parquet", "analysis/learned_detector.parquet", "final/table2.parquet", "leaderboard.parquet", "analysis/global_mc.parquet", "final/final.parquet"):
         assert missing in page
-    assert summary["notes"] == 7
+    assert "masks/train, masks/val, cfe/bank.pt or base/model.pt is missing" in page  # the filter atlas
+    assert summary["notes"] == 8
     assert not (output / "search_noise.json").exists()
 
 

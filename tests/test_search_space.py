@@ -74,6 +74,6 @@ def test_a_search_over_cfe_epochs_exits_2_with_the_searchable_fields_before_anyt
     assert code == 2 and len(lines) == 1
     assert lines[0] == (
         "raycf: error: --set: search.space: 'cfe.epochs' cannot be searched: a trial does not consume it "
-        "(searchable: lambda1, lambda2, tau, freq_threshold, debug.indicator, debug.epochs, debug.lr, debug.momentum, debug.batch_size)"
+        "(searchable: lambda1, lambda2, tau, freq_threshold, debug.indicator, debug.epochs, debug.lr, debug.momentum, debug.batch_size, debug.suppress_weight)"
     )
     assert not (tmp_path / "digits").exists()

@@ -29,6 +29,7 @@ OTHER_BRANCHES = {
     "data.bbox_crop",  # cub200 only
     "base.head_lr",  # base.head_epochs: 0
     "final.class_group",  # final.seeds: 1
+    "final.suppress_auto",  # final.treatments: none
     "data.preprocess.resize",  # resize_crop and weights only: the smoke study squashes
 }
 # Where results go, not what they hold (the Optuna study and the report are named after the study).

@@ -40,6 +40,7 @@ SEARCHABLE_FIELDS = (
     "debug.lr",
     "debug.momentum",
     "debug.batch_size",
+    "debug.suppress_weight",
 )
 
 

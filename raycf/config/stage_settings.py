@@ -116,6 +116,14 @@ class DebugConfig(StrictModel):
     epochs: int = Field(20, gt=0, description="epochs")
     views: int = Field(4, ge=1, description="views of each training image retraining draws from, one per image per epoch: view 0 plain, the rest augmented with fixed seeds (what the prefix cache holds)")
     lr: float = Field(1e-4, gt=0, description="SGD learning rate")
+    suppress: tuple[int, ...] | dict[str, tuple[int, ...]] = Field(
+        (),
+        description="filters (indices < K, e.g. from `raycf atlas`) whose activity retraining penalises: a list for every image, or class name -> "
+        "list for the images of that class; penalised in every debug retraining when suppress_weight > 0 (never in the control or the final stage's reference run)",
+    )
+    suppress_weight: float = Field(
+        0.1, ge=0, description="w of the suppression penalty w · mean_i Σ_k S_{y_i,k} · max(a_ik, 0) (debug.suppress and final.treatments); searchable (debug.suppress_weight)"
+    )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     batch_size: int = Field(16, gt=0, description="global batch size")
     workers: int = Field(
@@ -130,6 +138,23 @@ class DebugConfig(StrictModel):
         1.0, "with use_gpu, the share of a GPU a single-worker search trial reserves: 0.25 packs four small trials on one GPU", gt=0, le=1
     )
     max_failures: int = resource_field(2, "retries of a failed run or trial from its last checkpoint", ge=0)
+
+    @field_validator("suppress", mode="before")
+    @classmethod
+    def _suppress_keys_as_text(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(key): filters if isinstance(filters, (list, tuple)) else [filters] for key, filters in value.items()}
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected a list of filter indices, or class name -> list of filter indices (got {value!r})")
+        return value
+
+    @field_validator("suppress")
+    @classmethod
+    def _suppress_filters(cls, value: Any) -> Any:
+        for filters in value.values() if isinstance(value, dict) else [value]:
+            if any(index < 0 for index in filters) or len(set(filters)) != len(filters):
+                raise ValueError(f"expected distinct filter indices >= 0 (got {list(filters)})")
+        return value
 
 
 class PrefixConfig(StrictModel):
@@ -274,7 +299,25 @@ class FinalConfig(StrictModel):
         "classes before anything runs",
     )
 
+    treatments: tuple[Literal["suppress", "suppress_auto"], ...] = Field(
+        (),
+        description="retrained beside the control and the study's λ over the seeds (needs seeds > 1), each plain fine-tuning plus the suppression "
+        "penalty at debug.suppress_weight: suppress (the filters of debug.suppress), suppress_auto (final.suppress_auto error-specific filters per class)",
+    )
+
+    suppress_auto: int = Field(
+        3, gt=0, description="the suppress_auto treatment's filters per class: the k most error-specific (the atlas's ranking on the validation split's MC masks)"
+    )
+
     _names_as_text = field_validator("class_group", mode="before")(names_as_text)
+
+    @model_validator(mode="after")
+    def _treatments_need_seeds(self) -> "FinalConfig":
+        if len(set(self.treatments)) != len(self.treatments):
+            raise ValueError(f"treatments names a treatment twice (got {list(self.treatments)})")
+        if self.treatments and self.seeds == 1:
+            raise ValueError("treatments need seeds > 1 (each is compared with the control over retraining seeds)")
+        return self
 
     @model_validator(mode="after")
     def _group_needs_seeds(self) -> "FinalConfig":

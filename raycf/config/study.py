@@ -60,6 +60,15 @@ class StudyConfig(StrictModel):
         return name
 
     @model_validator(mode="after")
+    def _treatments_have_filters(self) -> "StudyConfig":
+        treatments, debug = self.final.treatments, self.debug
+        if "suppress" in treatments and not debug.suppress:
+            raise ValueError("final.treatments: suppress needs the filters of debug.suppress (expected e.g. debug.suppress=[3, 17])")
+        if treatments and debug.suppress_weight == 0 and "debug.suppress_weight" not in (self.search.space or {}):
+            raise ValueError("final.treatments: the suppression penalty needs debug.suppress_weight > 0 (or debug.suppress_weight in search.space)")
+        return self
+
+    @model_validator(mode="after")
     def _searched_values_fit(self) -> "StudyConfig":
         """Every value the search may give a field is one the field accepts (checked here, not after the search)."""
         for name, spec in (self.search.space or {}).items():

@@ -14,5 +14,7 @@ Nothing here imports Ray or reads a results folder; the stages
 * :mod:`~raycf.method.debug_loss`: the debugging loss L_d and its indicators (§5);
 * :mod:`~raycf.method.treatment`: Tables 2 and 3 from per-image predictions;
 * :mod:`~raycf.method.selection`: which epoch and which trial is best (one tie rule);
-* :mod:`~raycf.method.search_noise`: whether the search's trials differ by more than validation noise (McNemar against the best trial).
+* :mod:`~raycf.method.search_noise`: whether the search's trials differ by more than validation noise (McNemar against the best trial);
+* :mod:`~raycf.method.atlas`: the filter atlas's rankings (MC frequency, contribution W·a, error-specific filters);
+* :mod:`~raycf.method.suppress`: the suppression treatments' filter matrix and worst-group accuracy.
 """

@@ -29,6 +29,12 @@ Indicators (``debug.indicator``):
   per-filter mean and standard deviation of ``a`` over the training split
   (base model, no augmentation).  A filter is active when it fires above its
   own average, so ``s`` separates images instead of counting non-zero filters.
+
+Suppression (``debug.suppress``, issue 24 item 6).  Filters a user names
+(per class, or for every image) are penalised by their activity:
+``+ w · mean_i Σ_k S_{y_i,k} · max(a_ik, 0)`` with ``S`` (C×K, 0/1) the
+suppressed filters of each ground-truth class and ``w`` ``debug.suppress_weight``.
+It is added to L_d (also when λ1 = λ2 = 0: the suppression treatment alone).
 """
 
 from __future__ import annotations
@@ -85,6 +91,8 @@ class DebugLoss:
     lambda2: float
     indicator: str = "paper"
     stats: FilterStats | None = None
+    suppress: torch.Tensor | None = None  # C×K float (0/1): the filters whose activity is penalised, per true class
+    suppress_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.indicator not in INDICATORS:
@@ -95,7 +103,8 @@ class DebugLoss:
     def to(self, device: torch.device | str) -> "DebugLoss":
         """The same loss with its tensors on ``device``."""
         stats = self.stats and FilterStats(self.stats.mean.to(device), self.stats.std.to(device))
-        return DebugLoss(self.global_filters.to(device), self.lambda1, self.lambda2, self.indicator, stats)
+        suppress = None if self.suppress is None else self.suppress.to(device)
+        return DebugLoss(self.global_filters.to(device), self.lambda1, self.lambda2, self.indicator, stats, suppress, self.suppress_weight)
 
     def active(self, activations: torch.Tensor) -> torch.Tensor:
         """The indicator ``s`` (B×K)."""
@@ -119,12 +128,23 @@ class DebugLoss:
             penalties = (self.lambda2 - (self.lambda1 + self.lambda2) * self.global_filters[labels]) / count
             penalty, s = IndicatorPenalty.apply(self.indicator_input(activations.float()), penalties)
             loss = ce + penalty
+        suppressing = self.suppress is not None and self.suppress_weight > 0
+        if suppressing:
+            suppressed = suppression_penalty(activations.float(), labels, self.suppress)
+            loss = loss + self.suppress_weight * suppressed
         with torch.no_grad():  # parts stay on the device: the caller reads them once per epoch
             in_global = self.global_filters[labels]  # G_y, B×K
             active = (s > 0).float()
             mc, total, active_mc, active_total = torch.stack([(s * in_global).sum(), s.sum(), (active * in_global).sum(), active.sum()]).div_(count).unbind()
             parts = {"loss": loss.detach(), "ce": ce.detach(), "mc": mc, "nonmc": total - mc, "active_mc": active_mc, "active_nonmc": active_total - active_mc}
+            if suppressing:
+                parts["suppressed"] = suppressed.detach()
         return loss, parts
+
+
+def suppression_penalty(activations: torch.Tensor, labels: torch.Tensor, suppress: torch.Tensor) -> torch.Tensor:
+    """``mean_i Σ_k S_{y_i,k} · max(a_ik, 0)``: the suppressed filters' activity per image, averaged over the batch (unweighted)."""
+    return (suppress[labels] * activations.clamp_min(0)).sum(dim=1).mean()
 
 
 class IndicatorPenalty(torch.autograd.Function):

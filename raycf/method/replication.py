@@ -27,6 +27,13 @@ from raycf.errors import UserError
 CONTROL, REFERENCE, BEST = "control", "reference", "best"
 SEED_MODELS = (CONTROL, REFERENCE, BEST)
 COMPARED = (REFERENCE, BEST)  # each against the control
+WORST_GROUP = "test_worst_group_acc"  # seeds.parquet's column when the study's images have groups (planted studies)
+
+
+def compared_models(frame: pd.DataFrame) -> list[str]:
+    """The models compared with the control: reference and best, then any treatment (``final.treatments``) in the frame's order."""
+    present = list(dict.fromkeys(frame["model"]))
+    return [model for model in COMPARED if model in present] + [model for model in present if model not in (CONTROL, *COMPARED)]
 CONFIDENCE = 0.95
 GROUP_ROW = "(group)"  # group_recall.parquet's row of the whole group: every image of its classes
 
@@ -82,10 +89,13 @@ def seed_summary(seeds: pd.DataFrame, splits: Sequence[str] = ("test", "val"), c
     ``confidence``, then per split ``{split}_acc_mean`` (the model),
     ``{split}_baseline_acc_mean``, ``{split}_diff_mean``, ``{split}_diff_sd``,
     ``{split}_diff_ci_low``, ``{split}_diff_ci_high`` (fractions, not points)
-    and ``{split}_wins`` (seeds where the model is strictly better).
+    and ``{split}_wins`` (seeds where the model is strictly better).  With a
+    ``test_worst_group_acc`` column (groups exist), the same for it:
+    ``worst_group_acc_mean``, ``worst_group_baseline_acc_mean``,
+    ``worst_group_diff_mean``, ``_sd``, ``_ci_low``, ``_ci_high``.
     """
     rows = []
-    for model in COMPARED:
+    for model in compared_models(seeds):
         paired_seeds = len(paired_differences(seeds, f"{splits[0]}_acc", model))
         row: dict = {"comparison": f"{model} - {CONTROL}", "model": model, "baseline": CONTROL, "seeds": paired_seeds, "confidence": confidence}
         for split in splits:
@@ -101,6 +111,20 @@ def seed_summary(seeds: pd.DataFrame, splits: Sequence[str] = ("test", "val"), c
                     f"{split}_diff_ci_low": interval.low,
                     f"{split}_diff_ci_high": interval.high,
                     f"{split}_wins": int((differences > 0).sum()),
+                }
+            )
+        if WORST_GROUP in seeds:
+            differences = paired_differences(seeds, WORST_GROUP, model)
+            interval = paired_interval(differences, confidence)
+            accuracy = seeds.set_index(["model", "seed"])[WORST_GROUP]
+            row.update(
+                {
+                    "worst_group_acc_mean": float(accuracy.loc[model].loc[differences.index].mean()),
+                    "worst_group_baseline_acc_mean": float(accuracy.loc[CONTROL].loc[differences.index].mean()),
+                    "worst_group_diff_mean": interval.mean,
+                    "worst_group_diff_sd": interval.sd,
+                    "worst_group_diff_ci_low": interval.low,
+                    "worst_group_diff_ci_high": interval.high,
                 }
             )
         rows.append(row)
@@ -136,7 +160,7 @@ def group_recall(class_recall: pd.DataFrame, group: Sequence[str], base_recall: 
     rows = with_group_rows(class_recall, group)
     order = [*group, GROUP_ROW]
     records = []
-    for model in COMPARED:
+    for model in compared_models(class_recall):
         for name in order:
             frame = rows[rows["class"] == name]
             differences = paired_differences(frame, "recall", model)
@@ -209,10 +233,11 @@ def format_seed_summary(summary: pd.DataFrame, group: pd.DataFrame | None = None
     seeds = int(summary["seeds"].max()) if len(summary) else 0
     level = int(round(100 * float(summary["confidence"].iloc[0]))) if len(summary) else int(100 * CONFIDENCE)
     lines = [f"Retraining over {seeds} seeds: accuracy difference from the control, mean [paired {level} % t interval], points"]
-    lines.append(f"  {'comparison':<19} {'test':>24} {'sd':>6} {'wins':>5} {'val':>24} {'sd':>6}")
+    name_width = max([19, *(len(str(name)) for name in summary["comparison"])])  # a treatment's name is longer than best's
+    lines.append(f"  {'comparison':<{name_width}} {'test':>24} {'sd':>6} {'wins':>5} {'val':>24} {'sd':>6}")
     for row in summary.to_dict("records"):
         lines.append(
-            f"  {row['comparison']:<19} {format_interval(row['test_diff_mean'], row['test_diff_ci_low'], row['test_diff_ci_high']):>24} "
+            f"  {row['comparison']:<{name_width}} {format_interval(row['test_diff_mean'], row['test_diff_ci_low'], row['test_diff_ci_high']):>24} "
             f"{100 * row['test_diff_sd']:>6.2f} {row['test_wins']:>2d}/{row['seeds']:<2d} "
             f"{format_interval(row['val_diff_mean'], row['val_diff_ci_low'], row['val_diff_ci_high']):>24} {100 * row['val_diff_sd']:>6.2f}"
         )

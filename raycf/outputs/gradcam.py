@@ -46,6 +46,18 @@ def filter_heatmaps(model: FilterClassifier, image: torch.Tensor, filters: list[
     return _scaled_to_unit(upsampled.clamp_min(0)) if len(filters) else upsampled
 
 
+@torch.no_grad()
+def filter_heatmaps_over(model: FilterClassifier, images: torch.Tensor, filter_index: int) -> torch.Tensor:
+    """One filter's feature map over each model input (B×3×H×W), upsampled to H×W and scaled to [0, 1] per image (B×H×W)."""
+    return unit_heatmaps(model.eval().feature_maps(images)[:, filter_index], tuple(images.shape[-2:]))
+
+
+def unit_heatmaps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Feature maps (B×h×w) upsampled to ``size`` (bilinear) and scaled to [0, 1] per map."""
+    upsampled = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    return _scaled_to_unit(upsampled.clamp_min(0))
+
+
 def display_image(image: torch.Tensor) -> np.ndarray:
     """A model input (3×H×W, ImageNet-normalised) as an H×W×3 RGB array in [0, 1] for plotting."""
     mean = torch.tensor(IMAGENET_MEAN)[:, None, None]

@@ -16,7 +16,7 @@ from raycf.runtime import kill_points
 from raycf.config import PARAMETER_ALIASES, Distribution, StudyConfig, with_values
 from raycf.method.selection import TIE_BREAK, selection_key
 
-CONTROL_LAMBDAS = {"lambda1": 0.0, "lambda2": 0.0}
+CONTROL_LAMBDAS = {"lambda1": 0.0, "lambda2": 0.0, "debug.suppress_weight": 0.0}  # the control: plain fine-tuning, nothing suppressed
 
 
 def optuna_distributions(space: dict[str, Distribution]) -> dict[str, Any]:
@@ -50,8 +50,9 @@ def control_point(study: StudyConfig) -> dict[str, Any]:
 
 
 def parameter_names(study: StudyConfig) -> list[str]:
-    """Searched parameters, always including λ1 and λ2 (the control sets them to 0)."""
-    return list(dict.fromkeys(["lambda1", "lambda2", *study.search.searched_space]))
+    """Searched parameters, always including λ1 and λ2 (the control sets them to 0), and the suppression weight when the study suppresses."""
+    suppresses = bool(study.debug.suppress) and study.debug.suppress_weight > 0
+    return list(dict.fromkeys(["lambda1", "lambda2", *(["debug.suppress_weight"] if suppresses else []), *study.search.searched_space]))
 
 
 def control_first_searcher(study: StudyConfig, storage_url: str, study_name: str):

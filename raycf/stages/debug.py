@@ -39,7 +39,7 @@ from raycf.runtime.cluster import ensure_ray
 from raycf.runtime.console import log
 from raycf.method.treatment import format_table2, format_table3, treatment_tables
 from raycf.outputs.predict import predict_on_ray
-from raycf.stages.jobs import debug_job
+from raycf.stages.jobs import debug_job, suppression_of
 from raycf.training.debug import run_debug_training
 
 if TYPE_CHECKING:
@@ -57,11 +57,12 @@ def run(run: "StageRun") -> dict:
 
     log(f"debug: control (lambda1 = lambda2 = 0), {config.epochs} epochs, {config.workers} worker(s)")
     control = run_debug_training(control_job, name=f"debug-control-{run.stage_hash}", storage_path=run.ray_storage())
-    if config.lambda1 == config.lambda2 == 0:
+    debugged_job = replace(control_job, lambda1=config.lambda1, lambda2=config.lambda2, suppress=suppression_of(study, run.results, global_filters.shape[1]))
+    if config.lambda1 == config.lambda2 == 0 and debugged_job.suppress is None:
         debugged = control
     else:
         log(f"debug: debugged (lambda1 {config.lambda1:g}, lambda2 {config.lambda2:g}, indicator {config.indicator})")
-        debugged = run_debug_training(replace(control_job, lambda1=config.lambda1, lambda2=config.lambda2), name=f"debug-{run.stage_hash}", storage_path=run.ray_storage())
+        debugged = run_debug_training(debugged_job, name=f"debug-{run.stage_hash}", storage_path=run.ray_storage())
 
     retrained = predict_on_ray(study, control_job.images, {"control": control.best_model_bytes, "debugged": debugged.best_model_bytes})
     predictions = pd.concat([base_predictions(run.results), retrained], ignore_index=True)

@@ -42,6 +42,9 @@ A study with groups (``data.plant``, ``data.groups``) adds
 ``final/groups.parquet`` (accuracy per model, split and group), the worst and
 mean group accuracy of val and test to ``final.parquet`` and, with seeds,
 to ``final/seeds.parquet``.
+
+``final.treatments`` adds the suppression treatments to the grid
+(:mod:`raycf.stages.treatments`), compared with the control the same way.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ from raycf.data.prefix_cache import PrefixRef
 from raycf.data.image_store import open_store, read_groups
 from raycf.method.groups import predictions_group_table, wide_group_metrics
 from raycf.search.searcher import control_point, field_value, parameter_names, trial_study, trial_values
+from raycf.stages.treatments import SUPPRESS_WEIGHT, image_groups, plain_value, treatment_points, with_worst_group
 from raycf.stages.jobs import TrialContext, debug_job, run_trial, trainable_of, trial_context, tune_run
 from raycf.training.debug import run_debug_training
 
@@ -135,7 +139,7 @@ def run(run: "StageRun") -> dict:
     if best_bytes is None:
         raise RuntimeError(f"best trial {best['trial_id']}: its checkpoint {best['checkpoint_path']!r} is gone")
     control, control_run = the_control(run, board, base_bytes)
-    points = seed_points(study, best)
+    points = seed_points(study, best) | treatment_points(study, results, best)  # treatments need final.seeds > 1
     seed_runs = train_seed_grid(run, points, base_bytes, search_seed_zero(study, best, best_bytes, control_run)) if study.final.seeds > 1 else []
     # Every retrained model's one pass over the splits, as parallel Ray tasks (the seed runs' many models share search.max_concurrent of them);
     # seed 0's models that are the search's own (the control and the debugged model) are not run again.
@@ -294,7 +298,7 @@ def seed_points(study: StudyConfig, best: pd.Series) -> dict[str, dict[str, Any]
     names = parameter_names(study)
     return {
         CONTROL: control_point(study),
-        REFERENCE: {name: field_value(study, name) for name in names},
+        REFERENCE: {name: field_value(study, name) for name in names} | ({SUPPRESS_WEIGHT: 0.0} if SUPPRESS_WEIGHT in names else {}),  # the paper's method: nothing suppressed
         BEST: {name: field_value(study, name) for name in names} | trial_values(best, names),
     }
 
@@ -425,7 +429,7 @@ def seed_row(study: StudyConfig, seed_run: SeedRun, evaluation: ModelEvaluation,
         "seed": seed_run.seed,
         "order_seed": study.seed + seed_run.seed,
         "trial_id": seed_run.trial_id,
-        **{name: float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value for name, value in point.items()},
+        **{name: float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else plain_value(value) for name, value in point.items()},
         "best_epoch": int(seed_run.best["epoch"]),
         "epochs": seed_run.epochs,
         **{f"{split}_acc": evaluation.accuracy.get(split, np.nan) for split in ("train", "val", "test")},
@@ -439,6 +443,7 @@ def write_seed_comparison(run: "StageRun", runs: list[SeedRun], predictions: pd.
     """Write the seed runs' tables and their comparison with the control (``final/seed*.parquet``, ``group_recall.parquet``); print it."""
     study = run.study
     seeds, class_recalls = seeds_frames(study, runs, predictions, points, class_names(run.results))
+    seeds = with_worst_group(seeds, predictions, image_groups(run.results))
     summary = seed_summary(seeds)
     group = study.final.class_group
     group_table = group_recall(class_recalls, group, pooled_base_recall(class_recall, group)) if group else None

@@ -43,7 +43,8 @@ def debug_job(
     """The debug (or control) run of ``study`` on ``results``: G at ``debug.tau`` and ``debug.freq_threshold``, its inputs.
 
     ``lambdas``: (λ1, λ2), the study's own by default (``(0, 0)``: the
-    control).  ``with_detection`` adds the detection quality on val of that G
+    control, which suppresses nothing; otherwise ``debug.suppress`` applies when
+    ``debug.suppress_weight`` > 0).  ``with_detection`` adds the detection quality on val of that G
     (the run's own τ and f: no detection setting, ``analysis.*``, enters a
     search) and G's mean size as constant metrics of every report (a search
     trial's).  ``order_seed``: see :attr:`DebugJob.order_seed`.
@@ -69,7 +70,19 @@ def debug_job(
         images=store_ref(results),
         prefix=prefix_ref(results, study),
         order_seed=order_seed,
+        suppress=None if lambdas == (0.0, 0.0) else suppression_of(study, results, np.asarray(global_filters).shape[1]),  # the control suppresses nothing
     )
+
+
+def suppression_of(study: StudyConfig, results: str, num_filters: int) -> np.ndarray | None:
+    """S (C×K) of ``debug.suppress`` when the study suppresses (filters named, ``debug.suppress_weight`` > 0), else None."""
+    suppress, weight = study.debug.suppress, study.debug.suppress_weight
+    if not suppress or weight == 0:
+        return None
+    from raycf.method.suppress import suppression_matrix
+    from raycf.results.artefacts import class_names
+
+    return suppression_matrix(suppress, class_names(results), num_filters)
 
 
 @functools.lru_cache(maxsize=2)

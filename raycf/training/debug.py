@@ -95,10 +95,13 @@ class DebugJob:
     # Seed of the data order, of the view each image is seen in per epoch and of dropout; None: the study's seed.
     # The views themselves (their augmentations) always follow the study's seed: the prefix cache holds them.
     order_seed: int | None = None
+    suppress: np.ndarray | None = None  # C×K bool: filters penalised per true class (debug.suppress at debug.suppress_weight); None: no suppression
 
     @property
     def label(self) -> str:
-        return "control" if self.lambda1 == self.lambda2 == 0 else "debug"
+        if self.lambda1 == self.lambda2 == 0:
+            return "control" if self.suppress is None else "suppress"  # plain fine-tuning, or it plus the suppression penalty alone
+        return "debug"
 
     @property
     def run_seed(self) -> int:
@@ -199,7 +202,8 @@ def debug_train_loop(job: DebugJob, session: Session) -> list[dict[str, Any]]:
         plain = eval_loader(StoredImages(store, "train"), config.eval_batch_size, rank, world_size, data.loader_workers)
         stats = filter_statistics(model, device_batches(plain, device, lambda images, _indices: model_inputs(images, data.image_size, preprocess=data.preprocess)), device)
     global_filters = global_filters_tensor(job.global_filters, model.num_classes, model.num_filters)
-    loss_fn = DebugLoss(global_filters, job.lambda1, job.lambda2, config.indicator, stats).to(device)
+    suppress = None if job.suppress is None else torch.as_tensor(np.asarray(job.suppress), dtype=torch.float32)
+    loss_fn = DebugLoss(global_filters, job.lambda1, job.lambda2, config.indicator, stats, suppress, config.suppress_weight).to(device)
 
     state = restore_classifier(session, model) or TrainState(phase=PHASE)
     parameters = model.set_trainable(config.trainable)

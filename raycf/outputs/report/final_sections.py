@@ -84,6 +84,8 @@ def add_seed_comparison(section: Section, context: ReportContext) -> None:
             f"val difference [{level} % t interval], points": [format_interval(r.val_diff_mean, r.val_diff_ci_low, r.val_diff_ci_high) for r in summary.itertuples()],
         }
     )
+    if "worst_group_diff_mean" in summary:  # the study's images have groups (planted studies)
+        shown[f"worst-group test difference [{level} % t interval], points"] = [format_interval(r.worst_group_diff_mean, r.worst_group_diff_ci_low, r.worst_group_diff_ci_high) for r in summary.itertuples()]
     section.table(shown, "Accuracy difference from the control of the same seed (paired t interval; an interval holding 0 is no evidence of a difference)")
     group = context.frame("final", "group_recall.parquet")
     if group is not None and len(group):

@@ -22,6 +22,7 @@ from raycf.outputs.report.blocks import (
     Section,
 )
 from raycf.outputs.report.final_sections import final_section
+from raycf.outputs.atlas import atlas_section  # the filter atlas (issue 24 item 4)
 from raycf.outputs.report.gallery import gallery_section
 from raycf.outputs.report.groups_sections import groups_section, planted_section
 from raycf.outputs.report.search_sections import search_noise_section, search_section
@@ -41,6 +42,7 @@ SECTIONS: tuple[Callable[[ReportContext], Section | None], ...] = (
     search_section,
     search_noise_section,
     global_mc_section,
+    atlas_section,
     gallery_section,
 )
 
