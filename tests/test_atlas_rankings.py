@@ -22,7 +22,8 @@ from raycf.method.atlas import (
     top_by_frequency,
 )
 from raycf.method.debug_loss import DebugLoss, suppression_penalty
-from raycf.method.suppress import auto_suppress, check_suppress, group_accuracies, suppression_matrix, worst_group_accuracy
+from raycf.method.groups import group_accuracy, group_metrics
+from raycf.method.suppress import auto_suppress, check_suppress, suppression_matrix
 
 
 def test_ranked_breaks_ties_by_the_lower_index_and_keeps_only_the_allowed():
@@ -138,13 +139,13 @@ def test_suppression_matrix_from_a_list_or_per_class_and_its_one_line_errors():
     assert auto_suppress({1: [4, 2]}, names) == {"Coat": [4, 2]}
 
 
-def test_worst_group_accuracy_is_the_lowest_group_accuracy_and_nan_without_groups():
+def test_worst_group_accuracy_is_the_lowest_group_accuracy_and_nan_without_images():
     labels = np.array([0, 0, 1, 1, 1])
     preds = np.array([0, 1, 1, 1, 0])
     groups = np.array([0, 0, 1, 1, 2])
-    assert group_accuracies(labels, preds, groups) == {0: 0.5, 1: 1.0, 2: 0.0}
-    assert worst_group_accuracy(labels, preds, groups) == 0.0
-    assert math.isnan(worst_group_accuracy(labels, preds, None))
+    assert dict(zip(group_accuracy(groups, labels, preds)["group"], group_accuracy(groups, labels, preds)["acc"])) == {"0": 0.5, "1": 1.0, "2": 0.0}
+    assert group_metrics(groups, labels, preds)["worst_group_acc"] == 0.0
+    assert math.isnan(group_metrics(np.array([]), np.array([]), np.array([]))["worst_group_acc"])
 
 
 def test_seed_summary_compares_every_treatment_with_the_control_and_on_worst_group_accuracy_when_groups_exist():
@@ -180,4 +181,5 @@ def test_seed_summary_compares_every_treatment_with_the_control_and_on_worst_gro
 
 def test_groups_may_be_named():
     groups = np.array(["Coat/planted", "Coat/clean", "Coat/clean"])
-    assert group_accuracies(np.array([1, 1, 1]), np.array([1, 0, 1]), groups) == {"Coat/clean": 0.5, "Coat/planted": 1.0}
+    table = group_accuracy(groups, np.array([1, 1, 1]), np.array([1, 0, 1]))
+    assert dict(zip(table["group"], table["acc"])) == {"Coat/clean": 0.5, "Coat/planted": 1.0}

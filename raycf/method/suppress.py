@@ -46,16 +46,3 @@ def suppression_matrix(suppress: Suppress, class_names: Sequence[str], num_filte
 def auto_suppress(error_filters: Mapping[int, Sequence[int]], class_names: Sequence[str]) -> dict[str, list[int]]:
     """``debug.suppress`` (class name -> filters) from the atlas's error-specific filters per class index."""
     return {str(class_names[cls]): [int(index) for index in filters] for cls, filters in sorted(error_filters.items())}
-
-
-def group_accuracies(labels: np.ndarray, preds: np.ndarray, groups: np.ndarray) -> dict:
-    """Accuracy within each group (group id or name -> accuracy) of one model's predictions."""
-    labels, preds, groups = np.asarray(labels), np.asarray(preds), np.asarray(groups)
-    return {group.item(): float((preds[groups == group] == labels[groups == group]).mean()) for group in np.unique(groups)}
-
-
-def worst_group_accuracy(labels: np.ndarray, preds: np.ndarray, groups: np.ndarray | None) -> float:
-    """The lowest accuracy over the groups (NaN without groups: a study with no planted groups)."""
-    if groups is None or len(groups) == 0:
-        return float("nan")
-    return min(group_accuracies(labels, preds, groups).values())

@@ -32,7 +32,8 @@ import pandas as pd
 from raycf.config import StudyConfig
 from raycf.method.atlas import error_specific_filters
 from raycf.method.replication import WORST_GROUP
-from raycf.method.suppress import auto_suppress, check_suppress, worst_group_accuracy
+from raycf.method.groups import group_metrics
+from raycf.method.suppress import auto_suppress, check_suppress
 from raycf.runtime.console import log
 from raycf.search.searcher import control_point, trial_values
 
@@ -108,7 +109,7 @@ def with_worst_group(seeds: pd.DataFrame, predictions: pd.DataFrame, groups: np.
         return seeds
     test = predictions[predictions["split"] == "test"]
     worst = {
-        key: worst_group_accuracy(rows["label"].to_numpy(), rows["pred"].to_numpy(), np.asarray(groups)[rows["image_index"].to_numpy()])
+        key: group_metrics(np.asarray(groups)[rows["image_index"].to_numpy()], rows["label"].to_numpy(), rows["pred"].to_numpy())["worst_group_acc"]
         for key, rows in test.groupby(["model", "seed"])
     }
     return seeds.assign(**{WORST_GROUP: [worst.get((model, seed), np.nan) for model, seed in zip(seeds["model"], seeds["seed"])]})
