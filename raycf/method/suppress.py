@@ -1,4 +1,4 @@
-"""Suppression treatments (issue 24, item 6): which filters each class's retraining penalises, and worst-group accuracy.
+"""Suppression treatments (issue 24, item 6): which filters each class's retraining penalises.
 
 ``debug.suppress`` names filters as a list (every image) or as class name ->
 list (the images of that class); :func:`suppression_matrix` turns it into the
