@@ -1,0 +1,81 @@
+"""raycf.method.dfr: DFR's halves, balanced subset and head on a synthetic spurious-feature dataset with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from raycf.method.dfr import balanced_subset, fit_dfr, fit_head, group_accuracies, paired_group_bootstrap, split_halves
+
+
+def _spurious(n: int, majority: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two classes; feature 0 the (noisy) label, feature 1 a clean spurious bit equal to the label on a ``majority`` share of images."""
+    generator = np.random.default_rng(seed)
+    labels = generator.integers(0, 2, n)
+    spurious = np.where(generator.random(n) < majority, labels, 1 - labels)
+    features = np.column_stack([2.0 * labels - 1 + generator.normal(0, 1.0, n), 2.0 * spurious - 1 + generator.normal(0, 0.1, n), generator.normal(0, 1, n)])
+    groups = np.array([f"{label} | {'agrees' if label == bit else 'disagrees'}" for label, bit in zip(labels, spurious)], dtype=object)
+    return features, labels, groups
+
+
+def test_dfr_beats_the_plain_head_on_the_worst_group_of_a_spurious_dataset():
+    features, labels, groups = _spurious(2000, 0.95, seed=0)
+    test_features, test_labels, test_groups = _spurious(4000, 0.5, seed=1)
+    plain = fit_head(features, labels, 2, c=1.0, seed=0)  # the whole (unbalanced) validation split
+    fit = fit_dfr(features, labels, groups, num_classes=2, seed=0)
+    ours = group_accuracies(fit.head.predict(test_features) == test_labels, test_groups)
+    theirs = group_accuracies(plain.predict(test_features) == test_labels, test_groups)
+    # The plain head follows the spurious bit (the minority groups are mostly wrong); DFR reads the label's feature (~84 % on every group).
+    assert theirs["worst_group_acc"] < 0.5
+    assert ours["worst_group_acc"] > 0.75
+    assert ours["worst_group_acc"] > theirs["worst_group_acc"] + 0.3
+    assert abs(fit.head.coef[1, 0]) > abs(fit.head.coef[1, 1])  # the label's feature outweighs the spurious one
+    assert fit.c in {row["c"] for row in fit.tuning} and len(fit.tuning) == 7
+    chosen = next(row for row in fit.tuning if row["c"] == fit.c)
+    assert chosen["worst_group_acc"] == max(row["worst_group_acc"] for row in fit.tuning)
+
+
+def test_halves_are_stratified_by_group_and_the_balanced_subset_has_equal_group_counts():
+    groups = np.array(["a"] * 11 + ["b"] * 4 + ["c"] * 7, dtype=object)
+    first, second = split_halves(groups, seed=3)
+    assert sorted(np.concatenate([first, second]).tolist()) == list(range(22))  # a partition
+    assert [int((groups[first] == g).sum()) for g in "abc"] == [6, 2, 4]  # ceil(n / 2) of each group
+    assert [int((groups[second] == g).sum()) for g in "abc"] == [5, 2, 3]
+    subset = balanced_subset(first, groups, seed=3)
+    assert set(subset) <= set(first)
+    assert [int((groups[subset] == g).sum()) for g in "abc"] == [2, 2, 2]  # the smallest group's size
+    assert len(set(subset)) == len(subset)
+
+
+def test_dfr_is_deterministic_per_seed_and_differs_across_seeds():
+    features, labels, groups = _spurious(600, 0.9, seed=2)
+    one, again, other = (fit_dfr(features, labels, groups, 2, seed=seed) for seed in (5, 5, 6))
+    np.testing.assert_array_equal(one.head.coef, again.head.coef)
+    np.testing.assert_array_equal(one.head.intercept, again.head.intercept)
+    assert one.c == again.c and one.tuning == again.tuning
+    assert not np.array_equal(split_halves(groups, 5)[0], split_halves(groups, 6)[0])
+    assert not np.array_equal(one.head.mean, other.head.mean)  # another half, another standardisation
+    assert one.fit_images == 4 * int(min((groups[split_halves(groups, 5)[0]] == g).sum() for g in set(groups)))
+
+
+def test_a_class_missing_from_the_fit_is_never_predicted_and_three_classes_map_to_their_rows():
+    generator = np.random.default_rng(0)
+    labels = np.repeat([0, 2, 3], 30)
+    features = np.eye(4)[labels] * 3 + generator.normal(0, 0.3, (90, 4))
+    head = fit_head(features, labels, num_classes=5, c=1.0, seed=0)
+    assert head.logits(features).shape == (90, 5)
+    np.testing.assert_array_equal(head.predict(features), labels)  # separable: every image right, classes 1 and 4 never
+
+
+def test_group_accuracies_and_the_paired_bootstrap_on_known_answers():
+    groups = np.array(["a"] * 4 + ["b"] * 6, dtype=object)
+    correct = np.array([1, 1, 1, 0, 1, 1, 1, 1, 1, 1], dtype=bool)
+    baseline = np.array([1, 1, 0, 0, 1, 1, 1, 1, 1, 0], dtype=bool)
+    assert group_accuracies(correct, groups) == pytest.approx({"acc": 0.9, "worst_group_acc": 0.75, "mean_group_acc": 0.875})
+    assert group_accuracies(baseline, groups) == pytest.approx({"acc": 0.7, "worst_group_acc": 0.5, "mean_group_acc": (0.5 + 5 / 6) / 2})
+    same = paired_group_bootstrap(correct, correct, groups, resamples=200, seed=0)
+    assert same == {"acc": (0.0, 0.0), "worst_group_acc": (0.0, 0.0), "mean_group_acc": (0.0, 0.0)}  # paired: a model minus itself is 0 in every resample
+    intervals = paired_group_bootstrap(correct, baseline, groups, resamples=2000, seed=0)
+    low, high = intervals["acc"]
+    assert 0 <= low <= 0.2 <= high <= 0.5  # each image gains 0 or 1: the difference is never negative
+    assert intervals == paired_group_bootstrap(correct, baseline, groups, resamples=2000, seed=0)
