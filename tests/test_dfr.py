@@ -79,3 +79,18 @@ def test_group_accuracies_and_the_paired_bootstrap_on_known_answers():
     low, high = intervals["acc"]
     assert 0 <= low <= 0.2 <= high <= 0.5  # each image gains 0 or 1: the difference is never negative
     assert intervals == paired_group_bootstrap(correct, baseline, groups, resamples=2000, seed=0)
+
+
+def test_dfr_without_groups_exits_2_with_one_line_before_anything_runs(tmp_path):
+    from conftest import run_cli_without_ray
+
+    study = tmp_path / "study.yaml"
+    study.write_text(f"name: t\nstorage_path: {tmp_path / 'results'}\ndata:\n  kind: digits\nfinal:\n  dfr: true\n")
+    completed = run_cli_without_ray("study", str(study))
+    assert completed.returncode == 2
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"raycf: error: {study}: final.dfr: DFR refits the head on group-balanced validation images and needs groups (expected data.plant or data.groups" in lines[0], completed.stderr
+    assert not (tmp_path / "results").exists()  # nothing ran
+    from raycf.config import study_from_mapping
+
+    assert study_from_mapping({"name": "t", "data": {"kind": "digits", "plant": {"class": 3}}, "final": {"dfr": True}}).final.dfr

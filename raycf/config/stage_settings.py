@@ -274,6 +274,13 @@ class FinalConfig(StrictModel):
         "classes before anything runs",
     )
 
+    dfr: bool = Field(
+        False,
+        description="also refit the base model's linear head by deep feature reweighting (DFR, Kirichenko et al. 2022) on a "
+        "group-balanced half of the validation split (C chosen on the other half by worst-group accuracy) and compare it with the "
+        "final models on the test split (final/dfr.parquet); needs groups (data.plant or data.groups)",
+    )
+
     _names_as_text = field_validator("class_group", mode="before")(names_as_text)
 
     @model_validator(mode="after")
