@@ -94,3 +94,47 @@ def test_dfr_without_groups_exits_2_with_one_line_before_anything_runs(tmp_path)
     from raycf.config import study_from_mapping
 
     assert study_from_mapping({"name": "t", "data": {"kind": "digits", "plant": {"class": 3}}, "final": {"dfr": True}}).final.dfr
+
+
+def _feature_set(features: np.ndarray, labels: np.ndarray, pred: np.ndarray, order: np.ndarray):
+    from raycf.results.artefacts import FeatureSet
+
+    n = len(labels)
+    return FeatureSet(
+        image_index=order.astype(np.int64), image_id=np.array([f"i{i}" for i in order]), label=labels[order], view=np.zeros(n, dtype=np.int64),
+        pred=pred[order], confidence=np.ones(n, dtype=np.float32), logits=np.zeros((n, 2), dtype=np.float32), a=features[order].astype(np.float32),
+    )
+
+
+def test_the_final_stage_dfr_frame_compares_dfr_with_every_final_model_on_the_same_test_images():
+    import pandas as pd
+
+    from raycf.stages.dfr import dfr_frame, summary_line
+
+    features, labels, groups = _spurious(1200, 0.95, seed=0)
+    test_features, test_labels, test_groups = _spurious(800, 0.5, seed=1)
+    spurious_head = test_features[:, 1] > 0  # the base model follows the spurious bit
+    val = _feature_set(features, labels, (features[:, 1] > 0).astype(np.int64), np.arange(1200))
+    order = np.random.default_rng(0).permutation(800)  # the features come in another order than the store's
+    test = _feature_set(test_features, test_labels, spurious_head.astype(np.int64), order)
+    predictions = pd.DataFrame({"model": "control", "split": "test", "image_index": np.arange(800), "label": test_labels, "pred": spurious_head.astype(np.int64)})
+    perfect = predictions.assign(model="debugged", pred=test_labels)
+    frame, fit = dfr_frame(val, test, {"val": groups, "test": test_groups}, pd.concat([predictions, perfect]), num_classes=2, seed=0, resamples=300)
+    rows = frame.set_index("model")
+    assert list(frame["model"]) == ["base", "control", "debugged", "dfr"]
+    base_right = spurious_head == test_labels
+    assert rows.loc["base", "test_acc"] == pytest.approx(base_right.mean())
+    assert rows.loc["base", "worst_group"].endswith("disagrees") and rows.loc["base", "test_worst_group_acc"] == 0.0  # the spurious bit is wrong there
+    assert np.isnan(rows.loc["base", "acc_minus_base"])
+    assert rows.loc["control", ["acc_minus_base", "acc_minus_base_lo", "acc_minus_base_hi"]].tolist() == [0.0, 0.0, 0.0]  # the same predictions
+    assert rows.loc["debugged", "test_worst_group_acc"] == 1.0 and rows.loc["debugged", "acc_minus_base"] == pytest.approx(1 - base_right.mean())
+    dfr_right = fit.head.predict(test_features) == test_labels
+    assert rows.loc["dfr", "test_acc"] == pytest.approx(dfr_right.mean())
+    assert rows.loc["dfr", "test_worst_group_acc"] > 0.75
+    for name in ("acc", "worst_group_acc", "mean_group_acc"):
+        assert rows.loc["dfr", f"{name}_minus_base_lo"] <= rows.loc["dfr", f"{name}_minus_base"] <= rows.loc["dfr", f"{name}_minus_base_hi"]
+    assert rows.loc["dfr", "worst_group_acc_minus_base_lo"] > 0.5  # DFR's gain on the worst group is far from 0
+    assert rows.loc["dfr", "c"] == fit.c and rows.loc["dfr", "fit_images"] == fit.fit_images > 0 and np.isnan(rows.loc["base", "c"])
+    line = summary_line(frame)
+    assert "\n" not in line and line.startswith(f"final: DFR (C = {fit.c:g}, fit on {fit.fit_images} group-balanced validation images)")
+    assert f"worst-group {100 * rows.loc['dfr', 'test_worst_group_acc']:.1f} % (base 0.0 %" in line

@@ -41,7 +41,9 @@ its own seed on the same split (:mod:`raycf.stages.base_seeds`):
 A study with groups (``data.plant``, ``data.groups``) adds
 ``final/groups.parquet`` (accuracy per model, split and group), the worst and
 mean group accuracy of val and test to ``final.parquet`` and, with seeds,
-to ``final/seeds.parquet``.
+to ``final/seeds.parquet``.  With ``final.dfr`` it also refits the base
+model's head by DFR and compares it on test (``final/dfr.parquet``,
+:mod:`raycf.stages.dfr`).
 """
 
 from __future__ import annotations
@@ -175,6 +177,10 @@ def run(run: "StageRun") -> dict:
     }
     if groups_of:
         summary.update({f"{row.model}_test_worst_group_acc": round(float(row.test_worst_group_acc), 6) for row in final.itertuples()})
+    if study.final.dfr:  # the DFR baseline on the base model's val and test features (raycf.stages.dfr)
+        from raycf.stages.dfr import run_dfr
+
+        summary.update(run_dfr(run, predictions, groups_of))
     if seed_runs:
         summary.update(write_seed_comparison(run, seed_runs, seed_rows(retrained[of_seeds], seed_runs), points, tables.class_recall))
     if study.final.base_seeds > 1:
