@@ -138,3 +138,35 @@ def test_the_final_stage_dfr_frame_compares_dfr_with_every_final_model_on_the_sa
     line = summary_line(frame)
     assert "\n" not in line and line.startswith(f"final: DFR (C = {fit.c:g}, fit on {fit.fit_images} group-balanced validation images)")
     assert f"worst-group {100 * rows.loc['dfr', 'test_worst_group_acc']:.1f} % (base 0.0 %" in line
+
+
+def test_the_report_section_shows_dfr_against_the_base_model_and_is_absent_without_the_file(tmp_path):
+    import pandas as pd
+
+    from raycf.config import study_from_mapping
+    from raycf.outputs.report.blocks import ReportContext
+    from raycf.outputs.report.dfr_section import dfr_section
+    from raycf.outputs.report.page import SECTIONS
+
+    assert dfr_section in SECTIONS
+    study = study_from_mapping({"name": "t", "data": {"kind": "digits", "plant": {"class": 3}}, "final": {"dfr": True}})
+    context = ReportContext(str(tmp_path), study)
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "_stage.json").write_text("{}")
+    assert dfr_section(context) is None  # no final/dfr.parquet
+    nan = float("nan")
+    frame = pd.DataFrame(
+        [
+            {"model": "base", "test_acc": 0.8, "test_worst_group_acc": 0.1, "test_mean_group_acc": 0.6, "worst_group": "3 | clean", "c": nan, "fit_images": 0, "tune_images": 0,
+             **{f"{m}_minus_base{s}": nan for m in ("acc", "worst_group_acc", "mean_group_acc") for s in ("", "_lo", "_hi")}},
+            {"model": "dfr", "test_acc": 0.85, "test_worst_group_acc": 0.7, "test_mean_group_acc": 0.8, "worst_group": "5 | planted", "c": 0.3, "fit_images": 120, "tune_images": 250,
+             "acc_minus_base": 0.05, "acc_minus_base_lo": 0.01, "acc_minus_base_hi": 0.09, "worst_group_acc_minus_base": 0.6, "worst_group_acc_minus_base_lo": 0.45,
+             "worst_group_acc_minus_base_hi": 0.72, "mean_group_acc_minus_base": 0.2, "mean_group_acc_minus_base_lo": 0.1, "mean_group_acc_minus_base_hi": 0.3},
+        ]
+    )
+    frame.to_parquet(tmp_path / "final" / "dfr.parquet")
+    section = dfr_section(context)
+    page = "".join(block for block in section.blocks if isinstance(block, str))
+    assert section.anchor == "dfr"
+    for text in ("on 120 validation images", "C = 0.3", "(250 images)", "+60.0 [+45.0, +72.0]", "70.0 %", "10.0 %", "3 | clean", "5 | planted"):
+        assert text in page, text
