@@ -86,6 +86,10 @@ def test_dfr_is_scored_on_the_final_models_test_images_with_paired_intervals(sho
         assert row[f"{name}_minus_base_lo"] <= row[f"{name}_minus_base"] + 1e-9 and row[f"{name}_minus_base"] <= row[f"{name}_minus_base_hi"] + 1e-9
     summary = json.loads((shortcut_smoke_results / "final" / "_stage.json").read_text())["summary"]
     assert summary["dfr_test_worst_group_acc"] == pytest.approx(row["test_worst_group_acc"], abs=1e-6)
+    from raycf.stages.dfr import summary_line
+    from raycf.stages.final import describe
+
+    assert describe(str(shortcut_smoke_results)).endswith(summary_line(dfr.reset_index()))  # raycf describe's final stage ends with the DFR line
 
 
 def test_plant_parquet_ranks_filters_by_each_method_with_intervals(shortcut_smoke_results):

@@ -235,6 +235,10 @@ def describe(results: str) -> str:
     table3 = storage.read_table(storage.join_uri(folder, "table3.parquet")).to_pandas()
     final = read_final_frame(results, "final.parquet")
     text = summary_text(table2, table3, str(final["verdict"].iloc[0]) if "verdict" in final else "")
+    if storage.exists(storage.join_uri(folder, "dfr.parquet")):  # final.dfr
+        from raycf.stages.dfr import summary_line
+
+        text = f"{text}\n\n{summary_line(storage.read_table(storage.join_uri(folder, 'dfr.parquet')).to_pandas())}"
     if not storage.exists(storage.join_uri(folder, SEED_SUMMARY_FILE)):
         return with_base_seeds(text, folder)
     seeds = storage.read_table(storage.join_uri(folder, SEED_SUMMARY_FILE)).to_pandas()
