@@ -18,11 +18,11 @@ COAT = 4  # Fashion-MNIST's class order: T-shirt/top, Trouser, Pullover, Dress, 
 
 @pytest.fixture(scope="module")
 def shortcut_smoke_results(ray_session, tmp_path_factory) -> Path:
-    """``raycf study studies/fashion_shortcut.yaml --smoke`` with the worst group as the search's objective; the results folder."""
+    """``raycf study studies/fashion_shortcut.yaml --smoke`` with the worst group as the search's objective and the DFR baseline; the results folder."""
     require_system("fashion-mnist")
     folder = tmp_path_factory.mktemp("shortcut-smoke")
     completed = run_cli(
-        "study", "studies/fashion_shortcut.yaml", "--smoke", "--set", f"storage_path={folder / 'results'}", "--set", "search.metric=val_worst_group_acc",
+        "study", "studies/fashion_shortcut.yaml", "--smoke", "--set", f"storage_path={folder / 'results'}", "--set", "search.metric=val_worst_group_acc", "--set", "final.dfr=true",
         env_extra={"RAY_ADDRESS": ray_address()},
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -68,6 +68,30 @@ def test_group_metrics_in_the_base_summary_the_leaderboard_and_the_final_tables(
         assert (test["correct"].sum() / test["images"].sum()) == pytest.approx(final.loc[model, "test_acc"])  # the groups partition the split
 
 
+def test_dfr_is_scored_on_the_final_models_test_images_with_paired_intervals(shortcut_smoke_results):
+    dfr = pd.read_parquet(shortcut_smoke_results / "final" / "dfr.parquet").set_index("model")
+    assert list(dfr.index) == ["base", "control", "debugged", "dfr"]
+    final = pd.read_parquet(shortcut_smoke_results / "final" / "final.parquet").set_index("model")
+    for model in ("base", "control", "debugged"):  # the same test images and predictions as the final stage's
+        assert dfr.loc[model, "test_acc"] == pytest.approx(final.loc[model, "test_acc"])
+        assert dfr.loc[model, "test_worst_group_acc"] == pytest.approx(final.loc[model, "test_worst_group_acc"])
+        assert dfr.loc[model, "test_mean_group_acc"] == pytest.approx(final.loc[model, "test_mean_group_acc"])
+    row = dfr.loc["dfr"]
+    assert 0 < row["test_worst_group_acc"] <= row["test_mean_group_acc"] <= 1 and row["c"] > 0
+    val_groups = pd.read_parquet(shortcut_smoke_results / "images" / "val.parquet")["group"]
+    assert row["fit_images"] % val_groups.nunique() == 0  # every group subsampled to the same count
+    assert 0 < row["fit_images"] <= len(val_groups) // 2 + val_groups.nunique() and row["tune_images"] == len(val_groups) - (val_groups.value_counts() + 1).floordiv(2).sum()
+    for name in ("acc", "worst_group_acc", "mean_group_acc"):
+        assert row[f"{name}_minus_base"] == pytest.approx(row[f"test_{name}"] - dfr.loc["base", f"test_{name}"])
+        assert row[f"{name}_minus_base_lo"] <= row[f"{name}_minus_base"] + 1e-9 and row[f"{name}_minus_base"] <= row[f"{name}_minus_base_hi"] + 1e-9
+    summary = json.loads((shortcut_smoke_results / "final" / "_stage.json").read_text())["summary"]
+    assert summary["dfr_test_worst_group_acc"] == pytest.approx(row["test_worst_group_acc"], abs=1e-6)
+    from raycf.stages.dfr import summary_line
+    from raycf.stages.final import describe
+
+    assert describe(str(shortcut_smoke_results)).endswith(summary_line(dfr.reset_index()))  # raycf describe's final stage ends with the DFR line
+
+
 def test_plant_parquet_ranks_filters_by_each_method_with_intervals(shortcut_smoke_results):
     plant = pd.read_parquet(shortcut_smoke_results / "analysis" / "plant.parquet")
     assert set(plant["ranking"]) == {"cfe_frequency", "cfe_specificity", "attribution", "random", "oracle"}
@@ -88,5 +112,5 @@ def test_the_report_shows_the_planted_and_group_sections_in_chromium(shortcut_sm
     page = dumped.stdout
     assert 'data-broken-figures="0"' in page
     assert page.index('id="planted"') < page.index('id="study"')  # the first section
-    for text in ("The planted bug: patch on Coat", "Coat images predicted Coat", "other images predicted Coat", "CFE global-MC frequency", "Group accuracy", "Coat | planted", "Worst-group and mean-group accuracy"):
+    for text in ("The planted bug: patch on Coat", "Coat images predicted Coat", "other images predicted Coat", "CFE global-MC frequency", "Group accuracy", "Coat | planted", "Worst-group and mean-group accuracy", "DFR baseline"):
         assert text in page, text

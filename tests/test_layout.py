@@ -23,7 +23,7 @@ print(",".join(sorted(names)))
 def test_the_method_package_imports_without_ray():
     done = subprocess.run([sys.executable, "-c", IMPORT_METHOD_WITHOUT_RAY], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().split(",") == ["atlas", "bank", "base_models", "bootstrap", "class_centred", "debug_loss", "detection", "detection_tables", "flagged", "global_mc", "groups", "learned_detector", "masks", "multiple", "plant", "plant_check", "replication", "search_noise", "selection", "suppress", "treatment"]
+    assert done.stdout.strip().split(",") == ["atlas", "bank", "base_models", "bootstrap", "class_centred", "debug_loss", "detection", "detection_tables", "dfr", "flagged", "global_mc", "groups", "learned_detector", "masks", "multiple", "plant", "plant_check", "replication", "search_noise", "selection", "suppress", "treatment"]
 
 
 def layout_map() -> str:

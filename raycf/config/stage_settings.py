@@ -309,6 +309,13 @@ class FinalConfig(StrictModel):
         3, gt=0, description="the suppress_auto treatment's filters per class: the k most error-specific (the atlas's ranking on the validation split's MC masks)"
     )
 
+    dfr: bool = Field(
+        False,
+        description="also refit the base model's linear head by deep feature reweighting (DFR, Kirichenko et al. 2022) on a "
+        "group-balanced half of the validation split (C chosen on the other half by worst-group accuracy) and compare it with the "
+        "final models on the test split (final/dfr.parquet); needs groups (data.plant or data.groups)",
+    )
+
     _names_as_text = field_validator("class_group", mode="before")(names_as_text)
 
     @model_validator(mode="after")

@@ -85,6 +85,8 @@ class StudyConfig(StrictModel):
     def _group_metric_needs_groups(self) -> "StudyConfig":
         if self.search.metric in GROUP_METRICS and self.data.plant is None and not self.data.groups:
             raise ValueError(f"search.metric: {self.search.metric} needs groups (expected data.plant or data.groups, or another metric)")
+        if self.final.dfr and self.data.plant is None and not self.data.groups:
+            raise ValueError("final.dfr: DFR refits the head on group-balanced validation images and needs groups (expected data.plant or data.groups, or final.dfr: false)")
         return self
 
     @model_validator(mode="after")

@@ -41,7 +41,9 @@ its own seed on the same split (:mod:`raycf.stages.base_seeds`):
 A study with groups (``data.plant``, ``data.groups``) adds
 ``final/groups.parquet`` (accuracy per model, split and group), the worst and
 mean group accuracy of val and test to ``final.parquet`` and, with seeds,
-to ``final/seeds.parquet``.
+to ``final/seeds.parquet``.  With ``final.dfr`` it also refits the base
+model's head by DFR and compares it on test (``final/dfr.parquet``,
+:mod:`raycf.stages.dfr`).
 
 ``final.treatments`` adds the suppression treatments to the grid
 (:mod:`raycf.stages.treatments`), compared with the control the same way.
@@ -179,6 +181,10 @@ def run(run: "StageRun") -> dict:
     }
     if groups_of:
         summary.update({f"{row.model}_test_worst_group_acc": round(float(row.test_worst_group_acc), 6) for row in final.itertuples()})
+    if study.final.dfr:  # the DFR baseline on the base model's val and test features (raycf.stages.dfr)
+        from raycf.stages.dfr import run_dfr
+
+        summary.update(run_dfr(run, predictions, groups_of))
     if seed_runs:
         summary.update(write_seed_comparison(run, seed_runs, seed_rows(retrained[of_seeds], seed_runs), points, tables.class_recall))
     if study.final.base_seeds > 1:
@@ -233,6 +239,10 @@ def describe(results: str) -> str:
     table3 = storage.read_table(storage.join_uri(folder, "table3.parquet")).to_pandas()
     final = read_final_frame(results, "final.parquet")
     text = summary_text(table2, table3, str(final["verdict"].iloc[0]) if "verdict" in final else "")
+    if storage.exists(storage.join_uri(folder, "dfr.parquet")):  # final.dfr
+        from raycf.stages.dfr import summary_line
+
+        text = f"{text}\n\n{summary_line(storage.read_table(storage.join_uri(folder, 'dfr.parquet')).to_pandas())}"
     if not storage.exists(storage.join_uri(folder, SEED_SUMMARY_FILE)):
         return with_base_seeds(text, folder)
     seeds = storage.read_table(storage.join_uri(folder, SEED_SUMMARY_FILE)).to_pandas()

@@ -21,6 +21,7 @@ from raycf.outputs.report.blocks import (
     ReportContext,
     Section,
 )
+from raycf.outputs.report.dfr_section import dfr_section
 from raycf.outputs.report.final_sections import final_section
 from raycf.outputs.atlas import atlas_section  # the filter atlas (issue 24 item 4)
 from raycf.outputs.report.gallery import gallery_section
@@ -39,6 +40,7 @@ SECTIONS: tuple[Callable[[ReportContext], Section | None], ...] = (
     detection_section,
     learned_detector_section,
     final_section,
+    dfr_section,  # final.dfr only (None otherwise)
     search_section,
     search_noise_section,
     global_mc_section,
