@@ -325,20 +325,17 @@ def test_the_cli_hands_verbose_and_the_results_folder_to_the_console(monkeypatch
     import raycf.models.build
     from raycf.cli import _load_checked_study
 
-    class Study:
-        results_uri = str(tmp_path / "digits")
-        data, seed, model = None, 0, None
-        final = raycf.config.FinalConfig()
+    study = raycf.config.study_from_mapping({"name": "digits", "storage_path": str(tmp_path)})
 
     class Splits:
         num_classes = 10
         class_names = [str(digit) for digit in range(10)]
 
-    monkeypatch.setattr(raycf.config, "load_study", lambda *args, **kwargs: Study())
+    monkeypatch.setattr(raycf.config, "load_study", lambda *args, **kwargs: study)
     monkeypatch.setattr(raycf.data.datasets, "load_splits", lambda *args, **kwargs: Splits())
     monkeypatch.setattr(raycf.models.build, "check_model_weights", lambda *args: None)
     _load_checked_study(build_parser().parse_args(["study", "s.yaml"]))
-    assert console.configured_results() == Study.results_uri and not console.verbose()
+    assert console.configured_results() == study.results_uri and not console.verbose()
     _load_checked_study(build_parser().parse_args(["study", "s.yaml", "--verbose"]))
     assert console.verbose() and os.environ["RAYCF_VERBOSE"] == "1"
 
