@@ -497,14 +497,14 @@ def _repair_rows(results: str) -> tuple[list[dict], list[str]]:
 
 
 def repair_sentences(rows: list[dict]) -> list[str]:
-    """Per treatment its worst-group and accuracy change by the rules; then the best repair (the largest worst-group gain whose interval excludes zero upward), or that none is shown."""
+    """Per treatment its worst-group and accuracy change by the rules; then the best repair (the largest worst-group gain whose interval excludes zero upward; the control is never one), or that none is shown."""
     points = {"scale": 100, "digits": 2, "unit": " points"}
     sentences = [
         f"{r['treatment']} − {r['baseline']} ({r['interval']}): test worst-group accuracy {reading(*r['worst'], NEGLIGIBLE['worst_group'], **points)}; "
         f"test accuracy {reading(*r['mean'], NEGLIGIBLE['accuracy'], **points)}."
         for r in rows
     ]
-    repaired = [r for r in rows if r["worst"][1] > 0]
+    repaired = [r for r in rows if r["worst"][1] > 0 and r["treatment"] != "control"]  # the control is retraining alone: the treatments' baseline, not a repair
     if repaired:
         best = max(repaired, key=lambda r: r["worst"][0])
         sentences.append(

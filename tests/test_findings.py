@@ -121,10 +121,11 @@ def test_the_rankings_table_and_its_sentences_follow_the_intervals(tmp_path):
 
 def _repairs_folder(tmp_path, dfr_worst: tuple[float, float, float], treatment_worst: tuple[float, float, float]) -> str:
     (tmp_path / "final").mkdir()
-    dfr = pd.DataFrame({"model": ["base", "dfr"], "test_acc": [0.80, 0.79], "test_worst_group_acc": [0.40, 0.40 + dfr_worst[0]], "test_mean_group_acc": [0.7, 0.72],
-                        "acc_minus_base": [float("nan"), -0.01], "acc_minus_base_lo": [float("nan"), -0.02], "acc_minus_base_hi": [float("nan"), -0.004],
-                        "worst_group_acc_minus_base": [float("nan"), dfr_worst[0]], "worst_group_acc_minus_base_lo": [float("nan"), dfr_worst[1]],
-                        "worst_group_acc_minus_base_hi": [float("nan"), dfr_worst[2]]})  # fmt: skip
+    nan = float("nan")  # the control gains most, and is still no repair: it is the treatments' baseline
+    dfr = pd.DataFrame({"model": ["base", "dfr", "control"], "test_acc": [0.80, 0.79, 0.85], "test_worst_group_acc": [0.40, 0.40 + dfr_worst[0], 0.7], "test_mean_group_acc": [0.7, 0.72, 0.8],
+                        "acc_minus_base": [nan, -0.01, 0.05], "acc_minus_base_lo": [nan, -0.02, 0.04], "acc_minus_base_hi": [nan, -0.004, 0.06],
+                        "worst_group_acc_minus_base": [nan, dfr_worst[0], 0.3], "worst_group_acc_minus_base_lo": [nan, dfr_worst[1], 0.2],
+                        "worst_group_acc_minus_base_hi": [nan, dfr_worst[2], 0.4]})  # fmt: skip
     dfr.to_parquet(tmp_path / "final" / "dfr.parquet")
     summary = pd.DataFrame({"comparison": ["suppress_auto - control"], "model": ["suppress_auto"], "baseline": ["control"], "seeds": [5],
                             "test_diff_mean": [0.002], "test_diff_ci_low": [-0.001], "test_diff_ci_high": [0.005],
@@ -137,8 +138,9 @@ def test_a_treatment_whose_interval_excludes_zero_upward_is_named_the_repair(tmp
     script = _script()
     text, sentences = script.repairs(_repairs_folder(tmp_path, (0.10, 0.05, 0.15), (0.01, -0.02, 0.04)))
     assert sentences[0] == "dfr − base (paired bootstrap over test images, one run): test worst-group accuracy higher (+10.00 [+5.00, +15.00] points); test accuracy lower (-1.00 [-2.00, -0.40] points)."
-    assert sentences[1].startswith("suppress_auto − control (t interval over 5 seeds): test worst-group accuracy no difference detected (+1.00 [-2.00, +4.00] points: the interval includes zero); test accuracy no difference detected (")
-    assert sentences[2] == "The best repair shown: dfr, worst-group accuracy +10.00 [+5.00, +15.00] points against base, at a cost in accuracy of -1.00 [-2.00, -0.40] points."
+    assert sentences[1] == "control − base (paired bootstrap over test images, one run): test worst-group accuracy higher (+30.00 [+20.00, +40.00] points); test accuracy higher (+5.00 [+4.00, +6.00] points)."
+    assert sentences[2].startswith("suppress_auto − control (t interval over 5 seeds): test worst-group accuracy no difference detected (+1.00 [-2.00, +4.00] points: the interval includes zero); test accuracy no difference detected (")
+    assert sentences[3] == "The best repair shown: dfr, worst-group accuracy +10.00 [+5.00, +15.00] points against base, at a cost in accuracy of -1.00 [-2.00, -0.40] points."
     assert "| dfr − base | paired bootstrap over test images, one run | +10.00 [+5.00, +15.00] | -1.00 [-2.00, -0.40] |" in text
     assert "_final/groups.parquet is missing: the study has not written it._" in text
 
