@@ -8,13 +8,16 @@ folder: the stage markers (``<folder>/_stage.json``, :data:`raycf.stages.STAGES`
 ``analysis/error_scores.parquet``, ``analysis/learned_detector.parquet``,
 ``final/table2.parquet``, ``final/seed_summary.parquet``,
 ``final/group_recall.parquet``, ``final/base_seed_summary.parquet``, ``report/search_noise.json`` and the
-resolved ``config.yaml``.  Nothing is typed by hand; a missing file is named
+resolved ``config.yaml``; a planted study (``data.plant``) adds ``analysis/plant_effect.parquet``,
+``analysis/plant.parquet``, ``final/dfr.parquet`` and ``final/groups.parquet``.  Nothing is typed by hand; a missing file is named
 instead of its section.  Reads no images and needs no Ray.
 
 Intervals are read by :func:`reading`: "no difference detected" where an
 interval includes zero; "negligible" (with the interval) where it excludes
 zero but lies within the quantity's margin (:data:`NEGLIGIBLE`); "higher" or
-"lower" otherwise.
+"lower" otherwise.  Two intervals without a paired difference (the rankings
+of ``plant.parquet``) are read by :func:`overlap`: "higher"/"lower" only
+where they do not overlap.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ DETECTOR_SCORES = (
     "mc_size", "max_softmax", "max_softmax_x_f1",
 )  # fmt: skip
 # A difference inside ± this is too small to matter, even when its interval excludes 0.
-NEGLIGIBLE = {"auroc": 0.01, "accuracy": 0.001, "recall": 0.01}
+NEGLIGIBLE = {"auroc": 0.01, "accuracy": 0.001, "recall": 0.01, "worst_group": 0.01}  # worst group: a group of a few hundred images
 
 
 MAX_EXTRA_DIGITS = 4  # how many more decimals a number may get so that it does not print as zero
@@ -110,9 +113,9 @@ def equals(shown_p: str) -> str:
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
-    """A pipe table (no index)."""
+    """A pipe table (no index); a ``|`` inside a cell (a group's name, ``Coat | planted``) escaped."""
     lines = ["| " + " | ".join(str(c) for c in frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    lines += ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines)
 
 
@@ -399,6 +402,178 @@ def search(results: str) -> tuple[str, list[str]]:
     return text, sentences
 
 
+# ------------------------------------------------------------------ planted bug
+
+
+def overlap(value: float, low: float, high: float, other_low: float, other_high: float, digits: int = 4) -> str:
+    """One interval against another's (no paired difference): higher or lower only where they do not overlap; else no difference detected."""
+    shown_ = interval(value, low, high, digits=digits, signed=True)
+    if any(math.isnan(v) for v in (low, high, other_low, other_high)):
+        return f"undefined ({shown_})"
+    if low > other_high or high < other_low:
+        return f"{'higher' if low > other_high else 'lower'} ({shown_} against {bounds(other_low, other_high, digits=digits, signed=True)}: the intervals do not overlap)"
+    return f"no difference detected ({shown_} against {bounds(other_low, other_high, digits=digits, signed=True)}: the intervals overlap)"
+
+
+def plant_effect(results: str) -> tuple[str, list[str]]:
+    """The base model on the clean images with and without the feature, and what the change says (the file has no interval)."""
+    effect = read_frame(results, "analysis", "plant_effect.parquet")
+    if effect is None:
+        return missing("analysis", "plant_effect.parquet"), []
+    rows = pd.DataFrame(
+        {
+            "measure": effect["description"],
+            "images": effect["images"],
+            "clean": [f"{100 * v:.2f} %" for v in effect["clean"]],
+            "feature planted": [f"{100 * v:.2f} %" for v in effect["planted"]],
+            "change (points)": [f"{100 * v:+.2f}" for v in effect["change"]],
+        }
+    )
+    text = (
+        "The base model on the clean validation and test images, as they are and with the feature planted on the fly "
+        f"(each image its own control; no interval in the file):\n\n{markdown_table(rows)}"
+    )
+    sentences = [f"With the feature planted, {r['description']}: {100 * r['clean']:.2f} % → {100 * r['planted']:.2f} % ({100 * r['change']:+.2f} points, {r['images']} images)." for r in effect.to_dict("records")]
+    return text, sentences
+
+
+def plant_rankings(results: str) -> tuple[str, list[str]]:
+    """The planted-feature sensitivity of each ranking's top k filters, and CFE's rankings against random and attribution by their intervals, per k."""
+    plant = read_frame(results, "analysis", "plant.parquet")
+    if plant is None:
+        return missing("analysis", "plant.parquet"), []
+    wide = plant.pivot_table(index="k", columns="ranking", values="sensitivity", aggfunc="first")
+    cells = {(r.k, r.ranking): interval(r.sensitivity, r.lo, r.hi, digits=4, signed=True) for r in plant.itertuples()}
+    rankings = [name for name in ("cfe_frequency", "cfe_specificity", "attribution", "random", "oracle") if name in set(plant["ranking"])]
+    table = pd.DataFrame({"k": wide.index, **{name: [cells[(k, name)] for k in wide.index] for name in rankings}})
+    first = plant.iloc[0]
+    text = (
+        f"Mean planted-feature sensitivity (pooled activation with − without the feature) of the top k filters of each ranking of {first['class']}'s "
+        f"filters, on its {int(first['images'])} clean images, with 95 % bootstrap intervals over images (random: the expectation; oracle: the filters "
+        f"the feature drives most, in-sample):\n\n{markdown_table(table)}"
+    )
+    by = plant.set_index(["k", "ranking"])
+    sentences = []
+    for k in wide.index:
+        for cfe in ("cfe_frequency", "cfe_specificity"):
+            if (k, cfe) not in by.index:
+                continue
+            row = by.loc[(k, cfe)]
+            against = [
+                f"against {other}: {overlap(row['sensitivity'], row['lo'], row['hi'], by.loc[(k, other), 'lo'], by.loc[(k, other), 'hi'])}"
+                for other in ("random", "attribution")
+                if (k, other) in by.index
+            ]
+            sentences.append(f"Top {k} by {cfe}, " + "; ".join(against) + ".")
+    return text, sentences
+
+
+def _repair_rows(results: str) -> tuple[list[dict], list[str]]:
+    """Every treatment's worst-group and accuracy change with its interval: DFR's file against the base model, the seed comparisons against the control."""
+    rows, notes = [], []
+    dfr = read_frame(results, "final", "dfr.parquet")
+    if dfr is None:
+        notes.append(missing("final", "dfr.parquet"))
+    else:
+        for r in dfr[dfr["model"] != "base"].to_dict("records"):
+            rows.append(
+                {"treatment": r["model"], "baseline": "base", "interval": "paired bootstrap over test images, one run",
+                 "worst": (r["worst_group_acc_minus_base"], r["worst_group_acc_minus_base_lo"], r["worst_group_acc_minus_base_hi"]),
+                 "mean": (r["acc_minus_base"], r["acc_minus_base_lo"], r["acc_minus_base_hi"])}
+            )  # fmt: skip
+    summary = read_frame(results, "final", "seed_summary.parquet")
+    if summary is None:
+        notes.append(missing("final", "seed_summary.parquet"))
+    elif "worst_group_diff_mean" not in summary:
+        notes.append("_final/seed_summary.parquet has no worst-group columns: the study's images have no groups._")
+    else:
+        for r in summary.to_dict("records"):
+            rows.append(
+                {"treatment": r["model"], "baseline": r["baseline"], "interval": f"t interval over {r['seeds']} seeds",
+                 "worst": (r["worst_group_diff_mean"], r["worst_group_diff_ci_low"], r["worst_group_diff_ci_high"]),
+                 "mean": (r["test_diff_mean"], r["test_diff_ci_low"], r["test_diff_ci_high"])}
+            )  # fmt: skip
+    return rows, notes
+
+
+def repair_sentences(rows: list[dict]) -> list[str]:
+    """Per treatment its worst-group and accuracy change by the rules; then the best repair (the largest worst-group gain whose interval excludes zero upward; the control is never one), or that none is shown."""
+    points = {"scale": 100, "digits": 2, "unit": " points"}
+    sentences = [
+        f"{r['treatment']} − {r['baseline']} ({r['interval']}): test worst-group accuracy {reading(*r['worst'], NEGLIGIBLE['worst_group'], **points)}; "
+        f"test accuracy {reading(*r['mean'], NEGLIGIBLE['accuracy'], **points)}."
+        for r in rows
+    ]
+    repaired = [r for r in rows if r["worst"][1] > 0 and r["treatment"] != "control"]  # the control is retraining alone: the treatments' baseline, not a repair
+    if repaired:
+        best = max(repaired, key=lambda r: r["worst"][0])
+        sentences.append(
+            f"The best repair shown: {best['treatment']}, worst-group accuracy {interval(*best['worst'], 100, 2, True)} points against {best['baseline']}, "
+            f"at a cost in accuracy of {interval(*best['mean'], 100, 2, True)} points."
+        )
+    elif rows:
+        sentences.append("No treatment is shown to repair worst-group accuracy: no interval of its change excludes zero upward.")
+    return sentences
+
+
+def repairs(results: str) -> tuple[str, list[str]]:
+    """Each model's test worst group (``final/groups.parquet``), DFR's table, and which treatment repairs worst-group accuracy at what cost."""
+    parts = []
+    groups = read_frame(results, "final", "groups.parquet")
+    if groups is None:
+        parts.append(missing("final", "groups.parquet"))
+    else:
+        test = groups[groups["split"] == "test"]
+        worst = test.loc[test.groupby("model", sort=False)["acc"].idxmin()]
+        parts.append(
+            "Test accuracy per group of the final models (`final/groups.parquet`): each model's worst group:\n\n"
+            + markdown_table(
+                pd.DataFrame(
+                    {
+                        "model": worst["model"],
+                        "worst group": worst["group"],
+                        "its images": worst["images"],
+                        "worst-group acc.": [f"{100 * v:.2f} %" for v in worst["acc"]],
+                        "mean-group acc.": [f"{100 * v:.2f} %" for v in worst["mean_group_acc"]],
+                    }
+                )
+            )
+        )
+    rows, notes = _repair_rows(results)
+    if rows:
+        parts.append(
+            "Each treatment against its baseline, in points (DFR's file: against the base model; the seed comparisons: against the control):\n\n"
+            + markdown_table(
+                pd.DataFrame(
+                    {
+                        "treatment": [f"{r['treatment']} − {r['baseline']}" for r in rows],
+                        "interval": [r["interval"] for r in rows],
+                        "worst-group Δ [95 % CI]": [interval(*r["worst"], 100, 2, True) for r in rows],
+                        "accuracy Δ [95 % CI]": [interval(*r["mean"], 100, 2, True) for r in rows],
+                    }
+                )
+            )
+        )
+    return "\n\n".join(parts + notes), repair_sentences(rows)
+
+
+def planted(results: str) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """A planted study's sections and readings; none without ``data.plant``."""
+    plant = load_results_study(results).data.plant
+    if plant is None:
+        return [], []
+    effect_text, effect_sentences = plant_effect(results)
+    rankings_text, rankings_sentences = plant_rankings(results)
+    repairs_text, repairs_sentences = repairs(results)
+    sections = [
+        f"### The planted bug ({plant.kind} on {plant.class_name}): its effect on the base model\n\n" + effect_text,
+        "### Does the method point at the planted feature?\n\n" + rankings_text,
+        "### Which treatment repairs worst-group accuracy, at what cost in accuracy?\n\n" + repairs_text,
+    ]
+    readings = [("Planted bug", effect_sentences), ("Pointing at the bug", rankings_sentences), ("Repair", repairs_sentences)]
+    return sections, readings
+
+
 def findings(results: str) -> str:
     """The whole section: the measured tables, then every reading as a bullet."""
     name = results.rstrip("/").rsplit("/", 1)[-1]
@@ -408,12 +583,14 @@ def findings(results: str) -> str:
     retraining_text, retraining_sentences = retraining(results)
     base_text, base_sentences = base_models(results)
     search_text, search_sentences = search(results)
+    planted_sections, planted_readings = planted(results)
     readings = [
         ("Detection", table1_sentences + scores_sentences),
         ("Learned detector", learned_sentences),
         ("Debug retraining", retraining_sentences),
         ("Over base models", base_sentences),
         ("Search", search_sentences),
+        *planted_readings,
     ]
     bullets = "\n".join(f"- **{title}.** {' '.join(sentences)}" for title, sentences in readings if sentences)
     return "\n\n".join(
@@ -427,6 +604,7 @@ def findings(results: str) -> str:
             "### Debug retraining against the control\n\n" + retraining_text,
             "### Over base models\n\n" + base_text,
             "### The search\n\n" + search_text,
+            *planted_sections,
             "### What these numbers say (generated from the intervals)\n\n" + (bullets or "_No reading: the study's files are missing._"),
         ]
     )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -114,3 +116,34 @@ def test_the_report_shows_the_planted_and_group_sections_in_chromium(shortcut_sm
     assert page.index('id="planted"') < page.index('id="study"')  # the first section
     for text in ("The planted bug: patch on Coat", "Coat images predicted Coat", "other images predicted Coat", "CFE global-MC frequency", "Group accuracy", "Coat | planted", "Worst-group and mean-group accuracy", "DFR baseline"):
         assert text in page, text
+
+
+def test_findings_answer_the_planted_question_from_the_studys_files(shortcut_smoke_results):
+    import importlib.util
+
+    from conftest import REPO
+
+    completed = subprocess.run([sys.executable, str(REPO / "scripts" / "findings.py"), str(shortcut_smoke_results)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    text = completed.stdout
+    spec = importlib.util.spec_from_file_location("findings_script", REPO / "scripts" / "findings.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    effect = pd.read_parquet(shortcut_smoke_results / "analysis" / "plant_effect.parquet").set_index("measure")
+    recall = effect.loc["class_recall"]
+    assert f"| Coat images predicted Coat | {recall['images']} | {100 * recall['clean']:.2f} % | {100 * recall['planted']:.2f} % | {100 * recall['change']:+.2f} |" in text
+    plant = pd.read_parquet(shortcut_smoke_results / "analysis" / "plant.parquet").set_index(["k", "ranking"])
+    for k in plant.index.get_level_values("k").unique():
+        cfe, random = plant.loc[(k, "cfe_frequency")], plant.loc[(k, "random")]
+        assert f"Top {k} by cfe_frequency, against random: {script.overlap(cfe['sensitivity'], cfe['lo'], cfe['hi'], random['lo'], random['hi'])}" in text
+    dfr = pd.read_parquet(shortcut_smoke_results / "final" / "dfr.parquet").set_index("model").loc["dfr"]
+    worst = script.interval(dfr["worst_group_acc_minus_base"], dfr["worst_group_acc_minus_base_lo"], dfr["worst_group_acc_minus_base_hi"], 100, 2, True)
+    assert f"| dfr − base | paired bootstrap over test images, one run | {worst} |" in text
+    reading = script.reading(dfr["worst_group_acc_minus_base"], dfr["worst_group_acc_minus_base_lo"], dfr["worst_group_acc_minus_base_hi"], script.NEGLIGIBLE["worst_group"], scale=100, digits=2, unit=" points")
+    assert f"dfr − base (paired bootstrap over test images, one run): test worst-group accuracy {reading}; " in text
+    assert ("The best repair shown: " in text) != ("No treatment is shown to repair worst-group accuracy" in text)  # exactly one verdict
+    groups = pd.read_parquet(shortcut_smoke_results / "final" / "groups.parquet")
+    test = groups[(groups["split"] == "test") & (groups["model"] == "base")]
+    base_worst = test.loc[test["acc"].idxmin()]
+    assert f"| base | {base_worst['group'].replace('|', chr(92) + '|')} | {base_worst['images']} | {100 * base_worst['acc']:.2f} % |" in text
+    assert script.missing("final", "seed_summary.parquet") in text  # the smoke block runs one seed: no seed comparison, named as missing
