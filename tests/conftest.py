@@ -195,16 +195,29 @@ def smoke_study_results(ray_session, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def s3_bucket():
-    """moto's S3 server at ``AWS_ENDPOINT_URL`` with the empty bucket ``s3://raycf-results``; yields its URI."""
+    """moto's S3 server at ``AWS_ENDPOINT_URL`` with the empty bucket ``s3://raycf-results``; yields its URI.
+
+    The server runs in a process of its own: in this one, leaving a test's
+    in-process ``moto.mock_aws()`` (tests/test_cluster_aws.py) resets moto's
+    backends, and a server thread here would lose its bucket with them.
+    """
+    import time
+
     import boto3
-    from moto.server import ThreadedMotoServer
 
     port = int(S3_ENVIRONMENT["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        assert server.poll() is None and time.monotonic() < deadline, "moto's S3 server did not start"
+        time.sleep(0.1)
     boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
     yield f"s3://{S3_BUCKET}"
-    server.stop()
+    server.terminate()
+    server.wait(timeout=30)
 
 
 RUN_STAGE = (
