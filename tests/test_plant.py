@@ -103,6 +103,8 @@ def test_plant_config_reads_class_by_alias_and_refuses_bad_values():
             study_from_mapping({"name": "t", "data": {"kind": "digits", "plant": plant}})
     with pytest.raises(UserError, match="search.metric: val_worst_group_acc needs groups"):
         study_from_mapping({"name": "t", "search": {"metric": "val_worst_group_acc"}})
+    with pytest.raises(UserError, match=r"search.metric: val_mean_group_acc is computed by one retraining worker \(expected debug.workers: 1; got 2\)"):
+        study_from_mapping({"name": "t", "data": {"kind": "digits", "plant": {"class": 1}}, "search": {"metric": "val_mean_group_acc"}, "debug": {"workers": 2}})
 
 
 def _study(tmp_path: Path, data: str) -> Path:

@@ -85,6 +85,9 @@ class StudyConfig(StrictModel):
     def _group_metric_needs_groups(self) -> "StudyConfig":
         if self.search.metric in GROUP_METRICS and self.data.plant is None and not self.data.groups:
             raise ValueError(f"search.metric: {self.search.metric} needs groups (expected data.plant or data.groups, or another metric)")
+        if self.search.metric in GROUP_METRICS and self.debug.workers > 1:
+            # each worker holds only its share of the validation predictions: no worker can compute a group's accuracy
+            raise ValueError(f"search.metric: {self.search.metric} is computed by one retraining worker (expected debug.workers: 1; got {self.debug.workers})")
         if self.final.dfr and self.data.plant is None and not self.data.groups:
             raise ValueError("final.dfr: DFR refits the head on group-balanced validation images and needs groups (expected data.plant or data.groups, or final.dfr: false)")
         return self
