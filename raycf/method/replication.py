@@ -99,34 +99,9 @@ def seed_summary(seeds: pd.DataFrame, splits: Sequence[str] = ("test", "val"), c
         paired_seeds = len(paired_differences(seeds, f"{splits[0]}_acc", model))
         row: dict = {"comparison": f"{model} - {CONTROL}", "model": model, "baseline": CONTROL, "seeds": paired_seeds, "confidence": confidence}
         for split in splits:
-            differences = paired_differences(seeds, f"{split}_acc", model)
-            interval = paired_interval(differences, confidence)
-            accuracy = seeds.set_index(["model", "seed"])[f"{split}_acc"]
-            row.update(
-                {
-                    f"{split}_acc_mean": float(accuracy.loc[model].loc[differences.index].mean()),
-                    f"{split}_baseline_acc_mean": float(accuracy.loc[CONTROL].loc[differences.index].mean()),
-                    f"{split}_diff_mean": interval.mean,
-                    f"{split}_diff_sd": interval.sd,
-                    f"{split}_diff_ci_low": interval.low,
-                    f"{split}_diff_ci_high": interval.high,
-                    f"{split}_wins": int((differences > 0).sum()),
-                }
-            )
+            row.update(_paired_columns(seeds, f"{split}_acc", split, model, confidence, wins=True))
         if WORST_GROUP in seeds:
-            differences = paired_differences(seeds, WORST_GROUP, model)
-            interval = paired_interval(differences, confidence)
-            accuracy = seeds.set_index(["model", "seed"])[WORST_GROUP]
-            row.update(
-                {
-                    "worst_group_acc_mean": float(accuracy.loc[model].loc[differences.index].mean()),
-                    "worst_group_baseline_acc_mean": float(accuracy.loc[CONTROL].loc[differences.index].mean()),
-                    "worst_group_diff_mean": interval.mean,
-                    "worst_group_diff_sd": interval.sd,
-                    "worst_group_diff_ci_low": interval.low,
-                    "worst_group_diff_ci_high": interval.high,
-                }
-            )
+            row.update(_paired_columns(seeds, WORST_GROUP, "worst_group", model, confidence, wins=False))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -140,6 +115,24 @@ def with_group_rows(class_recall: pd.DataFrame, group: Sequence[str]) -> pd.Data
     pooled["support"] = support.to_numpy()
     return pd.concat([members, pooled[members.columns]], ignore_index=True)
 
+
+
+def _paired_columns(seeds: pd.DataFrame, column: str, prefix: str, model: str, confidence: float, wins: bool) -> dict:
+    """``model`` against the control on ``column``, paired by seed: ``<prefix>_acc_mean``, ``_baseline_acc_mean``, ``_diff_mean|sd|ci_low|ci_high`` (and ``_wins``)."""
+    differences = paired_differences(seeds, column, model)
+    interval = paired_interval(differences, confidence)
+    accuracy = seeds.set_index(["model", "seed"])[column]
+    columns = {
+        f"{prefix}_acc_mean": float(accuracy.loc[model].loc[differences.index].mean()),
+        f"{prefix}_baseline_acc_mean": float(accuracy.loc[CONTROL].loc[differences.index].mean()),
+        f"{prefix}_diff_mean": interval.mean,
+        f"{prefix}_diff_sd": interval.sd,
+        f"{prefix}_diff_ci_low": interval.low,
+        f"{prefix}_diff_ci_high": interval.high,
+    }
+    if wins:
+        columns[f"{prefix}_wins"] = int((differences > 0).sum())
+    return columns
 
 def group_recall(class_recall: pd.DataFrame, group: Sequence[str], base_recall: dict[str, float] | None = None, confidence: float = CONFIDENCE) -> pd.DataFrame:
     """``final/group_recall.parquet``: each group class's test recall change (model − control) over seeds, and the group's.
