@@ -11,13 +11,17 @@ in this process beforehand, outside every timing.
   the control (the same loss with λ1 = λ2 = 0), same batch, same model.
   Target ≤ 1.10.  ``debug_step_over_plain_ce_step`` compares with a bare
   cross-entropy step.
-* ``ray_train_epoch_over_bare_loop``: one epoch of
-  :func:`raycf.training.debug.debug_train_loop` on a 1-worker TorchTrainer
-  (training + validation, its per-epoch ``epoch_s``) ÷ the same epoch as a
-  bare PyTorch loop in this process (same model, inputs, loss, evaluation; no
-  session, reports or checkpoints), both on one thread.  Target ≤ 1.15.  Ray
-  Train's start-up and tear-down, and the report and checkpoint between
-  epochs, are excluded from the ratio and printed on their own line.
+* ``ray_epoch_over_bare_loop``: one epoch of
+  :func:`raycf.training.debug.debug_train_loop` run on Ray with one worker
+  (one Tune trial; training + validation, its per-epoch ``epoch_s``) ÷ the
+  same epoch as a bare PyTorch loop in this process (same model, inputs,
+  loss, evaluation; no session, reports or checkpoints), both on one thread.
+  Target ≤ 1.15.  Start-up and tear-down, and the report and checkpoint
+  between epochs, are excluded from the ratio and printed on their own line.
+* ``trial_start_over_trainer_start``: the same run's start-up and tear-down
+  (its seconds outside its epochs) in one Tune trial, as ``fit`` runs a
+  one-worker job, ÷ on a one-worker TorchTrainer, as it ran before.
+  Target ≤ 0.5.
 """
 
 from __future__ import annotations
@@ -165,19 +169,32 @@ def bare_epoch_seconds(job) -> list[float]:
     return seconds
 
 
-def ray_train_ratio(job, storage: str) -> list[Ratio]:
+def _outside_epochs(run, job, storage: str) -> tuple[float, list[dict]]:
+    """A debug run's seconds outside its epochs (start-up, tear-down: all but the first epoch's end to the last's, and the first epoch), and its history."""
+    started = time.perf_counter()
+    history = list(run(job, storage).history)
+    total = time.perf_counter() - started
+    ends = [row["time"] for row in history]
+    return total - (ends[-1] - ends[0]) - history[0]["epoch_s"], history
+
+
+def ray_ratios(job, storage: str) -> list[Ratio]:
     from raycf.runtime.cluster import ensure_ray
-    from raycf.training.debug import run_debug_training
+    from raycf.training import debug
+    from raycf.training.trainer import fit_on_trainer
 
     ensure_ray()
-    started = time.perf_counter()
-    result = run_debug_training(job, name="bench-debug", storage_path=storage, workers=1)
-    total = time.perf_counter() - started
-    ray_epochs = [row["epoch_s"] for row in result.history]
-    ends = [row["time"] for row in result.history]
-    between = [later - earlier - row["epoch_s"] for earlier, later, row in zip(ends, ends[1:], result.history[1:])]
+    trial_outside, history = _outside_epochs(lambda job, folder: debug.run_debug_training(job, name="bench-trial", storage_path=folder, workers=1), job, storage)
+    original, debug.fit = debug.fit, fit_on_trainer
+    try:  # the same run as it ran before one-worker runs became a Tune trial
+        trainer_outside, _ = _outside_epochs(lambda job, folder: debug.run_debug_training(job, name="bench-trainer", storage_path=folder, workers=1), job, storage)
+    finally:
+        debug.fit = original
+    ray_epochs = [row["epoch_s"] for row in history]
+    ends = [row["time"] for row in history]
+    between = [later - earlier - row["epoch_s"] for earlier, later, row in zip(ends, ends[1:], history[1:])]
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a Ray Train worker gets one CPU, so one torch thread
+    torch.set_num_threads(1)  # a one-worker run gets one CPU, so one torch thread
     try:
         bare_epochs = bare_epoch_seconds(job)
     finally:
@@ -185,12 +202,15 @@ def ray_train_ratio(job, storage: str) -> list[Ratio]:
     # First epochs include one-off warm-up; compare the steady state.
     ray_epoch, bare_epoch = statistics.median(ray_epochs[1:]), statistics.median(bare_epochs[1:])
     print(
-        f"debug: Ray Train epoch {ray_epoch:.3f} s, bare loop epoch {bare_epoch:.3f} s ({'frozen-prefix cache' if job.prefix is not None else 'whole network'}); "
+        f"debug: one-worker run on Ray: epoch {ray_epoch:.3f} s, bare loop epoch {bare_epoch:.3f} s ({'frozen-prefix cache' if job.prefix is not None else 'whole network'}); "
         f"report and checkpoint between epochs {statistics.median(between):.3f} s; "
-        f"Ray Train start-up and tear-down {total - (ends[-1] - ends[0]) - ray_epochs[0]:.1f} s per run (1 worker, {EPOCHS} epochs; excluded from the ratio)",
+        f"start-up and tear-down {trial_outside:.1f} s in one Tune trial, {trainer_outside:.1f} s on a one-worker TorchTrainer (1 worker, {EPOCHS} epochs; excluded from the epoch ratio)",
         flush=True,
     )
-    return [Ratio("ray_train_epoch_over_bare_loop", ray_epoch / bare_epoch, "<=", 1.15)]
+    return [
+        Ratio("ray_epoch_over_bare_loop", ray_epoch / bare_epoch, "<=", 1.15),
+        Ratio("trial_start_over_trainer_start", trial_outside / trainer_outside, "<=", 0.5),
+    ]
 
 
 def measure() -> list[Ratio]:
@@ -201,5 +221,5 @@ def measure() -> list[Ratio]:
         base_bytes = (folder / "model.pt").read_bytes()
         job = _job(study, images, prefix, global_filters, base_bytes, study.debug.lambda1, study.debug.lambda2)
         ratios = step_ratios(study, job)
-        ratios += ray_train_ratio(job, str(folder / "runs"))
+        ratios += ray_ratios(job, str(folder / "runs"))
     return ratios

@@ -279,6 +279,20 @@ def test_worker_failure_resumes_from_the_checkpoint(tiny, ray_session, tmp_path)
     _assert_best_is_the_highest_val_acc_then_the_lowest_val_loss(result)
 
 
+def test_a_one_worker_run_that_failed_resumes_from_its_checkpoint_when_started_again(tiny, ray_session, tmp_path):
+    # No retries: the run's one Tune trial fails at epoch 2 and fit raises; the same run started again
+    # (as a resubmitted stage is) restores the trial and trains epochs 2 and 3 only.
+    study = with_values(tiny[0], {"debug.epochs": 3, "debug.max_failures": 0})
+    marker = tmp_path / "failed-once"
+    with pytest.raises(RuntimeError, match="resume: the training run failed: .*injected failure at the start of epoch 2"):
+        _run((study, *tiny[1:]), (0.016, 3.2e-4), "resume", workers=1, fail_once=debug.FailOnce(epoch=1, marker=str(marker)))
+    failed_at = marker.stat().st_mtime
+    result = _run((study, *tiny[1:]), (0.016, 3.2e-4), "resume", workers=1, fail_once=debug.FailOnce(epoch=1, marker=str(marker)))
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    assert result.history[0]["time"] < failed_at < result.history[1]["time"]  # epoch 1 restored, not retrained
+    _assert_best_is_the_highest_val_acc_then_the_lowest_val_loss(result)
+
+
 # ---------------------------------------------------------------- stage and CLI
 
 

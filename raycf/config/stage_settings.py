@@ -32,7 +32,7 @@ class BaseConfig(StrictModel):
     batch_size: int = Field(64, gt=0, description="global batch size (split across workers)")
     head_epochs: int = Field(0, ge=0, description="epochs of head-only training before all layers (the CUB recipe: 50)")
     head_lr: float = Field(1e-3, gt=0, description="SGD learning rate of the head-only phase")
-    workers: int = Field(2, ge=1, description="Ray Train data-parallel workers")
+    workers: int = Field(2, ge=1, description="Ray Train data-parallel workers (1: one Tune trial, no worker group to start)")
     eval_batch_size: int = resource_field(256, "images per validation batch", gt=0)
     use_gpu: bool = resource_field(False, "one GPU per worker")
     max_failures: int = resource_field(2, "worker-group restarts from the last checkpoint before giving up", ge=0)
@@ -59,7 +59,7 @@ class CfeConfig(StrictModel):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     batch_size: int = Field(32, gt=0, description="vectors per step")
     views: int = Field(4, ge=1, description="views per training image: view 0 plain, the rest augmented")
-    workers: int = Field(1, ge=0, description="Ray Train workers, each training the generators of its share of the classes (no all-reduce); 0: in the calling process, no worker start-up")
+    workers: int = Field(1, ge=0, description="Ray Train workers, each training the generators of its share of the classes (no all-reduce); 1: one Tune trial, no worker group to start; 0: in the calling process, no Ray")
     use_gpu: bool = resource_field(False, "one GPU per worker")
     max_failures: int = resource_field(2, "worker-group restarts from the last checkpoint before giving up", ge=0)
 

@@ -36,7 +36,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "cfe", reads=("cfe",), upstream=("features",), run=entry("cfe", "run"), folder="cfe",
-        command="cfe", summary="train the MC and MI generator bank of all classes on the cached vectors (Ray Train)",
+        command="cfe", summary="train the MC and MI generator bank of all classes on the cached vectors (on Ray)",
     ),
     Stage(
         "masks", reads=("masks",), upstream=("cfe",), run=entry("masks", "run"), folder="masks",

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 def run(run: "StageRun") -> dict:
-    """Train the bank (Ray Train, or this process with ``cfe.workers: 0``); write its three files."""
+    """Train the bank (on Ray: Ray Train workers or one Tune trial; this process with ``cfe.workers: 0``); write its three files."""
     study = run.study
     classifier = load_classifier_checkpoint(run.upstream("base", CHECKPOINT_FILE), expected_arch=study.model.arch)
     job = CfeJob(

@@ -1,21 +1,26 @@
-"""Running a training loop: on a Ray Train ``TorchTrainer`` (DDP workers), or in this process.
+"""Running a training loop: on Ray (a Ray Train ``TorchTrainer`` of DDP workers, or one Tune trial), or in this process.
 
 A loop is ``loop(job, session) -> return value`` (see
-:mod:`raycf.training.session`).  :func:`fit` runs it on ``workers`` Ray Train
-workers, retrying a failed worker group from its latest checkpoint;
-:func:`run_local` runs it here, without Ray.  Both keep the best checkpoint
-by the reported :data:`~raycf.method.selection.SCORE_KEY` and the latest.
+:mod:`raycf.training.session`).  :func:`fit` runs it on Ray: on several
+workers, a ``TorchTrainer`` retries a failed worker group from its latest
+checkpoint; on one, the loop runs inside a single Ray Tune trial, which keeps
+the same checkpoints and retries but starts no controller and worker group
+(on small data that start-up was most of a stage's time).  :func:`run_local` runs it
+here, without Ray.  All keep the best checkpoint by the reported
+:data:`~raycf.method.selection.SCORE_KEY` and the latest.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from raycf.runtime.cluster import configure_ray_train
 from raycf.method.selection import SCORE_KEY
-from raycf.training.session import LocalSession, RayTrainSession, Session, TrainState
+from raycf.results import storage
+from raycf.runtime.cluster import configure_ray_train
+from raycf.training.session import LocalSession, RayTrainSession, Session, TrainState, TuneSession
 
 Loop = Callable[[Any, Session], Any]
 
@@ -48,11 +53,29 @@ def fit(
     max_failures: int,
     callbacks: list | None = None,
 ) -> RunOutcome:
-    """Run ``loop(job, session)`` on a TorchTrainer with ``workers`` DDP workers.
+    """Run ``loop(job, session)`` on Ray: a TorchTrainer with ``workers`` DDP workers, or one Tune trial for one worker.
 
     A run with the same ``name`` and ``storage_path`` resumes from its latest
-    checkpoint.  ``callbacks`` go to the RunConfig.
+    checkpoint.  ``callbacks`` go to the TorchTrainer's RunConfig (several
+    workers only).
     """
+    if workers == 1 and not callbacks:
+        return fit_in_trial(loop, job, name=name, storage_path=storage_path, use_gpu=use_gpu, max_failures=max_failures)
+    return fit_on_trainer(loop, job, name=name, storage_path=storage_path, workers=workers, use_gpu=use_gpu, max_failures=max_failures, callbacks=callbacks)
+
+
+def fit_on_trainer(
+    loop: Loop,
+    job: Any,
+    *,
+    name: str,
+    storage_path: str,
+    workers: int,
+    use_gpu: bool,
+    max_failures: int,
+    callbacks: list | None = None,
+) -> RunOutcome:
+    """Run ``loop(job, session)`` on a TorchTrainer with ``workers`` DDP workers (see :func:`fit`)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -71,16 +94,64 @@ def fit(
         ),
     )
     result = trainer.fit()
-    kept = result.best_checkpoints or []  # the best by SCORE_KEY and the latest
-    best = max(kept, key=lambda item: item[1].get(SCORE_KEY, 0))[0] if kept else result.checkpoint
-    if best is None:
-        return RunOutcome(result.return_value, {})
-    with best.as_directory() as folder:
-        files = _files_of(folder)
+    files = _best_files(result)
     if result.return_value is None and result.checkpoint is not None:  # a resumed run that had nothing left to do
         with result.checkpoint.as_directory() as folder:
             return RunOutcome(TrainState.read(folder).history, files)
     return RunOutcome(result.return_value, files)
+
+
+def _best_files(result) -> dict[str, bytes]:
+    """The files of a Ray Train or Tune result's best kept checkpoint by SCORE_KEY (the latest without a score), {} without one."""
+    kept = result.best_checkpoints or []  # the best by SCORE_KEY and the latest
+    best = max(kept, key=lambda item: item[1].get(SCORE_KEY, 0))[0] if kept else result.checkpoint
+    if best is None:
+        return {}
+    with best.as_directory() as folder:
+        return _files_of(folder)
+
+
+def _loop_in_trial(config: dict[str, Any], loop: Loop, job: Any, use_gpu: bool, returned: str) -> None:
+    """What the one Tune trial of :func:`fit_in_trial` runs: the loop, then its return value written as JSON to ``returned``."""
+    storage.write_text(returned, json.dumps(loop(job, TuneSession(use_gpu))))
+
+
+def fit_in_trial(loop: Loop, job: Any, *, name: str, storage_path: str, use_gpu: bool, max_failures: int) -> RunOutcome:
+    """Run ``loop(job, session)`` inside one Ray Tune trial (one worker: no worker group to start).
+
+    Tune keeps the checkpoints under ``storage_path/name`` and retries a
+    failed trial from its latest one (``max_failures``); a run interrupted
+    with its driver resumes from there.  The loop's return value comes back
+    through ``storage_path/name-return.json`` (a trial cannot return one),
+    so it must be JSON.
+    """
+    import ray.tune as tune
+
+    from raycf.runtime.cluster import wait_for_orphaned_actors
+    from raycf.runtime.console import verbose
+
+    experiment, returned = storage.join_uri(storage_path, name), storage.join_uri(storage_path, f"{name}-return.json")
+    trainable = tune.with_resources(
+        tune.with_parameters(_loop_in_trial, loop=loop, job=job, use_gpu=use_gpu, returned=returned), {"cpu": 1, "gpu": 1 if use_gpu else 0}
+    )
+    if tune.Tuner.can_restore(experiment):
+        wait_for_orphaned_actors()  # an interrupted driver's trial must not write beside the resumed one
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage_path,
+                failure_config=tune.FailureConfig(max_failures=max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE_KEY, checkpoint_score_order="max"),
+                verbose=1 if verbose() else 0,
+            ),
+        )
+    (result,) = list(tuner.fit())
+    if result.error is not None:
+        raise RuntimeError(f"{name}: the training run failed: {result.error}") from result.error
+    return RunOutcome(json.loads(storage.read_text(returned)), _best_files(result))
 
 
 def run_local(loop: Loop, job: Any, folder: str | Path, use_gpu: bool = False) -> RunOutcome:
