@@ -1,6 +1,7 @@
 """A study's findings as Markdown, read from its own files: the generated block of docs/measured.md ("Measured on Fashion-MNIST").
 
     python scripts/findings.py results/fashion > findings.md
+    python scripts/findings.py --base-models results/fashion   # only the comparison over base models
 
 Every number, and every sentence that reads one, comes from the results
 folder: the stage markers (``<folder>/_stage.json``, :data:`raycf.stages.STAGES`),
@@ -29,8 +30,22 @@ from pathlib import Path
 
 import pandas as pd
 
-USAGE = "usage: python scripts/findings.py RESULTS (a study's results folder, with its config.yaml)"
-if __name__ == "__main__" and (len(sys.argv) != 2 or not Path(sys.argv[1], "config.yaml").is_file()):
+USAGE = (
+    "usage: python scripts/findings.py [--base-models] RESULTS (a study's results folder, with its config.yaml; "
+    "--base-models: only its stage times and the comparison over base models)"
+)
+
+
+def arguments(argv: list[str]) -> tuple[str, bool] | None:
+    """(results folder, whether only the comparison over base models is asked for), or None for bad arguments."""
+    only_base_models = argv[:1] == ["--base-models"]
+    rest = argv[1:] if only_base_models else argv
+    if len(rest) != 1 or not Path(rest[0], "config.yaml").is_file():
+        return None
+    return rest[0], only_base_models
+
+
+if __name__ == "__main__" and arguments(sys.argv[1:]) is None:
     print(USAGE, file=sys.stderr)  # bad input is refused before raycf's (torch's) imports
     sys.exit(2)
 
@@ -182,9 +197,10 @@ def table1(results: str) -> tuple[str, list[str]]:
         control = softmax.loc[f"control: max softmax, as many as {rule['setting']}"] if f"control: max softmax, as many as {rule['setting']}" in softmax.index else None
         if control is not None:
             gained = int(rule["errors_detected"]) - int(control["errors_detected"])
+            versus = f"{abs(gained)} {'more' if gained > 0 else 'fewer'} errors than it" if gained else "as many errors as it"
             text += (
                 f"; max softmax flagging the same {rule['flagged']} catches {control['errors_detected']} ({control['errors_detected_pct']:.1f} %), "
-                f"so the filters catch {gained:+d} errors against it at the same count"
+                f"so at the same count the filters catch {versus}"
             )
         sentences.append(text + ".")
     return markdown_table(rows), sentences
@@ -507,9 +523,11 @@ def repair_sentences(rows: list[dict]) -> list[str]:
     repaired = [r for r in rows if r["worst"][1] > 0 and r["treatment"] != "control"]  # the control is retraining alone: the treatments' baseline, not a repair
     if repaired:
         best = max(repaired, key=lambda r: r["worst"][0])
+        low, high = best["mean"][1], best["mean"][2]
+        cost = "so it costs no accuracy" if low > 0 else "so it costs accuracy" if high < 0 else "no cost in accuracy detected"
         sentences.append(
-            f"The best repair shown: {best['treatment']}, worst-group accuracy {interval(*best['worst'], 100, 2, True)} points against {best['baseline']}, "
-            f"at a cost in accuracy of {interval(*best['mean'], 100, 2, True)} points."
+            f"The best repair shown: {best['treatment']}, worst-group accuracy {interval(*best['worst'], 100, 2, True)} points against {best['baseline']}; "
+            f"its test accuracy {reading(*best['mean'], NEGLIGIBLE['accuracy'], **points)}: {cost}."
         )
     elif rows:
         sentences.append("No treatment is shown to repair worst-group accuracy: no interval of its change excludes zero upward.")
@@ -610,11 +628,28 @@ def findings(results: str) -> str:
     )
 
 
+def base_models_findings(results: str) -> str:
+    """The stage times and the comparison over base models alone, with its reading (a ``final.base_seeds`` run of a measured study)."""
+    name = results.rstrip("/").rsplit("/", 1)[-1]
+    text, sentences = base_models(results)
+    reading_line = f"- **Over base models.** {' '.join(sentences)}" if sentences else "_No reading: the study's files are missing._"
+    return "\n\n".join(
+        [
+            f"Study `{name}` with final.base_seeds = {load_results_study(results).final.base_seeds}: {split_sizes(results)}.",
+            "### Time per stage (this machine)\n\n" + stage_times(results),
+            "### Over base models\n\n" + text,
+            reading_line,
+        ]
+    )
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 1 or not Path(argv[0], "config.yaml").is_file():
+    parsed = arguments(argv)
+    if parsed is None:
         print(USAGE, file=sys.stderr)
         return 2
-    print(findings(argv[0]))
+    results, only_base_models = parsed
+    print(base_models_findings(results) if only_base_models else findings(results))
     return 0
 
 

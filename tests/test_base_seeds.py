@@ -224,3 +224,10 @@ def test_findings_print_the_comparison_over_base_models_with_its_reading(base_se
     reading = "no difference detected" if low <= 0 <= high else "negligible" if max(abs(low), abs(high)) < 0.1 else "higher" if low > 0 else "lower"
     assert f"best - control over 2 base models, test accuracy: {reading} (" in done.stdout
     assert f"between-base-model sd {100 * between['test_diff_sd']:.2f} points." in done.stdout and "### Over base models" in done.stdout
+    alone = subprocess.run([sys.executable, str(REPO / "scripts" / "findings.py"), "--base-models", str(base_seeded_results)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    # --base-models: the stage times and this section alone, the same section as in the whole findings
+    section = done.stdout.split("### Over base models\n\n", 1)[1].split("\n\n### ", 1)[0]
+    assert alone.stdout.startswith("Study `digits` with final.base_seeds = 2: ") and "### Time per stage" in alone.stdout
+    assert section in alone.stdout and "### Detection" not in alone.stdout
+    assert f"- **Over base models.** best - control over 2 base models, test accuracy: {reading} (" in alone.stdout

@@ -37,7 +37,11 @@ def test_findings_of_the_smoke_study_quote_its_files(smoke_study_results):
     detection = pd.read_parquet(smoke_study_results / "analysis" / "detection.parquet")
     gate = detection[(detection["split"] == "test") & (detection["control"] == "skip gate")].iloc[0]
     assert f"| {gate['setting']} |" in text and f"flags {gate['flagged']} and catches {gate['errors_detected']}" in text
-    assert "| control: max softmax, as many as Avg. F1 |" in text and "so the filters catch" in text
+    assert "| control: max softmax, as many as Avg. F1 |" in text
+    test_rows = detection[detection["split"] == "test"].set_index("setting")
+    gained = int(test_rows.loc["Avg. F1", "errors_detected"]) - int(test_rows.loc["control: max softmax, as many as Avg. F1", "errors_detected"])
+    versus = f"{abs(gained)} {'more' if gained > 0 else 'fewer'} errors than it" if gained else "as many errors as it"
+    assert f"so at the same count the filters catch {versus}" in text  # the count's sign in words, never "catch -3 errors"
     centred = scores.loc[("test", "f1_centred")]
     assert f"| f1_centred | {centred['auroc']:.3f} [{centred['auroc_lo']:.3f}, {centred['auroc_hi']:.3f}] |" in text
     assert f"within each predicted class {f1['auroc_within']:.3f}" in text and "MC-set size alone" in text
@@ -51,7 +55,10 @@ def test_findings_of_the_smoke_study_quote_its_files(smoke_study_results):
 def test_findings_refuse_a_folder_that_is_not_a_study(tmp_path):
     completed = _findings(str(tmp_path))
     assert completed.returncode == 2
-    assert completed.stderr.strip() == "usage: python scripts/findings.py RESULTS (a study's results folder, with its config.yaml)"
+    assert completed.stderr.strip() == (
+        "usage: python scripts/findings.py [--base-models] RESULTS (a study's results folder, with its config.yaml; "
+        "--base-models: only its stage times and the comparison over base models)"
+    )
 
 
 def _script():
@@ -140,7 +147,10 @@ def test_a_treatment_whose_interval_excludes_zero_upward_is_named_the_repair(tmp
     assert sentences[0] == "dfr − base (paired bootstrap over test images, one run): test worst-group accuracy higher (+10.00 [+5.00, +15.00] points); test accuracy lower (-1.00 [-2.00, -0.40] points)."
     assert sentences[1] == "control − base (paired bootstrap over test images, one run): test worst-group accuracy higher (+30.00 [+20.00, +40.00] points); test accuracy higher (+5.00 [+4.00, +6.00] points)."
     assert sentences[2].startswith("suppress_auto − control (t interval over 5 seeds): test worst-group accuracy no difference detected (+1.00 [-2.00, +4.00] points: the interval includes zero); test accuracy no difference detected (")
-    assert sentences[3] == "The best repair shown: dfr, worst-group accuracy +10.00 [+5.00, +15.00] points against base, at a cost in accuracy of -1.00 [-2.00, -0.40] points."
+    assert sentences[3] == (
+        "The best repair shown: dfr, worst-group accuracy +10.00 [+5.00, +15.00] points against base; "
+        "its test accuracy lower (-1.00 [-2.00, -0.40] points): so it costs accuracy."
+    )
     assert "| dfr − base | paired bootstrap over test images, one run | +10.00 [+5.00, +15.00] | -1.00 [-2.00, -0.40] |" in text
     assert "_final/groups.parquet is missing: the study has not written it._" in text
 
