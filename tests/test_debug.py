@@ -284,7 +284,7 @@ def test_a_one_worker_run_that_failed_resumes_from_its_checkpoint_when_started_a
     # (as a resubmitted stage is) restores the trial and trains epochs 2 and 3 only.
     study = with_values(tiny[0], {"debug.epochs": 3, "debug.max_failures": 0})
     marker = tmp_path / "failed-once"
-    with pytest.raises(RuntimeError, match="resume: the training run failed: .*injected failure at the start of epoch 2"):
+    with pytest.raises(RuntimeError, match="^resume: the training run failed: RuntimeError: injected failure at the start of epoch 2$"):
         _run((study, *tiny[1:]), (0.016, 3.2e-4), "resume", workers=1, fail_once=debug.FailOnce(epoch=1, marker=str(marker)))
     failed_at = marker.stat().st_mtime
     result = _run((study, *tiny[1:]), (0.016, 3.2e-4), "resume", workers=1, fail_once=debug.FailOnce(epoch=1, marker=str(marker)))

@@ -150,7 +150,8 @@ def fit_in_trial(loop: Loop, job: Any, *, name: str, storage_path: str, use_gpu:
         )
     (result,) = list(tuner.fit())
     if result.error is not None:
-        raise RuntimeError(f"{name}: the training run failed: {result.error}") from result.error
+        last_line = next((line for line in reversed(str(result.error).splitlines()) if line.strip()), type(result.error).__name__)
+        raise RuntimeError(f"{name}: the training run failed: {last_line.strip()}") from result.error  # the traceback stays chained
     return RunOutcome(json.loads(storage.read_text(returned)), _best_files(result))
 
 
