@@ -151,8 +151,8 @@ def test_worst_group_accuracy_is_the_lowest_group_accuracy_and_nan_without_image
 def test_seed_summary_compares_every_treatment_with_the_control_and_on_worst_group_accuracy_when_groups_exist():
     import pandas as pd
 
+    from raycf.method.groups import predictions_group_table, wide_group_metrics
     from raycf.method.replication import seed_summary
-    from raycf.stages.treatments import with_worst_group
 
     rows = []
     for seed in range(3):
@@ -167,8 +167,9 @@ def test_seed_summary_compares_every_treatment_with_the_control_and_on_worst_gro
             if model == "suppress" and seed == 0:
                 preds = [0, 0, 1, 0]
             predictions += [{"split": "test", "model": model, "seed": seed, "image_index": i, "label": label, "pred": pred} for i, (label, pred) in enumerate(zip([1, 0, 1, 0], preds))]
-    with_groups = with_worst_group(seeds, pd.DataFrame(predictions), np.array([0, 0, 1, 1]))
-    assert with_worst_group(seeds, pd.DataFrame(predictions), None) is seeds
+    # as the final stage adds them: one row per (model, seed), no column twice
+    with_groups = seeds.merge(wide_group_metrics(predictions_group_table(pd.DataFrame(predictions), {"test": np.array([0, 0, 1, 1])})), on=["model", "seed"], how="left")
+    assert list(with_groups.columns) == [*seeds.columns, "test_mean_group_acc", "test_worst_group_acc"] and len(with_groups) == len(seeds)
     worst = with_groups.set_index(["model", "seed"])["test_worst_group_acc"]
     assert worst.loc[("control", 0)] == 0.5 and worst.loc[("suppress", 0)] == 0.5 and worst.loc[("suppress", 1)] == 1.0
     summary = seed_summary(with_groups).set_index("model")

@@ -73,7 +73,7 @@ from raycf.data.prefix_cache import PrefixRef
 from raycf.data.image_store import open_store, read_groups
 from raycf.method.groups import predictions_group_table, wide_group_metrics
 from raycf.search.searcher import control_point, field_value, parameter_names, trial_study, trial_values
-from raycf.stages.treatments import SUPPRESS_WEIGHT, image_groups, plain_value, treatment_points, with_worst_group
+from raycf.stages.treatments import SUPPRESS_WEIGHT, plain_value, treatment_points
 from raycf.stages.jobs import TrialContext, debug_job, run_trial, trainable_of, trial_context, tune_run
 from raycf.training.debug import run_debug_training
 
@@ -453,13 +453,12 @@ def write_seed_comparison(run: "StageRun", runs: list[SeedRun], predictions: pd.
     """Write the seed runs' tables and their comparison with the control (``final/seed*.parquet``, ``group_recall.parquet``); print it."""
     study = run.study
     seeds, class_recalls = seeds_frames(study, runs, predictions, points, class_names(run.results))
-    seeds = with_worst_group(seeds, predictions, image_groups(run.results))
+    groups_of = store_groups(run.results)
+    if groups_of:  # the seed grid's worst and mean group accuracy per model and seed; the summary compares test_worst_group_acc
+        seeds = seeds.merge(wide_group_metrics(predictions_group_table(predictions, groups_of)), on=["model", "seed"], how="left")
     summary = seed_summary(seeds)
     group = study.final.class_group
     group_table = group_recall(class_recalls, group, pooled_base_recall(class_recall, group)) if group else None
-    groups_of = store_groups(run.results)
-    if groups_of:  # the seed grid's worst and mean group accuracy per model and seed
-        seeds = seeds.merge(wide_group_metrics(predictions_group_table(predictions, groups_of)), on=["model", "seed"], how="left")
     storage.write_frame(seeds, run.path(SEEDS_FILE))
     storage.write_frame(class_recalls, run.path(SEED_CLASS_RECALL_FILE))
     storage.write_frame(predictions, run.path(SEED_PREDICTIONS_FILE))

@@ -18,7 +18,8 @@ searched it):
 
 Each is compared with the control of the same seed like the other models
 (paired t intervals, :mod:`raycf.method.replication`); when the study's
-images have groups (:func:`image_groups`), also on worst-group test accuracy.
+images have groups, also on worst-group test accuracy (the final stage adds
+``test_worst_group_acc`` to every (model, seed) row before the summary).
 """
 
 from __future__ import annotations
@@ -26,13 +27,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from raycf.config import StudyConfig
 from raycf.method.atlas import error_specific_filters
-from raycf.method.replication import WORST_GROUP
-from raycf.method.groups import group_metrics
 from raycf.method.suppress import auto_suppress, check_suppress
 from raycf.runtime.console import log
 from raycf.search.searcher import control_point, trial_values
@@ -90,26 +88,3 @@ def treatment_points(study: StudyConfig, results: str, best: pd.Series) -> dict[
 def plain_value(value: Any) -> Any:
     """A point's value as a Parquet cell: filters (a list or a mapping) as JSON text."""
     return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list, tuple)) else value
-
-
-def image_groups(results: str, split: str = "test") -> np.ndarray | None:
-    """The group of every image of ``split`` in image_index order, for worst-group accuracy; None when the study has no groups.
-
-    The image store's per-image ``group`` (``data.plant``: class × planted; or ``data.groups``).
-    """
-    from raycf.data.image_store import open_store, read_groups
-    from raycf.results.artefacts import store_ref
-
-    return read_groups(open_store(store_ref(results)), split)
-
-
-def with_worst_group(seeds: pd.DataFrame, predictions: pd.DataFrame, groups: np.ndarray | None) -> pd.DataFrame:
-    """``seeds`` with ``test_worst_group_acc`` per (model, seed) from the test predictions and each test image's group; unchanged without groups."""
-    if groups is None:
-        return seeds
-    test = predictions[predictions["split"] == "test"]
-    worst = {
-        key: group_metrics(np.asarray(groups)[rows["image_index"].to_numpy()], rows["label"].to_numpy(), rows["pred"].to_numpy())["worst_group_acc"]
-        for key, rows in test.groupby(["model", "seed"])
-    }
-    return seeds.assign(**{WORST_GROUP: [worst.get((model, seed), np.nan) for model, seed in zip(seeds["model"], seeds["seed"])]})
