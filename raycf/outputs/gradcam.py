@@ -42,8 +42,7 @@ def grad_cam(model: FilterClassifier, images: torch.Tensor, classes: torch.Tenso
 def filter_heatmaps(model: FilterClassifier, image: torch.Tensor, filters: list[int]) -> torch.Tensor:
     """Feature maps of ``filters`` for one model input (3×H×W), upsampled to H×W, each scaled to [0, 1] (F×H×W)."""
     maps = model.eval().feature_maps(image[None])[0, filters]  # F×h×w, non-negative (after ReLU)
-    upsampled = F.interpolate(maps[None], size=tuple(image.shape[-2:]), mode="bilinear", align_corners=False)[0]
-    return _scaled_to_unit(upsampled.clamp_min(0)) if len(filters) else upsampled
+    return unit_heatmaps(maps, tuple(image.shape[-2:])) if len(filters) else maps.new_zeros((0, *image.shape[-2:]))
 
 
 @torch.no_grad()
