@@ -20,14 +20,12 @@ import numpy as np
 from raycf.results import storage
 from raycf.results.artefacts import global_mc_sets, load_study_data, prefix_ref, store_ref, written_key
 from raycf.config import StudyConfig
-from raycf.runtime.console import verbose
 from raycf.data.image_store import StoreRef
 from raycf.method.detection import StudyData, detection_quality
-from raycf.method.selection import SCORE_KEY
 from raycf.search.searcher import trial_study
 from raycf.training.debug import DebugJob, debug_train_loop
 from raycf.training.session import TuneSession
-from raycf.training.trainer import fit
+from raycf.training.trainer import fit, tune_run_config
 
 
 def debug_job(
@@ -187,12 +185,5 @@ def tune_run(study: StudyConfig, trainable, *, name: str, storage_path: str, cal
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(trial_dirname_creator=trial_dirname, reuse_actors=True, **tune_config),
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=storage_path,
-            callbacks=callbacks,
-            failure_config=tune.FailureConfig(max_failures=study.debug.max_failures if study.debug.workers == 1 else 0),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE_KEY, checkpoint_score_order="max"),
-            verbose=1 if verbose() else 0,
-        ),
+        run_config=tune_run_config(name, storage_path, study.debug.max_failures if study.debug.workers == 1 else 0, callbacks),
     )

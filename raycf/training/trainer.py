@@ -116,6 +116,23 @@ def _loop_in_trial(config: dict[str, Any], loop: Loop, job: Any, use_gpu: bool, 
     storage.write_text(returned, json.dumps(loop(job, TuneSession(use_gpu))))
 
 
+def tune_run_config(name: str, storage_path: str, max_failures: int, callbacks: list | None = None):
+    """Tune's ``RunConfig`` of every raycf run: retries from the latest checkpoint, one kept checkpoint (the best by
+    :data:`~raycf.method.selection.SCORE_KEY`; Tune keeps the latest too), Tune's own console only with ``--verbose``."""
+    import ray.tune as tune
+
+    from raycf.runtime.console import verbose
+
+    return tune.RunConfig(
+        name=name,
+        storage_path=storage_path,
+        callbacks=callbacks,
+        failure_config=tune.FailureConfig(max_failures=max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE_KEY, checkpoint_score_order="max"),
+        verbose=1 if verbose() else 0,
+    )
+
+
 def fit_in_trial(loop: Loop, job: Any, *, name: str, storage_path: str, use_gpu: bool, max_failures: int) -> RunOutcome:
     """Run ``loop(job, session)`` inside one Ray Tune trial (one worker: no worker group to start).
 
@@ -128,7 +145,6 @@ def fit_in_trial(loop: Loop, job: Any, *, name: str, storage_path: str, use_gpu:
     import ray.tune as tune
 
     from raycf.runtime.cluster import wait_for_orphaned_actors
-    from raycf.runtime.console import verbose
 
     experiment, returned = storage.join_uri(storage_path, name), storage.join_uri(storage_path, f"{name}-return.json")
     trainable = tune.with_resources(
@@ -138,16 +154,7 @@ def fit_in_trial(loop: Loop, job: Any, *, name: str, storage_path: str, use_gpu:
         wait_for_orphaned_actors()  # an interrupted driver's trial must not write beside the resumed one
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False)
     else:
-        tuner = tune.Tuner(
-            trainable,
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=storage_path,
-                failure_config=tune.FailureConfig(max_failures=max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE_KEY, checkpoint_score_order="max"),
-                verbose=1 if verbose() else 0,
-            ),
-        )
+        tuner = tune.Tuner(trainable, run_config=tune_run_config(name, storage_path, max_failures))
     (result,) = list(tuner.fit())
     if result.error is not None:
         last_line = next((line for line in reversed(str(result.error).splitlines()) if line.strip()), type(result.error).__name__)
