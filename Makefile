@@ -26,7 +26,7 @@ system-packages:
 	./.ci/system-packages.sh
 
 test: $(STAMP) system-packages
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks

@@ -30,10 +30,14 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 from benchmarks import Ratio
 

@@ -174,6 +174,12 @@ def run_cli(*args: str, env_extra: dict | None = None, timeout: float = 900) -> 
     return subprocess.run([sys.executable, "-m", "raycf.cli", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
 
 
+def shared_temp(tmp_path_factory) -> Path:
+    """This run's temporary folder shared by every pytest-xdist worker (each worker's own folder is a child of it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def smoke_study_results(ray_session, tmp_path_factory) -> Path:
     """The digits study run once with ``--smoke`` through the command line (joining the session's cluster).
@@ -183,13 +189,19 @@ def smoke_study_results(ray_session, tmp_path_factory) -> Path:
     ``raycf.data.datasets.READ_LOG``), ``fields.log`` (every study field each stage
     read, see :mod:`raycf.runtime.field_reads`), ``stdout.txt`` and ``stderr.txt``.
     """
-    folder = tmp_path_factory.mktemp("smoke-study")
+    from filelock import FileLock
+
+    folder = shared_temp(tmp_path_factory) / "smoke-study"
     storage = folder / "results"
-    environment = {"RAY_ADDRESS": ray_address(), "RAYCF_READ_LOG": str(folder / "reads.log"), "RAYCF_FIELD_LOG": str(folder / "fields.log")}
-    completed = run_cli("study", "studies/digits.yaml", "--smoke", "--set", f"storage_path={storage}", env_extra=environment)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    (folder / "stdout.txt").write_text(completed.stdout)
-    (folder / "stderr.txt").write_text(completed.stderr)
+    with FileLock(f"{folder}.lock"):
+        if not (folder / "stderr.txt").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that died mid-study
+            folder.mkdir()
+            environment = {"RAY_ADDRESS": ray_address(), "RAYCF_READ_LOG": str(folder / "reads.log"), "RAYCF_FIELD_LOG": str(folder / "fields.log")}
+            completed = run_cli("study", "studies/digits.yaml", "--smoke", "--set", f"storage_path={storage}", env_extra=environment)
+            assert completed.returncode == 0, completed.stderr[-3000:]
+            (folder / "stdout.txt").write_text(completed.stdout)
+            (folder / "stderr.txt").write_text(completed.stderr)  # written last: the study is complete
     return storage / "digits"
 
 

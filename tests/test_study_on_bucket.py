@@ -36,6 +36,8 @@ from raycf.search.leaderboard import read_leaderboard
 from raycf.search.tune_state import finished_trials, read_snapshot
 
 SEARCH_SETTINGS = ["search.num_samples=2", "search.max_concurrent=1", "search.scheduler.asha=null"]
+# The smoke base model trains on one worker; here on two (DDP), its checkpoints written to the bucket.
+BASE_SETTINGS = ["base.workers=2"]
 CACHED_STAGES = ("images", "base", "features", "cfe", "masks", "analysis", "prefix")
 STAGE_FOLDERS = (*CACHED_STAGES, "search", "final", "report")
 
@@ -60,7 +62,7 @@ def resumed_bucket_study(ray_session, s3_bucket, tmp_path_factory) -> dict:
     """The smoke study on the bucket, its driver SIGKILLed after the search's first finished trial, then resubmitted as on a new head."""
     folder = tmp_path_factory.mktemp("bucket-study")
     results = f"{s3_bucket}/runs/digits"
-    args = ["study", "studies/digits.yaml", "--smoke", "--set", f"storage_path={s3_bucket}/runs", *SEARCH_SETTINGS]
+    args = ["study", "studies/digits.yaml", "--smoke", "--set", f"storage_path={s3_bucket}/runs", *BASE_SETTINGS, *SEARCH_SETTINGS]
     first_head = {**os.environ, "RAY_ADDRESS": ray_address(), "TUNE_GLOBAL_CHECKPOINT_S": "0", "RAYCF_NODE_CACHE": str(folder / "head-1")}
     driver = subprocess.Popen([sys.executable, "-m", "raycf.cli", *args], cwd=REPO, env=first_head, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 900

@@ -49,7 +49,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 from raycf.config import AnalysisConfig, DetectionSetting
 from raycf.method.bootstrap import interval_frame, within_class_interval_frame
@@ -261,6 +260,8 @@ def auroc(is_positive: np.ndarray, scores: np.ndarray) -> float:
     is_positive = np.asarray(is_positive, dtype=bool)
     if is_positive.all() or not is_positive.any():
         return float("nan")
+    from sklearn.metrics import roc_auc_score  # imported when used: every process that reads a results folder imports this module
+
     return float(roc_auc_score(is_positive, np.asarray(scores, dtype=np.float64)))
 
 
@@ -269,6 +270,8 @@ def average_precision(is_positive: np.ndarray, scores: np.ndarray) -> float:
     is_positive = np.asarray(is_positive, dtype=bool)
     if not is_positive.any():
         return float("nan")
+    from sklearn.metrics import average_precision_score
+
     return float(average_precision_score(is_positive, np.asarray(scores, dtype=np.float64)))
 
 

@@ -30,17 +30,20 @@ NaN and says why in ``reason``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from raycf.method.bank import CfeBank
 from raycf.method.bootstrap import interval_frame
 from raycf.method.detection import METRICS, Reference, StudyData, agreement_scores, auroc, average_precision, reference_for
 from raycf.method.detection_tables import with_interval
+
+if TYPE_CHECKING:  # scikit-learn is imported when a detector is fitted: every process that reads a results folder imports this module
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
 
 CONFIDENCE_FEATURES = ("max_softmax", "margin", "entropy")
 CFE_FEATURES = (*METRICS, "mc_size", "masked_confidence", "mi_size")
@@ -107,6 +110,10 @@ def detector_features(data: StudyData, split: str, tau: float, freq_threshold: f
 
 def fit_detector(features: pd.DataFrame, names: tuple[str, ...]) -> Pipeline:
     """A standardised, class-balanced logistic regression of ``is_error`` on the ``names`` columns."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     model = make_pipeline(StandardScaler(), LogisticRegression(C=REGULARISATION_C, class_weight=CLASS_WEIGHT, max_iter=5000))
     return model.fit(features[list(names)].to_numpy(), features["is_error"].to_numpy())
 

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import nn
-from torchvision import models as tv_models
 
 from raycf.config import ModelConfig
 from raycf.errors import UserError
@@ -46,6 +45,7 @@ def imagenet_weights_file(arch: str) -> Path:
     if family in (VGG_TINY, "timm"):
         raise UserError(f"model.weights: imagenet weights from torchvision exist for its architectures, not {arch}")
     check_torchvision_name(arch, family)
+    from torchvision import models as tv_models  # imported when used: it costs worker processes of a vgg_tiny study a second
     registry = tv_models.get_model_weights(arch)
     folder = Path(torch.hub.get_dir()) / "checkpoints"
     candidates = [registry.DEFAULT, *(weights for weights in registry if weights is not registry.DEFAULT)]

@@ -8,7 +8,6 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from torchvision import models as tv_models
 
 from raycf.errors import UserError
 from raycf.models.architectures import VGG_TINY, family_of
@@ -78,6 +77,7 @@ def torchvision_native(arch: str, family: str, num_classes: int, meta: bool = Fa
     if rule.linear_head:
         options["num_classes"] = num_classes
     with _on_meta(family) if meta or not rule.linear_head else contextlib.nullcontext():
+        from torchvision import models as tv_models  # imported when used: it costs worker processes of a vgg_tiny study a second
         net = tv_models.get_model(arch, weights=None, **options)
     if not rule.linear_head and not meta:
         _materialise_vgg_features(net)
@@ -129,6 +129,7 @@ def _materialise_vgg_features(net: nn.Module) -> None:
 
 def check_torchvision_name(arch: str, family: str) -> None:
     """Refuse a name of a supported family that this torchvision does not have (``resnet7``)."""
+    from torchvision import models as tv_models  # imported when used: it costs worker processes of a vgg_tiny study a second
     names = tv_models.list_models(module=tv_models)
     if arch not in names:
         members = [name for name in names if family_of_or_none(name) == family]
