@@ -180,5 +180,6 @@ def test_smoke_has_defaults_of_its_own_for_a_file_without_a_smoke_block():
     from raycf.config import DEFAULT_SMOKE
 
     smoke = study_from_mapping({"name": "x"}, smoke=True)
-    assert (smoke.base.epochs, smoke.cfe.epochs, smoke.debug.epochs, smoke.search.num_samples) == tuple(DEFAULT_SMOKE.values())
+    assert (smoke.base.epochs, smoke.base.workers, smoke.cfe.epochs, smoke.debug.epochs, smoke.search.num_samples) == tuple(DEFAULT_SMOKE.values()) == (1, 1, 1, 2, 2)
+    assert study_from_mapping({"name": "x"}).base.workers > 1  # one base worker only in the smoke variant
     assert study_from_mapping({"name": "x", "smoke": {"debug": {"epochs": 3}}}, smoke=True).debug.epochs == 3  # the file's block wins

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import ray_address, run_cli
+from conftest import ray_address, run_cli, run_stage
 
 SEARCH_SETTINGS = ["search.num_samples=2", "search.max_concurrent=1", "search.scheduler.asha=null"]
 
@@ -125,15 +125,14 @@ def _kill_first_trial(results: Path, killed: list[int]) -> threading.Thread:
     return thread
 
 
-def _study_with_a_killed_trial(smoke_study_results: Path, tmp_path: Path, *overrides: str) -> tuple[Path, subprocess.CompletedProcess, list[int]]:
-    """Run the smoke study's search (earlier stages cached) while its first trial's process is killed."""
+def _study_with_a_killed_trial(smoke_study_results: Path, tmp_path: Path, stage: str, *overrides: str) -> tuple[Path, subprocess.CompletedProcess, list[int]]:
+    """Run the smoke study to ``stage`` (its stages before the search cached) while the search's first trial's process is killed."""
     storage = tmp_path / "results"
     results = storage / "digits"
     _copy_cached_stages(smoke_study_results, results)
     killed: list[int] = []
     killer = _kill_first_trial(results, killed)
-    args = ["study", "studies/digits.yaml", "--smoke", "--set", f"storage_path={storage}", *overrides]
-    completed = run_cli(*args, env_extra={"RAY_ADDRESS": ray_address()})
+    completed = run_stage(stage, "studies/digits.yaml", f"storage_path={storage}", *overrides)
     killer.join(timeout=5)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert killed, "no trial process was found to kill"
@@ -142,7 +141,7 @@ def _study_with_a_killed_trial(smoke_study_results: Path, tmp_path: Path, *overr
 
 def test_a_killed_trial_resumes_from_its_checkpoint(ray_session, smoke_study_results, tmp_path):
     results, _, killed = _study_with_a_killed_trial(
-        smoke_study_results, tmp_path, "search.num_samples=2", "search.max_concurrent=1", "search.scheduler.asha=null", "debug.epochs=4", "debug.max_failures=2"
+        smoke_study_results, tmp_path, "search", "search.num_samples=2", "search.max_concurrent=1", "search.scheduler.asha=null", "debug.epochs=4", "debug.max_failures=2"
     )
     board = pd.read_parquet(results / "leaderboard.parquet")
     assert list(board["status"]) == ["completed", "completed"] and list(board["epochs"]) == [4, 4]
@@ -157,7 +156,7 @@ def test_a_failed_trial_does_not_end_the_study(ray_session, smoke_study_results,
     # No retries: killing the control's trial fails it; the search goes on, and the
     # final stage trains the control again for the full schedule.
     results, completed, _ = _study_with_a_killed_trial(
-        smoke_study_results, tmp_path, "search.num_samples=2", "search.max_concurrent=1", "debug.epochs=3", "debug.max_failures=0"
+        smoke_study_results, tmp_path, "final", "search.num_samples=2", "search.max_concurrent=1", "debug.epochs=3", "debug.max_failures=0"
     )
     board = pd.read_parquet(results / "leaderboard.parquet")
     assert list(board["status"]) == ["error", "completed"] and board["is_control"].iloc[0]

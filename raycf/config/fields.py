@@ -53,7 +53,8 @@ def searchable_names() -> str:
 # What --smoke applies before the study file's own smoke: block (tiny epochs and
 # trial counts), so that any study, even one that names only its data and model,
 # runs end to end on a CPU.
-DEFAULT_SMOKE = {"base.epochs": 1, "cfe.epochs": 1, "debug.epochs": 2, "search.num_samples": 2}
+# base.workers=1: a one-worker base run is one Tune trial, with no worker group and process group to start (seconds on a CPU)
+DEFAULT_SMOKE = {"base.epochs": 1, "base.workers": 1, "cfe.epochs": 1, "debug.epochs": 2, "search.num_samples": 2}
 
 UNHASHED = "not part of stage hashes"
 
