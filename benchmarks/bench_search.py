@@ -8,9 +8,9 @@ joined).  Then, from ``leaderboard.parquet``, for each trial that did not
 fail: ``wall_s`` (its wall time from the driver's start event to its end
 event) minus ``epochs_s`` (the sum of its epochs' ``epoch_s``): what the trial
 costs beyond training and validating (reading G, the image store and the
-prefix cache, reporting and checkpointing).  Tune sends its trial-start event
-once the trial's actor is up, so starting the actor is not in ``wall_s``; the
-search stage's own duration is printed beside the ratio.
+prefix cache, reporting and checkpointing) and, for a trial that starts a
+new actor, the actor's start and imports.  The search stage's own duration is
+printed beside the ratio.
 
 ``trial_overhead_s``: the median over trials, in seconds.  Target ≤ 2.
 The smoke study's own search (2 trials, 2 at a time) would time only the
