@@ -27,6 +27,7 @@ from raycf.models.torchvision_families import (
     check_torchvision_name,
     torchvision_classifier,
     torchvision_native,
+    tv_models,
     vgg_tiny,
 )
 
@@ -45,8 +46,7 @@ def imagenet_weights_file(arch: str) -> Path:
     if family in (VGG_TINY, "timm"):
         raise UserError(f"model.weights: imagenet weights from torchvision exist for its architectures, not {arch}")
     check_torchvision_name(arch, family)
-    from torchvision import models as tv_models  # imported when used: it costs worker processes of a vgg_tiny study a second
-    registry = tv_models.get_model_weights(arch)
+    registry = tv_models().get_model_weights(arch)
     folder = Path(torch.hub.get_dir()) / "checkpoints"
     candidates = [registry.DEFAULT, *(weights for weights in registry if weights is not registry.DEFAULT)]
     return next((folder / Path(w.url).name for w in candidates if (folder / Path(w.url).name).is_file()), folder / Path(registry.DEFAULT.url).name)

@@ -77,8 +77,7 @@ def torchvision_native(arch: str, family: str, num_classes: int, meta: bool = Fa
     if rule.linear_head:
         options["num_classes"] = num_classes
     with _on_meta(family) if meta or not rule.linear_head else contextlib.nullcontext():
-        from torchvision import models as tv_models  # imported when used: it costs worker processes of a vgg_tiny study a second
-        net = tv_models.get_model(arch, weights=None, **options)
+        net = tv_models().get_model(arch, weights=None, **options)
     if not rule.linear_head and not meta:
         _materialise_vgg_features(net)
     return Native(net, rule.head, rule.linear_head)
@@ -127,10 +126,18 @@ def _materialise_vgg_features(net: nn.Module) -> None:
             module.reset_parameters()
 
 
+def tv_models() -> Any:
+    """``torchvision.models``, imported on first use: importing it (torch._dynamo with it) costs a second in every
+    worker process, which a vgg_tiny study's workers need not pay."""
+    from torchvision import models
+
+    return models
+
+
 def check_torchvision_name(arch: str, family: str) -> None:
     """Refuse a name of a supported family that this torchvision does not have (``resnet7``)."""
-    from torchvision import models as tv_models  # imported when used: it costs worker processes of a vgg_tiny study a second
-    names = tv_models.list_models(module=tv_models)
+    models = tv_models()
+    names = models.list_models(module=models)
     if arch not in names:
         members = [name for name in names if family_of_or_none(name) == family]
         raise UserError(f"model.arch: torchvision has no model {arch!r} (its {family} family: {', '.join(members)})")
