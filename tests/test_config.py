@@ -180,6 +180,11 @@ def test_smoke_has_defaults_of_its_own_for_a_file_without_a_smoke_block():
     from raycf.config import DEFAULT_SMOKE
 
     smoke = study_from_mapping({"name": "x"}, smoke=True)
-    assert (smoke.base.epochs, smoke.base.workers, smoke.cfe.epochs, smoke.debug.epochs, smoke.search.num_samples) == tuple(DEFAULT_SMOKE.values()) == (1, 1, 1, 2, 2)
-    assert study_from_mapping({"name": "x"}).base.workers > 1  # one base worker only in the smoke variant
+    read = (smoke.base.epochs, smoke.base.workers, smoke.cfe.epochs, smoke.debug.epochs, smoke.search.num_samples)
+    pools = (smoke.data.decode_actors, smoke.features.actors, smoke.masks.actors, smoke.prefix.actors)
+    assert (*read, *pools) == tuple(DEFAULT_SMOKE.values()) == (1, 1, 1, 2, 2, 1, 1, 1, 1)
+    full = study_from_mapping({"name": "x"})
+    # one base worker and one actor per Ray Data pool only in the smoke variant
+    assert full.base.workers > 1 and min(full.data.decode_actors, full.features.actors, full.masks.actors, full.prefix.actors) > 1
+    assert smoke.config_hash() == study_from_mapping({"name": "x"}, smoke=True, overrides=["features.actors=3", "prefix.actors=2"]).config_hash()  # resources only
     assert study_from_mapping({"name": "x", "smoke": {"debug": {"epochs": 3}}}, smoke=True).debug.epochs == 3  # the file's block wins

@@ -132,3 +132,29 @@ def test_global_filters_tensor_checks_the_shape():
     assert tensor.dtype == torch.float32 and tensor.sum().item() == 4
     with pytest.raises(ValueError, match=r"shape \(3, 2\), expected .* \(2, 3\)"):
         global_filters_tensor(np.zeros((3, 2), dtype=bool), 2, 3)
+
+
+def test_an_epoch_reports_the_image_weighted_mean_of_its_steps_parts():
+    """train_one_epoch sums the activity parts over blocks of steps (EpochDebugLoss); they equal the per-step parts' mean."""
+    from raycf.method.debug_loss import ACTIVITY_BLOCK
+    from raycf.training.loops import train_one_epoch
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(4, 2)
+    sizes = [5, 3] * ACTIVITY_BLOCK + [2]  # more steps than one block, uneven batches, a ragged last one
+    batches = [(torch.randn(size, 4), torch.randint(0, 2, (size,))) for size in sizes]
+    loss_fn = DebugLoss(G, lambda1=0.3, lambda2=0.2)
+
+    def forward(module, inputs):
+        activations = inputs.relu()
+        return module(activations), activations
+
+    expected: dict[str, float] = {}
+    for inputs, labels in batches:
+        _, parts = loss_fn(*forward(head, inputs), labels)
+        for name, value in parts.items():
+            expected[name] = expected.get(name, 0.0) + value.item() * len(labels)
+    metrics = train_one_epoch(head, batches, torch.optim.SGD(head.parameters(), lr=0.0), loss_fn, forward=forward)
+    for name, total in expected.items():
+        assert metrics[f"train_{name}"] == pytest.approx(total / sum(sizes), rel=1e-5), name
+    assert 0 < metrics["train_active_mc"] < metrics["train_active_nonmc"] + metrics["train_active_mc"] <= 4

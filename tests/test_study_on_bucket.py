@@ -36,8 +36,9 @@ from raycf.search.leaderboard import read_leaderboard
 from raycf.search.tune_state import finished_trials, read_snapshot
 
 SEARCH_SETTINGS = ["search.num_samples=2", "search.max_concurrent=1", "search.scheduler.asha=null"]
-# The smoke base model trains on one worker; here on two (DDP), its checkpoints written to the bucket.
-BASE_SETTINGS = ["base.workers=2"]
+# The smoke study trains the base model on one worker and runs one actor per Ray Data pool; here the base model trains
+# on two (DDP), its checkpoints written to the bucket, and the images and prefix pools have two actors writing to it.
+BASE_SETTINGS = ["base.workers=2", "data.decode_actors=2", "prefix.actors=2"]
 CACHED_STAGES = ("images", "base", "features", "cfe", "masks", "analysis", "prefix")
 STAGE_FOLDERS = (*CACHED_STAGES, "search", "final", "report")
 

@@ -54,7 +54,18 @@ def searchable_names() -> str:
 # trial counts), so that any study, even one that names only its data and model,
 # runs end to end on a CPU.
 # base.workers=1: a one-worker base run is one Tune trial, with no worker group and process group to start (seconds on a CPU)
-DEFAULT_SMOKE = {"base.epochs": 1, "base.workers": 1, "cfe.epochs": 1, "debug.epochs": 2, "search.num_samples": 2}
+# One worker and one actor per pool: on a smoke study's few hundred images, each more is a process to start and import torch in.
+DEFAULT_SMOKE = {
+    "base.epochs": 1,
+    "base.workers": 1,
+    "cfe.epochs": 1,
+    "debug.epochs": 2,
+    "search.num_samples": 2,
+    "data.decode_actors": 1,
+    "features.actors": 1,
+    "masks.actors": 1,
+    "prefix.actors": 1,
+}
 
 UNHASHED = "not part of stage hashes"
 

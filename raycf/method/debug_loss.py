@@ -39,6 +39,7 @@ It is added to L_d (also when λ1 = λ2 = 0: the suppression treatment alone).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,6 +101,11 @@ class DebugLoss:
         if self.indicator == "centred" and self.stats is None:
             raise ValueError("the centred indicator needs the training split's filter statistics")
 
+    @functools.cached_property
+    def penalties(self) -> torch.Tensor:
+        """C×K: each class's weight of ``s`` per image, −λ1 on its global MC filters and +λ2 elsewhere."""
+        return self.lambda2 - (self.lambda1 + self.lambda2) * self.global_filters
+
     def to(self, device: torch.device | str) -> "DebugLoss":
         """The same loss with its tensors on ``device``."""
         stats = self.stats and FilterStats(self.stats.mean.to(device), self.stats.std.to(device))
@@ -117,29 +123,78 @@ class DebugLoss:
         return (activations - self.stats.mean) / self.stats.std.clamp_min(MIN_STD)
 
     def __call__(self, logits: torch.Tensor, activations: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, parts, s = self.step(logits, activations, labels)
+        with torch.no_grad():
+            parts.update({name: value / len(labels) for name, value in activity_sums(s, labels, self.global_filters).items()})
+        return loss, parts
+
+    def step(self, logits: torch.Tensor, activations: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """The loss, its ``loss`` / ``ce`` (/ ``suppressed``) parts, and the indicator ``s`` (detached), without the activity parts."""
         ce = F.cross_entropy(logits.float(), labels)
-        count = len(labels)
         if self.lambda1 == self.lambda2 == 0:  # the control: the loss is the cross-entropy; s only for the parts
             loss = ce
             with torch.no_grad():
                 s = self.active(activations.float())
         else:
             # −λ1 Σ_k s·G_y + λ2 Σ_k s·(1 − G_y), per image, as one weighted sum of s with the per-class penalties (−λ1 in G_y, +λ2 outside)
-            penalties = (self.lambda2 - (self.lambda1 + self.lambda2) * self.global_filters[labels]) / count
-            penalty, s = IndicatorPenalty.apply(self.indicator_input(activations.float()), penalties)
+            penalty, s = IndicatorPenalty.apply(self.indicator_input(activations.float()), self.penalties[labels], 1.0 / len(labels))
             loss = ce + penalty
-        suppressing = self.suppress is not None and self.suppress_weight > 0
-        if suppressing:
+        parts = {"ce": ce.detach()}
+        if self.suppress is not None and self.suppress_weight > 0:
             suppressed = suppression_penalty(activations.float(), labels, self.suppress)
             loss = loss + self.suppress_weight * suppressed
-        with torch.no_grad():  # parts stay on the device: the caller reads them once per epoch
-            in_global = self.global_filters[labels]  # G_y, B×K
-            active = (s > 0).float()
-            mc, total, active_mc, active_total = torch.stack([(s * in_global).sum(), s.sum(), (active * in_global).sum(), active.sum()]).div_(count).unbind()
-            parts = {"loss": loss.detach(), "ce": ce.detach(), "mc": mc, "nonmc": total - mc, "active_mc": active_mc, "active_nonmc": active_total - active_mc}
-            if suppressing:
-                parts["suppressed"] = suppressed.detach()
+            parts["suppressed"] = suppressed.detach()
+        return loss, {"loss": loss.detach(), **parts}, s
+
+    def for_epoch(self) -> "EpochDebugLoss":
+        """This loss for one epoch of :func:`raycf.training.loops.train_one_epoch`: the activity parts summed over the epoch."""
+        return EpochDebugLoss(self)
+
+
+ACTIVITY_BLOCK = 32  # steps whose indicators are reduced together
+
+
+class EpochDebugLoss:
+    """:class:`DebugLoss` over one epoch: the same loss and gradient; the activity parts
+    (``mc``, ``nonmc``, ``active_mc``, ``active_nonmc``) are summed once every
+    :data:`ACTIVITY_BLOCK` steps and returned by :meth:`epoch_sums`, not reduced each step:
+    on the prefix cache a step is about a millisecond, and their four reductions a step
+    were a tenth of it (benchmarks/bench_debug.py, ``debug_step_over_plain_ce_step``).
+    """
+
+    def __init__(self, loss: DebugLoss) -> None:
+        self.loss = loss
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (s, labels) of the steps not yet summed
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def __call__(self, logits: torch.Tensor, activations: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, parts, s = self.loss.step(logits, activations, labels)
+        self.pending.append((s, labels))
+        if len(self.pending) == ACTIVITY_BLOCK:
+            self._reduce()
         return loss, parts
+
+    def epoch_sums(self) -> dict[str, torch.Tensor]:
+        """The activity parts summed over every image of the epoch so far (the caller divides by the image count)."""
+        self._reduce()
+        return dict(self.sums)
+
+    def _reduce(self) -> None:
+        if not self.pending:
+            return
+        indicators, labels = (torch.cat(tensors) for tensors in zip(*self.pending))
+        self.pending = []
+        with torch.no_grad():
+            block = activity_sums(indicators, labels, self.loss.global_filters)
+        self.sums = {name: self.sums[name] + value for name, value in block.items()} if self.sums else block
+
+
+def activity_sums(s: torch.Tensor, labels: torch.Tensor, global_filters: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Σ over images of Σ_k s·G_y (``mc``), s·(1−G_y) (``nonmc``), and the counts of filters with ``s > 0`` in and out of G_y."""
+    in_global = global_filters[labels]  # G_y, B×K
+    active = (s > 0).float()
+    mc, total, active_mc, active_total = torch.stack([(s * in_global).sum(), s.sum(), (active * in_global).sum(), active.sum()]).unbind()
+    return {"mc": mc, "nonmc": total - mc, "active_mc": active_mc, "active_nonmc": active_total - active_mc}
 
 
 def suppression_penalty(activations: torch.Tensor, labels: torch.Tensor, suppress: torch.Tensor) -> torch.Tensor:
@@ -148,7 +203,7 @@ def suppression_penalty(activations: torch.Tensor, labels: torch.Tensor, suppres
 
 
 class IndicatorPenalty(torch.autograd.Function):
-    """``Σ s · W`` with ``s = thresholded_relu_0.5(sigmoid(z))``, and ``s`` itself (no gradient), as one autograd node.
+    """``scale · Σ s · W`` with ``s = thresholded_relu_0.5(sigmoid(z))``, and ``s`` itself (no gradient), as one autograd node.
 
     The same value and gradient as the composed torch ops (``∂/∂z = W · σ(z)(1 − σ(z))`` where
     ``σ(z) > 0.5``, else 0), without recording each elementwise op of a step
@@ -156,18 +211,18 @@ class IndicatorPenalty(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sig = torch.sigmoid(z)
-        s = torch.where(sig > THRESHOLD, sig, 0.0)
+    def forward(ctx, z: torch.Tensor, weights: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        s = F.threshold(torch.sigmoid(z), THRESHOLD, 0.0)
         ctx.save_for_backward(s, weights)
+        ctx.scale = scale
         ctx.mark_non_differentiable(s)
-        return (s * weights).sum(), s
+        return (s * weights).sum().mul_(scale), s
 
     @staticmethod
-    def backward(ctx, grad_value: torch.Tensor, _grad_s: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx, grad_value: torch.Tensor, _grad_s: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         s, weights = ctx.saved_tensors
-        # σ' = σ(1 − σ) where kept: s(1 − s) is exactly that there, and 0 where s = 0
-        return grad_value * weights * s * (1 - s), None
+        # σ' = σ(1 − σ) where kept: s(1 − s) = s − s² is exactly that there, and 0 where s = 0
+        return torch.addcmul(s, s, s, value=-1.0).mul_(weights).mul_(grad_value * ctx.scale), None, None
 
 
 def global_filters_tensor(global_filters, num_classes: int, num_filters: int) -> torch.Tensor:

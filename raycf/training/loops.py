@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 from raycf.models.precision import DTYPES, Precision
 from raycf.training.throughput import ThroughputMeter, mfu, peak_flops, step_flops, step_precision
 
-# loss_fn(logits, pooled vectors, labels) -> (loss, {part name: detached scalar tensor (batch mean)})
+# loss_fn(logits, pooled vectors, labels) -> (loss, {part name: detached scalar tensor (batch mean)}).  A loss with
+# ``for_epoch()`` gives train_one_epoch a per-epoch copy whose ``epoch_sums()`` adds parts summed over the epoch's images.
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 # forward(model, inputs) -> (logits, pooled vectors)
 Forward = Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]]
@@ -234,12 +235,13 @@ def train_one_epoch(
     sums: dict[str, torch.Tensor | float] = {"correct": 0.0, "count": 0.0}
     part_names: list[str] = []
     part_sums: torch.Tensor | None = None  # the loss parts of every step, summed as one vector (one op a step, not one per part)
+    step_loss = loss_fn.for_epoch() if hasattr(loss_fn, "for_epoch") else loss_fn  # a loss that sums some parts over the epoch itself
     for inputs, labels in batches:
         if flops is not None and flops.per_image is None and precision is not None and precision.device.type == "cuda":
             flops.per_image = step_flops_per_image(model, inputs, labels, loss_fn, forward, precision)
         with _autocast(precision):
             logits, activations = forward(model, inputs)
-            loss, parts = loss_fn(logits, activations, labels)
+            loss, parts = step_loss(logits, activations, labels)
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:
             loss.backward()
@@ -256,6 +258,8 @@ def train_one_epoch(
         part_names, part_sums = list(parts), weighted if part_sums is None else part_sums + weighted
     if part_sums is not None:
         sums.update(zip(part_names, part_sums.unbind()))
+    if hasattr(step_loss, "epoch_sums"):
+        sums.update(step_loss.epoch_sums())
     totals = all_reduce_sums(sums)
     meter.stop()
     count = max(totals.pop("count"), 1.0)

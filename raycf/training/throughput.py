@@ -50,7 +50,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = [
     "PEAK_FLOPS",
@@ -75,6 +74,8 @@ def step_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
     ``fn`` really runs, with all its side effects (gradients accumulate, an
     optimizer inside it steps); pass meta tensors to count without computing.
     """
+    from torch.utils.flop_counter import FlopCounterMode  # imports triton (0.1-0.2 s): only where FLOPs are counted (CUDA runs, benchmarks)
+
     with FlopCounterMode(display=False) as counter:
         fn(*args, **kwargs)
     return float(counter.get_total_flops())
