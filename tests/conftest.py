@@ -243,6 +243,18 @@ RUN_STAGE = (
 )
 
 
+# The smoke study's files up to its analysis: a copy of them makes a new search start from cached stages.
+CACHED_UP_TO_ANALYSIS = ("config.yaml", "manifest.json", "images", "base", "features", "cfe", "masks", "analysis")
+
+
+def copy_study_parts(source: Path, target: Path, names: tuple[str, ...]) -> None:
+    """Copy the named files and stage folders of a results folder into a new one, ``target``."""
+    target.mkdir(parents=True)
+    for name in names:
+        path = source / name
+        (shutil.copytree if path.is_dir() else shutil.copy2)(path, target / name)
+
+
 def run_stage(stage: str, study_file: str, *overrides: str, env_extra: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``stage`` of ``study_file`` with ``--smoke`` (and the stages it needs first) in a fresh process joining the session's cluster."""
     environment = {**os.environ, "RAY_ADDRESS": ray_address(), **(env_extra or {})}

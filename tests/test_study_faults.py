@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -15,17 +14,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import ray_address, run_cli, run_stage
+from conftest import CACHED_UP_TO_ANALYSIS, copy_study_parts, ray_address, run_cli, run_stage
 
 SEARCH_SETTINGS = ["search.num_samples=2", "search.max_concurrent=1", "search.scheduler.asha=null"]
-
-
-def _copy_cached_stages(source: Path, target: Path) -> None:
-    """The smoke study's base…analyze stages, so a new search starts from cached results."""
-    target.mkdir(parents=True)
-    for name in ("config.yaml", "manifest.json", "images", "base", "features", "cfe", "masks", "analysis", "prefix"):
-        path = source / name
-        (shutil.copytree if path.is_dir() else shutil.copy2)(path, target / name)
 
 
 # The search driver is killed at each of these points in turn (raycf.runtime.kill_points), resuming the search in
@@ -47,7 +38,7 @@ def test_the_search_resumes_from_every_kill_point_and_a_categorical_space_runs_t
 
     storage = tmp_path / "results"
     results = storage / "digits"
-    _copy_cached_stages(smoke_study_results, results)
+    copy_study_parts(smoke_study_results, results, (*CACHED_UP_TO_ANALYSIS, "prefix"))
     args = ["study", "studies/digits.yaml", "--smoke", "--set", f"storage_path={storage}", "search.num_samples=3", "search.max_concurrent=1", "search.scheduler.asha=null", CATEGORICAL_SPACE]
     env = {"RAY_ADDRESS": ray_address(), "TUNE_GLOBAL_CHECKPOINT_S": "0"}
     for point in KILL_SEQUENCE:
@@ -129,7 +120,7 @@ def _study_with_a_killed_trial(smoke_study_results: Path, tmp_path: Path, stage:
     """Run the smoke study to ``stage`` (its stages before the search cached) while the search's first trial's process is killed."""
     storage = tmp_path / "results"
     results = storage / "digits"
-    _copy_cached_stages(smoke_study_results, results)
+    copy_study_parts(smoke_study_results, results, (*CACHED_UP_TO_ANALYSIS, "prefix"))
     killed: list[int] = []
     killer = _kill_first_trial(results, killed)
     completed = run_stage(stage, "studies/digits.yaml", f"storage_path={storage}", *overrides)

@@ -3,13 +3,11 @@ every epoch of every trial ties."""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from conftest import ray_address, run_cli
+from conftest import CACHED_UP_TO_ANALYSIS, copy_study_parts, ray_address, run_cli, run_stage
 from raycf.models.checkpoint import load_classifier_checkpoint
 
 
@@ -26,20 +24,13 @@ def test_a_study_file_with_only_data_and_model_runs_its_smoke_study(ray_session,
     assert (results / "final" / "final.parquet").is_file() and (results / "report" / "index.html").is_file()
 
 
-def _copy_cached_stages(source: Path, target: Path) -> None:
-    target.mkdir(parents=True)
-    for name in ("config.yaml", "manifest.json", "images", "base", "features", "cfe", "masks", "analysis"):
-        path = source / name
-        (shutil.copytree if path.is_dir() else shutil.copy2)(path, target / name)
-
-
 def test_a_search_whose_epochs_all_tie_keeps_every_best_checkpoint(ray_session, smoke_study_results, tmp_path):
     storage = tmp_path / "results"
     results = storage / "digits"
-    _copy_cached_stages(smoke_study_results, results)
+    copy_study_parts(smoke_study_results, results, CACHED_UP_TO_ANALYSIS)
     # Only the head, at a vanishing learning rate: no weight moves, so every epoch of every trial has the same val_acc and val_loss.
     settings = ["debug.trainable=head", "debug.lr=1.0e-12", "debug.epochs=2", "search.num_samples=3", "search.scheduler.asha=null"]
-    completed = run_cli("study", "studies/digits.yaml", "--smoke", "--set", f"storage_path={storage}", *settings, env_extra={"RAY_ADDRESS": ray_address()})
+    completed = run_stage("final", "studies/digits.yaml", f"storage_path={storage}", *settings)  # the search and final stages (no report)
     assert completed.returncode == 0, completed.stderr[-3000:]
     board = pd.read_parquet(results / "leaderboard.parquet")
     assert len(board) == 3 and board["val_acc"].nunique() == 1 and board["val_loss"].nunique() == 1

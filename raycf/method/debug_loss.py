@@ -39,7 +39,6 @@ It is added to L_d (also when λ1 = λ2 = 0: the suppression treatment alone).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,10 +100,12 @@ class DebugLoss:
         if self.indicator == "centred" and self.stats is None:
             raise ValueError("the centred indicator needs the training split's filter statistics")
 
-    @functools.cached_property
-    def penalties(self) -> torch.Tensor:
-        """C×K: each class's weight of ``s`` per image, −λ1 on its global MC filters and +λ2 elsewhere."""
-        return self.lambda2 - (self.lambda1 + self.lambda2) * self.global_filters
+    def penalties_per_image(self, count: int) -> torch.Tensor:
+        """C×K: each class's weight of ``s`` in a batch of ``count`` images, (−λ1 on its global MC filters, +λ2 elsewhere) / count."""
+        cache = self.__dict__.setdefault("_penalties", {})  # per batch size: an epoch has at most two
+        if count not in cache:
+            cache[count] = (self.lambda2 - (self.lambda1 + self.lambda2) * self.global_filters) / count
+        return cache[count]
 
     def to(self, device: torch.device | str) -> "DebugLoss":
         """The same loss with its tensors on ``device``."""
@@ -137,7 +138,7 @@ class DebugLoss:
                 s = self.active(activations.float())
         else:
             # −λ1 Σ_k s·G_y + λ2 Σ_k s·(1 − G_y), per image, as one weighted sum of s with the per-class penalties (−λ1 in G_y, +λ2 outside)
-            penalty, s = IndicatorPenalty.apply(self.indicator_input(activations.float()), self.penalties[labels], 1.0 / len(labels))
+            penalty, s = IndicatorPenalty.apply(self.indicator_input(activations.float()), self.penalties_per_image(len(labels))[labels])
             loss = ce + penalty
         parts = {"ce": ce.detach()}
         if self.suppress is not None and self.suppress_weight > 0:
@@ -203,7 +204,7 @@ def suppression_penalty(activations: torch.Tensor, labels: torch.Tensor, suppres
 
 
 class IndicatorPenalty(torch.autograd.Function):
-    """``scale · Σ s · W`` with ``s = thresholded_relu_0.5(sigmoid(z))``, and ``s`` itself (no gradient), as one autograd node.
+    """``Σ s · W`` with ``s = thresholded_relu_0.5(sigmoid(z))``, and ``s`` itself (no gradient), as one autograd node.
 
     The same value and gradient as the composed torch ops (``∂/∂z = W · σ(z)(1 − σ(z))`` where
     ``σ(z) > 0.5``, else 0), without recording each elementwise op of a step
@@ -211,18 +212,20 @@ class IndicatorPenalty(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, weights: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(ctx, z: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = F.threshold(torch.sigmoid(z), THRESHOLD, 0.0)
         ctx.save_for_backward(s, weights)
-        ctx.scale = scale
         ctx.mark_non_differentiable(s)
-        return (s * weights).sum().mul_(scale), s
+        ctx.set_materialize_grads(False)  # s gets no gradient: no zero tensor is made for it each step
+        return (s * weights).sum(), s
 
     @staticmethod
-    def backward(ctx, grad_value: torch.Tensor, _grad_s: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx, grad_value: torch.Tensor, _grad_s: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if grad_value is None:
+            return None, None
         s, weights = ctx.saved_tensors
-        # σ' = σ(1 − σ) where kept: s(1 − s) = s − s² is exactly that there, and 0 where s = 0
-        return torch.addcmul(s, s, s, value=-1.0).mul_(weights).mul_(grad_value * ctx.scale), None, None
+        # sigmoid's own backward op, W · s(1 − s) in one op: σ' = σ(1 − σ) where s is kept, and 0 where s = 0
+        return torch.ops.aten.sigmoid_backward(weights, s).mul_(grad_value), None
 
 
 def global_filters_tensor(global_filters, num_classes: int, num_filters: int) -> torch.Tensor:
