@@ -159,8 +159,8 @@ class EpochDebugLoss:
     """:class:`DebugLoss` over one epoch: the same loss and gradient; the activity parts
     (``mc``, ``nonmc``, ``active_mc``, ``active_nonmc``) are summed once every
     :data:`ACTIVITY_BLOCK` steps and returned by :meth:`epoch_sums`, not reduced each step:
-    on the prefix cache a step is about a millisecond, and their four reductions a step
-    were a tenth of it (benchmarks/bench_debug.py, ``debug_step_over_plain_ce_step``).
+    on the prefix cache a step is about a millisecond, and their dozen small ops a step
+    cost about 5 % of it (benchmarks/bench_debug.py, ``debug_step_over_plain_ce_step``).
     """
 
     def __init__(self, loss: DebugLoss) -> None:
