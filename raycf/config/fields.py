@@ -53,8 +53,8 @@ def searchable_names() -> str:
 # What --smoke applies before the study file's own smoke: block (tiny epochs and
 # trial counts), so that any study, even one that names only its data and model,
 # runs end to end on a CPU.
-# base.workers=1: a one-worker base run is one Tune trial, with no worker group and process group to start (seconds on a CPU)
-# One worker and one actor per pool: on a smoke study's few hundred images, each more is a process to start and import torch in.
+# One base worker (one Tune trial: no worker group or process group to start) and one actor per Ray Data pool: on a
+# smoke study's few hundred images, each more is a process to start and import torch in.
 DEFAULT_SMOKE = {
     "base.epochs": 1,
     "base.workers": 1,

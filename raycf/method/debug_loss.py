@@ -39,7 +39,7 @@ It is added to L_d (also when λ1 = λ2 = 0: the suppression treatment alone).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -93,6 +93,8 @@ class DebugLoss:
     stats: FilterStats | None = None
     suppress: torch.Tensor | None = None  # C×K float (0/1): the filters whose activity is penalised, per true class
     suppress_weight: float = 0.0
+    # batch size -> C×K penalties per image (see penalties_per_image): derived, filled on first use, at most two an epoch
+    penalty_tables: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.indicator not in INDICATORS:
@@ -102,10 +104,9 @@ class DebugLoss:
 
     def penalties_per_image(self, count: int) -> torch.Tensor:
         """C×K: each class's weight of ``s`` in a batch of ``count`` images, (−λ1 on its global MC filters, +λ2 elsewhere) / count."""
-        cache = self.__dict__.setdefault("_penalties", {})  # per batch size: an epoch has at most two
-        if count not in cache:
-            cache[count] = (self.lambda2 - (self.lambda1 + self.lambda2) * self.global_filters) / count
-        return cache[count]
+        if count not in self.penalty_tables:
+            self.penalty_tables[count] = (self.lambda2 - (self.lambda1 + self.lambda2) * self.global_filters) / count
+        return self.penalty_tables[count]
 
     def to(self, device: torch.device | str) -> "DebugLoss":
         """The same loss with its tensors on ``device``."""
