@@ -156,8 +156,9 @@ def run_stage(study: StudyConfig, name: str, resume: bool = False, fresh: bool =
     """Run one stage and commit it: its folder in place (staged and renamed locally, written in place on an object store), then its marker.
 
     Ray Train and Tune runs are named after the stage and its hash, so an
-    interrupted stage resumes from its last checkpoint; ``fresh`` (``--force``)
-    deletes those runs first so the stage really starts over.  ``results``
+    interrupted stage resumes from its last checkpoint, if its upstream stages
+    have not been written again since (:func:`keep_or_clear_runs`); ``fresh``
+    (``--force``) deletes those runs first so the stage really starts over.  ``results``
     names the results folder when it is not the study's own location (one
     copied or downloaded elsewhere, as ``raycf report RESULTS`` reads it).
     """
@@ -165,8 +166,7 @@ def run_stage(study: StudyConfig, name: str, resume: bool = False, fresh: bool =
     results = results or study.results_uri
     files = input_files(study)
     digest = stage_hash(study, name, files)
-    if fresh:
-        clear_stage_runs(results, name, digest)
+    keep_or_clear_runs(results, name, digest, fresh)
     withdraw_markers(results, name)
     started = time.time()
     stage_study = field_reads.tagged(study, name) if field_reads.enabled() else study
@@ -242,6 +242,29 @@ def clear_ray_runs(results: str, prefix: str) -> None:
     for entry in filesystem.get_file_info(pafs.FileSelector(root)):
         if entry.type == pafs.FileType.Directory and entry.base_name.startswith(prefix):
             filesystem.delete_dir(entry.path)
+
+
+def upstream_writes(results: str, name: str) -> dict[str, str | None]:
+    """The write of each stage ``name`` builds on (:func:`~raycf.results.artefacts.written_key`), None where it has not run."""
+    return {up: artefacts.written_key(results, FOLDERS[up]) if read_marker(results, up) else None for up in stage_named(name).upstream}
+
+
+def keep_or_clear_runs(results: str, name: str, digest: str, fresh: bool) -> None:
+    """Keep the stage's Ray runs at ``digest`` for it to resume only if they were started on the upstream writes there now.
+
+    The hash names a stage's inputs, not the bytes its upstream stages wrote:
+    after ``--force base`` the CFE bank's run of the same hash was trained on
+    the old base model's features, and resuming it (or, finished, returning
+    it) would commit a stage built on the old model.  So each start records
+    the upstream writes in ``_ray/<stage>-<hash>-upstream.json``; a record
+    that differs, or none, or ``fresh`` (``--force``) deletes the runs first.
+    """
+    record = storage.join_uri(results, "_ray", f"{name}-{digest}-upstream.json")
+    writes = upstream_writes(results, name)
+    if not fresh and storage.exists(record) and json.loads(storage.read_text(record)) == writes:
+        return
+    clear_stage_runs(results, name, digest)
+    storage.write_text(record, json.dumps(writes, indent=2, sort_keys=True))
 
 
 def clear_stage_runs(results: str, name: str, digest: str) -> None:

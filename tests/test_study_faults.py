@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -155,3 +156,29 @@ def test_a_failed_trial_does_not_end_the_study(ray_session, smoke_study_results,
     assert "final: training the control" in completed.stderr
     final = pd.read_parquet(results / "final" / "final.parquet")
     assert final["test_acc"].notna().all() and final.loc[2, "trial_id"] == board["trial_id"].iloc[1]
+
+
+def _cfe_trials(results: Path) -> set[str]:
+    return {folder.name for folder in (results / "_ray").glob("cfe-*/*") if folder.is_dir()}
+
+
+def test_the_cfe_run_is_returned_after_a_crash_and_started_over_after_its_features_are_rewritten(ray_session, smoke_study_results, tmp_path):
+    storage = tmp_path / "results"
+    results = storage / "digits"
+    copy_study_parts(smoke_study_results, results, ("config.yaml", "manifest.json", "images", "base", "features"))
+    args = ["cfe", "studies/digits.yaml", "--smoke", "--set", f"storage_path={storage}"]
+    env = {"RAY_ADDRESS": ray_address()}
+    trained = run_cli(*args, env_extra=env)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    bank, trials = (results / "cfe" / "bank.pt").read_bytes(), _cfe_trials(results)
+    assert len(trials) == 1
+    # The stage crashed after its run finished: the run is returned (not trained again) and its bank is the stage's.
+    shutil.rmtree(results / "cfe")
+    returned = run_cli(*args, env_extra=env)
+    assert returned.returncode == 0, returned.stderr[-3000:]
+    assert _cfe_trials(results) == trials and (results / "cfe" / "bank.pt").read_bytes() == bank
+    # The features are written again (--force features, as after --force base): the old run is not resumed.
+    rewritten = run_cli(*args, "--force", "features", env_extra=env)
+    assert rewritten.returncode == 0, rewritten.stderr[-3000:]
+    assert "cfe: runs (an upstream stage reran)" in rewritten.stderr
+    assert len(_cfe_trials(results)) == 1 and _cfe_trials(results) != trials and (results / "cfe" / "bank.pt").is_file()

@@ -42,7 +42,7 @@ def run(run: "StageRun") -> dict:
             outcome = run_local(cfe_train_loop, job, folder, use_gpu=study.cfe.use_gpu).return_value
     else:
         ensure_ray()
-        outcome = fit(
+        trained = fit(
             cfe_train_loop,
             job,
             name=f"cfe-{run.stage_hash}",
@@ -50,7 +50,12 @@ def run(run: "StageRun") -> dict:
             workers=study.cfe.workers,
             use_gpu=study.cfe.use_gpu,
             max_failures=study.cfe.max_failures,
-        ).return_value
+        )
+        if not storage.exists(job.bank_location):
+            # A run that had finished before this attempt (its stage crashed after it) is returned, not run again:
+            # the loop wrote its bank into that attempt's folder; its last checkpoint holds the same bank.
+            storage.write_bytes(job.bank_location, trained.best_files[BANK_FILE])
+        outcome = trained.return_value
     storage.write_frame(pd.DataFrame(outcome["history"]), run.path("epochs.parquet"))
     classes = pd.DataFrame({"class": range(len(classifier.class_names)), "class_name": classifier.class_names, **outcome["classes"]})
     storage.write_frame(classes, run.path("classes.parquet"))
