@@ -246,7 +246,8 @@ def clear_ray_runs(results: str, prefix: str) -> None:
 
 def upstream_writes(results: str, name: str) -> dict[str, str | None]:
     """The write of each stage ``name`` builds on (:func:`~raycf.results.artefacts.written_key`), None where it has not run."""
-    return {up: artefacts.written_key(results, FOLDERS[up]) if read_marker(results, up) else None for up in stage_named(name).upstream}
+    markers = {up: read_marker(results, up) for up in stage_named(name).upstream}
+    return {up: artefacts.marker_key(marker) if marker else None for up, marker in markers.items()}
 
 
 def keep_or_clear_runs(results: str, name: str, digest: str, fresh: bool) -> None:

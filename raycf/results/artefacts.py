@@ -89,7 +89,11 @@ def written_key(results: str, folder: str) -> str:
     ``--force`` or by other code of the same version writes other bytes under
     the same hash, and a node-local copy keyed by the hash alone would go stale.
     """
-    marker = stage_marker(results, folder)
+    return marker_key(stage_marker(results, folder))
+
+
+def marker_key(marker: dict) -> str:
+    """:func:`written_key` of a marker already read: its stage hash and its finish time, letters and digits only."""
     finished = "".join(character for character in str(marker.get("finished_at", "")) if character.isalnum())
     return f"{marker['hash']}-{finished}"
 
