@@ -93,26 +93,31 @@ def test_forcing_debug_clears_the_controls_run_too(tmp_path, monkeypatch):
     assert seen == [sorted(kept)]
 
 
-def test_a_stages_ray_runs_resume_only_on_the_upstream_writes_they_started_from(tmp_path, monkeypatch):
-    study = load_study(REPO / "studies" / "digits.yaml", [f"storage_path={tmp_path}"])
+@pytest.mark.parametrize("on", ["disk", "bucket"])
+def test_a_stages_ray_runs_resume_only_on_the_upstream_writes_they_started_from(tmp_path, monkeypatch, request, on):
+    location = str(tmp_path) if on == "disk" else f"{request.getfixturevalue('s3_bucket')}/resume-record/{tmp_path.name}"
+    study = load_study(REPO / "studies" / "digits.yaml", [f"storage_path={location}"])
     digest = pipeline.stage_hash(study, "cfe")
-    runs = Path(study.results_uri, "_ray", f"cfe-{digest}")
+    runs = storage.join_uri(study.results_uri, "_ray", f"cfe-{digest}")
     seen: list[bool] = []
-    monkeypatch.setattr("raycf.stages.cfe.run", lambda run: seen.append(runs.is_dir()) or {})
+    monkeypatch.setattr("raycf.stages.cfe.run", lambda run: seen.append(storage.exists(runs)) or {})
+
+    def leave_a_run() -> None:  # what Tune leaves: a folder holding the experiment's state
+        storage.write_text(storage.join_uri(runs, "experiment_state.json"), "{}")
 
     def write_features(finished_at: str) -> None:
         marker = {"hash": pipeline.stage_hash(study, "features"), "finished_at": finished_at}
         storage.write_text(storage.join_uri(study.results_uri, "features", pipeline.MARKER_FILE), json.dumps(marker))
 
     write_features("2026-12-07T10:00:00+00:00")
-    runs.mkdir(parents=True)  # a run left by an earlier raycf, with no record of what it started from: not trusted
+    leave_a_run()  # a run left by an earlier raycf, with no record of what it started from: not trusted
     pipeline.run_stage(study, "cfe")
-    record = json.loads(Path(study.results_uri, "_ray", f"cfe-{digest}-upstream.json").read_text())
+    record = json.loads(storage.read_text(storage.join_uri(study.results_uri, "_ray", f"cfe-{digest}-upstream.json")))
     assert record == {"features": f"{pipeline.stage_hash(study, 'features')}-20261207T1000000000"}  # written_key: the hash and the finish time
-    runs.mkdir()  # the run this attempt started; the stage is interrupted and started again on the same features
+    leave_a_run()  # the run this attempt started; the stage is interrupted and started again on the same features
     pipeline.run_stage(study, "cfe")
     write_features("2026-12-07T11:00:00+00:00")  # the features stage reran (--force base, or --force features)
     pipeline.run_stage(study, "cfe")
-    runs.mkdir()
+    leave_a_run()
     pipeline.run_stage(study, "cfe", fresh=True)  # --force cfe
     assert seen == [False, True, False, False]
